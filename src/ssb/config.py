@@ -1,0 +1,372 @@
+"""Typed configuration for every stage, loaded from YAML with `--set key.sub=value` overrides.
+
+One dataclass per stage; each field carries its documentation in `metadata["help"]`. Defaults are the
+paper's settings where the paper gives one. `load_config` validates types and values and names the offending
+key in every error; `save_config` writes the resolved config beside a run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful math tutor. Solve the problem step by step, explaining each step briefly. "
+    "At the end, write the final answer as \\boxed{answer}."
+)
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
+    """A dataclass field with its documentation attached (shown by `ssb <verb> --help-config`)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    if callable(default):  # a dataclass type or a factory
+        return field(default_factory=default, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DatasetSpec:
+    """Where a set of (question, answer) pairs comes from."""
+
+    source: str = opt("arith", "'arith' (built-in word-problem generator), a benchmark name (gsm8k, math500, "
+                      "aime24, amc23), a local .jsonl/.json/.parquet file, or a Hugging Face Hub dataset id")
+    split: str = opt("train", "Split: 'train' or 'test' for arith and benchmarks, any split name for Hub datasets")
+    subset: str | None = opt(None, "Hub dataset config name (e.g. 'main' for openai/gsm8k)")
+    level: int = opt(1, "arith only: difficulty 1 (one operation), 2 (two steps) or 3 (three steps)")
+    limit: int | None = opt(None, "Use at most this many examples (after offset)")
+    offset: int = opt(0, "Skip this many examples first (take fresh questions in later rounds)")
+    question_field: str | None = opt(None, "Field holding the question (auto: question, problem, prompt)")
+    answer_field: str | None = opt(None, "Field holding the gold answer (auto: answer, final_answer, solution)")
+    id_field: str | None = opt(None, "Field holding a stable id (auto: id, unique_id; else file line number)")
+    answer_format: Literal["auto", "gsm8k", "math", "aime", "amc", "plain"] = opt(
+        "auto", "How to normalise gold answers: gsm8k ('#### 2,125'), math (LaTeX), aime ('025'), amc ('27.0')")
+    skip_bad_records: bool = opt(False, "Skip malformed records with a counted warning instead of failing")
+
+
+@dataclass
+class DataConfig:
+    train: DatasetSpec = opt(DatasetSpec, "Training questions (rollouts, curation, teaching)")
+
+
+@dataclass
+class RolloutConfig:
+    k: int = opt(4, "Rollouts sampled per question (paper: 4)")
+    temperature: float = opt(0.8, "Sampling temperature (paper: 0.8)")
+    top_k: int = opt(50, "Top-k sampling, 0 = off (paper: 50)")
+    top_p: float = opt(1.0, "Nucleus sampling threshold, 1.0 = off")
+    max_new_tokens: int = opt(512, "Longest rollout in tokens; longer ones are cut and marked 'length'")
+    batch_size: int = opt(64, "Sequences generated at once")
+    system_prompt: str = opt(DEFAULT_SYSTEM_PROMPT, "Math-tutor system prompt used for rollouts, student and eval")
+    policy: Literal["boxed", "lenient"] = opt("lenient", "Answer extraction: 'boxed' (paper) or 'lenient'")
+
+
+@dataclass
+class CurateConfig:
+    negative: bool = opt(True, "Show the most common wrong rollout in the hint; false = 'no-negative' ablation")
+    template: str | None = opt(None, "Path of a hinted-prompt template with {question}, {correct}, {wrong} "
+                               "placeholders (default: built-in; no-negative uses {question}, {correct})")
+
+
+@dataclass
+class TeachConfig:
+    temperature: float = opt(0.4, "Teacher sampling temperature (paper: 0.4)")
+    top_k: int = opt(50, "Top-k sampling for the teacher, 0 = off")
+    top_p: float = opt(1.0, "Nucleus sampling threshold, 1.0 = off")
+    max_new_tokens: int = opt(512, "Longest teacher solution in tokens")
+    attempts: int = opt(1, "Teacher tries per question until one verifies (paper: 1)")
+    batch_size: int = opt(64, "Sequences generated at once")
+
+
+@dataclass
+class LogitsConfig:
+    mode: Literal["offline", "online"] = opt(
+        "offline", "offline: store sparse teacher top-k once; online: run the frozen teacher in each training step")
+    top_k: int = opt(64, "Teacher tokens kept per position (the rest is one tail bucket)")
+    batch_size: int = opt(8, "Sequences per teacher forward pass")
+    shard_size: int = opt(256, "Examples per safetensors shard")
+
+
+@dataclass
+class TrainConfig:
+    lora_r: int = opt(32, "LoRA rank (paper: 32)")
+    lora_alpha: int = opt(32, "LoRA alpha (paper: 32)")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    target_modules: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Modules that get LoRA adapters (paper: all attention and MLP projections)")
+    learning_rate: float = opt(2e-4, "Peak learning rate (paper: 2e-4)")
+    lr_scheduler: str = opt("linear", "Learning-rate schedule (any transformers scheduler name)")
+    warmup_ratio: float = opt(0.0, "Share of steps spent warming up the learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm")
+    batch_size: int = opt(4, "Examples per device per step (paper: 4)")
+    grad_accum: int = opt(1, "Gradient accumulation steps")
+    epochs: float = opt(3.0, "Training epochs (paper: 3)")
+    temperature: float = opt(2.0, "Distillation temperature T; loss is multiplied by T^2 (paper: 2)")
+    kd_weight: float = opt(1.0, "Weight of KL(teacher || student) (paper: 1)")
+    ce_weight: float = opt(0.0, "Weight of cross-entropy on the solution tokens (paper: 0; SFT baseline: 1, kd 0)")
+    max_length: int = opt(1024, "Longest student sequence (prompt + solution) in tokens; longer pairs are dropped")
+    logging_steps: int = opt(1, "Log every this many optimizer steps")
+    save_steps: int = opt(50, "Checkpoint every this many optimizer steps (resume restarts from the last)")
+    merge: bool = opt(False, "Also write a merged model (base + LoRA) to the run directory")
+
+
+@dataclass
+class EvalConfig:
+    data: DatasetSpec = opt(lambda: DatasetSpec(split="test", limit=200), "Held-out questions")
+    n: int = opt(1, "Samples per problem (pass@1 is averaged over them)")
+    temperature: float = opt(0.0, "0 = greedy")
+    top_k: int = opt(0, "Top-k sampling, 0 = off")
+    top_p: float = opt(1.0, "Nucleus sampling threshold")
+    max_new_tokens: int = opt(512, "Longest answer in tokens")
+    batch_size: int = opt(64, "Sequences generated at once")
+    policy: Literal["boxed", "lenient"] = opt("lenient", "Answer extraction policy")
+
+
+@dataclass
+class Config:
+    model: str = opt(EMBEDDED_MODEL, "Base model: the embedded alias, a Hub id, or a local directory")
+    device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:1, mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto: bf16 on CUDA, fp32 on CPU")
+    trust_remote_code: bool = opt(False, "Allow model code from the Hub (only if you trust it)")
+    seed: int = opt(0, "Seed for sampling, curation choices and training order")
+    data: DataConfig = opt(DataConfig, "Training data")
+    rollout: RolloutConfig = opt(RolloutConfig, "Stage 1: rollouts")
+    curate: CurateConfig = opt(CurateConfig, "Stage 2: curation")
+    teach: TeachConfig = opt(TeachConfig, "Stage 3: teacher solutions")
+    logits: LogitsConfig = opt(LogitsConfig, "Stage 4: teacher logits")
+    train: TrainConfig = opt(TrainConfig, "Stage 5: distillation")
+    eval: EvalConfig = opt(EvalConfig, "Stage 6: evaluation")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+_RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
+    "data.train.level": ("must be 1, 2 or 3", lambda v: v in (1, 2, 3)),
+    "rollout.k": ("must be >= 1", lambda v: v >= 1),
+    "teach.attempts": ("must be >= 1", lambda v: v >= 1),
+    "logits.top_k": ("must be >= 1", lambda v: v >= 1),
+    "train.lora_r": ("must be >= 1", lambda v: v >= 1),
+    "train.batch_size": ("must be >= 1", lambda v: v >= 1),
+    "train.grad_accum": ("must be >= 1", lambda v: v >= 1),
+    "train.epochs": ("must be > 0", lambda v: v > 0),
+    "train.temperature": ("must be > 0", lambda v: v > 0),
+    "train.learning_rate": ("must be > 0", lambda v: v > 0),
+    "eval.n": ("must be >= 1", lambda v: v >= 1),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges that types alone cannot express. Raises ConfigError naming the key."""
+    flat = flatten(to_dict(cfg))
+    for key, (what, ok) in _RULES.items():
+        if key in flat and not ok(flat[key]):
+            raise ConfigError(f"config key '{key}': {what}, got {flat[key]!r}")
+    for key, value in flat.items():
+        last = key.rsplit(".", 1)[-1]
+        if last in ("temperature",) and value < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {value!r}")
+        if last in ("max_new_tokens", "batch_size", "shard_size") and value < 1:
+            raise ConfigError(f"config key '{key}': must be >= 1, got {value!r}")
+        if last == "top_p" and not 0 < value <= 1:
+            raise ConfigError(f"config key '{key}': must be in (0, 1], got {value!r}")
+        if last in ("top_k", "offset") and value < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {value!r}")
+    if cfg.train.kd_weight == 0 and cfg.train.ce_weight == 0:
+        raise ConfigError("config keys 'train.kd_weight' and 'train.ce_weight': at least one must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # `--set train.target_modules=q_proj,v_proj`
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (valid: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """'train.lr=1e-4' -> {'train': {'lr': 1e-4}} (the value parsed as YAML: numbers, bools, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"bad override {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"bad override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if raw.strip() == "None":
+        value = None
+    node: dict = {}
+    cur = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return node
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name!r} (shipped presets: {', '.join(names)})")
+    return path
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> Config:
+    """Defaults <- `base` <- YAML file (which may name `preset: quick` to start from a shipped one) <- overrides."""
+    values: dict = dict(base or {})
+    if path is not None:
+        data = read_yaml(path)
+        if "preset" in data:
+            values = _deep_merge(values, read_yaml(preset_path(data.pop("preset"))))
+        try:
+            values = _deep_merge(values, data)
+            _build(Config, values)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for item in overrides:
+        values = _deep_merge(values, parse_override(item))
+    return _build(Config, values)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from ssb.rundir import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, width=120))
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable hash of config sections (dataclasses or plain values) for the manifest's skip check."""
+    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(key, help, default) for every field, for `--help-config` and the docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        if dataclasses.is_dataclass(default):
+            rows.extend(describe(type(default), prefix + f.name + "."))
+        else:
+            rows.append((prefix + f.name, f.metadata.get("help", ""), default))
+    return rows

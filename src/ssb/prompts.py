@@ -1,0 +1,51 @@
+"""Prompt building: the student's plain question prompt and the teacher's hinted prompt.
+
+Both are chat messages rendered later with the model's own chat template (never flattened to plain text): the
+student is trained and evaluated on exactly `student_messages`, and the teacher sees `teacher_messages`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+TEMPLATES = Path(__file__).parent / "templates"
+_FIELD = re.compile(r"{(question|correct|wrong)}")
+
+
+def student_messages(question: str, system_prompt: str) -> list[dict]:
+    """The plain prompt: system prompt + the question, nothing else."""
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+
+
+def load_template(path: str | Path | None, negative: bool = True) -> str:
+    """Read a hinted-prompt template and check its placeholders. Errors name the file.
+
+    Placeholders are the literal tokens {question}, {correct} and {wrong}; every other brace is kept as written
+    (templates speak LaTeX: `\\boxed{answer}` stays as it is).
+    """
+    if path is None:
+        path = TEMPLATES / ("hint.txt" if negative else "hint_no_negative.txt")
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"hint template not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    found = set(_FIELD.findall(text))
+    required = {"question", "correct"} | ({"wrong"} if negative else set())
+    if required - found:
+        raise ValueError(f"{path}: template lacks placeholder(s) {sorted('{' + m + '}' for m in required - found)}")
+    if not negative and "wrong" in found:
+        raise ValueError(f"{path}: the no-negative variant has no wrong attempt to fill {{wrong}}")
+    return text
+
+
+def hinted_user_prompt(template: str, question: str, correct: str, wrong: str | None) -> str:
+    # One pass over the template, so a solution that itself contains "{wrong}" is never substituted again.
+    values = {"question": question.strip(), "correct": correct.strip(), "wrong": (wrong or "").strip()}
+    return _FIELD.sub(lambda m: values[m.group(1)], template)
+
+
+def teacher_messages(template: str, question: str, correct: str, wrong: str | None, system_prompt: str) -> list[dict]:
+    """The hinted prompt: same system prompt, the question plus the correct (and wrong) rollout."""
+    return [{"role": "system", "content": system_prompt},
+            {"role": "user", "content": hinted_user_prompt(template, question, correct, wrong)}]

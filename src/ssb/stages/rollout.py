@@ -1,0 +1,79 @@
+"""Stage 1, `ssb rollout`: K sampled answers per training question, each verified against the gold answer.
+
+Writes RUN/data/train.jsonl (the questions) and RUN/rollouts.jsonl (one line per question, appended as soon as
+its K samples are done, so a killed run resumes with the questions it had not finished).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ssb.config import Config
+from ssb.data import load_examples
+from ssb.prompts import student_messages
+from ssb.rundir import JsonlWriter, RunDir, read_jsonl, stage, write_jsonl
+
+
+def load_train_questions(cfg: Config, run: RunDir) -> list[dict]:
+    """The training questions as dicts, loaded from the config's data spec."""
+    return [e.to_dict() for e in load_examples(cfg.data.train)]
+
+
+def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
+    from ssb.generation import Engine, SamplingParams
+    from ssb.models import load_from_config
+    from ssb.verify import Verifier
+
+    questions = load_train_questions(cfg, run)
+    parts = (cfg.model, cfg.data, cfg.rollout, cfg.seed)
+    with stage(run, "rollout", parts, inputs=[], outputs=[run.rollouts, run.train_data], force=force) as st:
+        if st is None:
+            return run.stage_entry("rollout")["counts"]
+        write_jsonl(run.train_data, questions)
+        done = {r["id"] for r in read_jsonl(run.rollouts)}
+        todo = [q for q in questions if q["id"] not in done]
+        if done:
+            st.say(f"[rollout] resuming: {len(done)} of {len(questions)} questions already done")
+        rc = cfg.rollout
+        if todo:
+            model, tok = load_from_config(cfg)
+            engine = Engine(model, tok, batch_size=rc.batch_size)
+            params = SamplingParams(temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
+                                    max_new_tokens=rc.max_new_tokens, seed=cfg.seed + len(done))
+            prompts = [student_messages(q["question"], rc.system_prompt) for q in todo]
+            with Verifier() as verifier, JsonlWriter(run.rollouts) as out:
+                def save(i: int, comps) -> None:
+                    q = todo[i]
+                    verdicts = verifier.check_many([(c.text, q["answer"]) for c in comps], policy=rc.policy)
+                    out.write({
+                        "id": q["id"], "question": q["question"], "gold": q["answer"], "source": q["source"],
+                        "backend": engine.backend,
+                        "rollouts": [{"text": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason,
+                                      **v.to_dict()} for c, v in zip(comps, verdicts)],
+                    })
+
+                st.say(f"[rollout] {len(todo)} questions x {rc.k} samples (T={rc.temperature}, top-k {rc.top_k})")
+                engine.generate(prompts, n=rc.k, params=params, callback=save)
+        records = read_jsonl(run.rollouts)
+        st.counts.update(rollout_counts(records))
+        c = st.counts
+        st.say(f"[rollout] {c['questions']} questions, {c['rollouts']} rollouts: {c['correct_share']:.1%} correct, "
+               f"{c['unparsed']} unparsed, {c['truncated']} truncated, mean {c['mean_tokens']:.0f} tokens")
+        return dict(st.counts)
+
+
+def rollout_counts(records: list[dict]) -> dict:
+    verdicts = Counter(r["verdict"] for rec in records for r in rec["rollouts"])
+    rolls = [r for rec in records for r in rec["rollouts"]]
+    total = max(1, len(rolls))
+    return {
+        "questions": len(records),
+        "rollouts": len(rolls),
+        "correct": verdicts.get("correct", 0),
+        "correct_share": verdicts.get("correct", 0) / total,
+        "unparsed": verdicts.get("unparsed", 0),
+        "timeout": verdicts.get("timeout", 0),
+        "truncated": sum(r["finish_reason"] == "length" for r in rolls),
+        "tokens": sum(r["num_tokens"] for r in rolls),
+        "mean_tokens": sum(r["num_tokens"] for r in rolls) / total,
+    }

@@ -1,0 +1,79 @@
+"""Stage 3, `ssb teach`: the base model answers its own hinted prompt; verified answers become training pairs.
+
+Up to `teach.attempts` tries per question. Every attempt is logged in RUN/teach_attempts.jsonl; a solution is
+kept in RUN/pairs.jsonl only if it stopped on its own (not cut at max_new_tokens) and its answer verifies.
+The solution is tokenised once, here: `solution_ids` are the generated ids including the end-of-turn token,
+so later stages append them to either prompt without re-tokenising joined strings.
+"""
+
+from __future__ import annotations
+
+from ssb.config import Config
+from ssb.rundir import JsonlWriter, RunDir, read_jsonl, stage
+
+
+def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
+    from ssb.generation import Engine, SamplingParams
+    from ssb.models import load_from_config
+    from ssb.verify import Verifier
+
+    tc = cfg.teach
+    with stage(run, "teach", (cfg.model, tc, cfg.rollout.policy, cfg.seed), inputs=[run.curated],
+               outputs=[run.pairs, run.teach_attempts], force=force) as st:
+        if st is None:
+            return run.stage_entry("teach")["counts"]
+        if not run.curated.exists():
+            raise FileNotFoundError(f"{run.curated}: missing; run `ssb curate` first")
+        curated = read_jsonl(run.curated)
+        attempts = read_jsonl(run.teach_attempts)
+        kept_ids = {p["id"] for p in read_jsonl(run.pairs)}
+        tries: dict[str, int] = {}
+        for a in attempts:
+            tries[a["id"]] = tries.get(a["id"], 0) + 1
+        if attempts:
+            st.say(f"[teach] resuming: {len(kept_ids)} pairs kept from {len(attempts)} earlier attempts")
+        model = tok = engine = None
+        with Verifier() as verifier, JsonlWriter(run.teach_attempts) as log, JsonlWriter(run.pairs) as pairs:
+            for round_ in range(tc.attempts):
+                todo = [c for c in curated if c["id"] not in kept_ids and tries.get(c["id"], 0) <= round_]
+                if not todo:
+                    continue
+                if engine is None:
+                    model, tok = load_from_config(cfg)
+                    engine = Engine(model, tok, batch_size=tc.batch_size)
+                st.say(f"[teach] attempt {round_ + 1}/{tc.attempts}: {len(todo)} questions (T={tc.temperature})")
+                params = SamplingParams(temperature=tc.temperature, top_k=tc.top_k, top_p=tc.top_p,
+                                        max_new_tokens=tc.max_new_tokens, seed=cfg.seed * 1000 + round_)
+
+                def save(i: int, comps, todo=todo, round_=round_) -> None:
+                    c, sol = todo[i], comps[0]
+                    v = verifier.check_many([(sol.text, c["gold"])], policy=cfg.rollout.policy)[0]
+                    keep = v.correct and sol.finish_reason == "stop"
+                    log.write({"id": c["id"], "attempt": round_, "text": sol.text, "num_tokens": sol.num_tokens,
+                               "finish_reason": sol.finish_reason, "kept": keep, "backend": engine.backend,
+                               **v.to_dict()})
+                    tries[c["id"]] = tries.get(c["id"], 0) + 1
+                    if keep:
+                        kept_ids.add(c["id"])
+                        pairs.write({
+                            "id": c["id"], "question": c["question"], "gold": c["gold"],
+                            "teacher_messages": c["teacher_messages"], "student_messages": c["student_messages"],
+                            "solution": sol.text, "solution_ids": list(sol.token_ids),
+                            "extracted": v.extracted, "attempt": round_, "backend": engine.backend,
+                        })
+
+                engine.generate([c["teacher_messages"] for c in todo], n=1, params=params, callback=save)
+        attempts = read_jsonl(run.teach_attempts)
+        first = [a for a in attempts if a["attempt"] == 0]
+        n_pairs = len(read_jsonl(run.pairs))
+        st.counts.update(
+            questions=len(curated), attempts=len(attempts), pairs=n_pairs,
+            pass_rate_first_attempt=sum(a["correct"] for a in first) / max(1, len(first)),
+            kept_share=n_pairs / max(1, len(curated)),
+            truncated=sum(a["finish_reason"] == "length" for a in attempts),
+            solution_tokens=sum(a["num_tokens"] for a in attempts if a["kept"]),
+        )
+        c = st.counts
+        st.say(f"[teach] {n_pairs} pairs from {len(curated)} questions: teacher pass rate "
+               f"{c['pass_rate_first_attempt']:.1%} on the first attempt, {c['truncated']} truncated")
+        return dict(st.counts)
