@@ -98,7 +98,11 @@ class TeachConfig:
 class LogitsConfig:
     mode: Literal["offline", "online"] = opt(
         "offline", "offline: store sparse teacher top-k once; online: run the frozen teacher in each training step")
-    top_k: int = opt(64, "Teacher tokens kept per position (the rest is one tail bucket)")
+    store: Literal["topk", "hidden"] = opt(
+        "topk", "offline storage: 'topk' keeps top_k ids + log-probs + the tail mass per token (6k+4 bytes, "
+        "approximate KL); 'hidden' keeps the teacher's final hidden state in float16 (2 x hidden size bytes) and "
+        "recomputes the exact full-vocabulary distribution during training")
+    top_k: int = opt(64, "Teacher tokens kept per position with store=topk (the rest is one tail bucket)")
     batch_size: int = opt(8, "Sequences per teacher forward pass")
     shard_size: int = opt(256, "Examples per safetensors shard")
 
@@ -125,7 +129,51 @@ class TrainConfig:
     max_length: int = opt(1024, "Longest student sequence (prompt + solution) in tokens; longer pairs are dropped")
     logging_steps: int = opt(1, "Log every this many optimizer steps")
     save_steps: int = opt(50, "Checkpoint every this many optimizer steps (resume restarts from the last)")
+    save_total_limit: int | None = opt(2, "Keep only the newest this many checkpoints in RUN/train (null: all)")
+    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass: far less memory for "
+                                       "long solutions, about a third more compute (the paper's scripts use it)")
     merge: bool = opt(False, "Also write a merged model (base + LoRA) to the run directory")
+
+
+@dataclass
+class GRPOConfig:
+    """The GRPO baseline (`ssb grpo`, TRL's GRPOTrainer): same questions, system prompt, verifier and LoRA as SSB
+    (rank, alpha, dropout, targets, lr schedule, grad clipping, weight decay and activation checkpointing come from
+    `train`), so only the method differs. One seed for the run: the top-level `seed`."""
+
+    num_generations: int = opt(4, "Completions sampled per question: the group whose rewards are normalised "
+                               "(like rollout.k = 4); at least 2")
+    temperature: float = opt(0.8, "Sampling temperature (the rollouts' 0.8)")
+    top_k: int = opt(50, "Top-k sampling, 0 = off (the rollouts' 50)")
+    top_p: float = opt(1.0, "Nucleus sampling threshold, 1.0 = off")
+    max_completion_length: int = opt(512, "Longest completion in tokens (the rollouts' max_new_tokens)")
+    learning_rate: float = opt(1e-5, "Peak learning rate. TRL's GRPO default 1e-6 is for full fine-tuning; "
+                               "LoRA needs about 10x that (TRL's 'LoRA without regret' guide)")
+    beta: float = opt(0.0, "KL coefficient against the base model (adapter off); 0 = no KL term and no reference "
+                      "pass (TRL's default; the original GRPO paper used 0.04)")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = opt(
+        "dapo", "Token-loss normalisation (TRL's default 'dapo': over all completion tokens in the batch)")
+    epochs: float = opt(1.0, "Passes over the training questions")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides epochs; null: use epochs)")
+    batch_size: int = opt(4, "Questions per device per optimizer step; each brings num_generations completions")
+    grad_accum: int = opt(1, "Gradient accumulation steps (one generation round per optimizer step)")
+    logging_steps: int = opt(1, "Log every this many optimizer steps to RUN/grpo/metrics.jsonl")
+    save_steps: int = opt(50, "Checkpoint every this many optimizer steps (resume restarts from the last)")
+    save_total_limit: int | None = opt(2, "Keep only the newest this many checkpoints (null: all)")
+
+    def __post_init__(self) -> None:
+        for key, ok, what in (("num_generations", self.num_generations >= 2, "must be >= 2 (GRPO compares "
+                                                                              "completions within a group)"),
+                              ("max_completion_length", self.max_completion_length >= 1, "must be >= 1"),
+                              ("learning_rate", self.learning_rate > 0, "must be > 0"),
+                              ("beta", self.beta >= 0, "must be >= 0"),
+                              ("epochs", self.epochs > 0, "must be > 0"),
+                              ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1 or null"),
+                              ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+                              ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
+                              ("save_steps", self.save_steps >= 1, "must be >= 1")):
+            if not ok:
+                raise ConfigError(f"config key 'grpo.{key}': {what}, got {getattr(self, key)!r}")
 
 
 @dataclass
@@ -154,6 +202,7 @@ class Config:
     logits: LogitsConfig = opt(LogitsConfig, "Stage 4: teacher logits")
     train: TrainConfig = opt(TrainConfig, "Stage 5: distillation")
     eval: EvalConfig = opt(EvalConfig, "Stage 6: evaluation")
+    grpo: GRPOConfig = opt(GRPOConfig, "GRPO baseline (`ssb grpo`)")
 
     def __post_init__(self) -> None:
         validate(self)

@@ -15,6 +15,7 @@ All stages read and write through `RunDir`, so the layout is defined here and no
     RUN/adapter/                 final LoRA adapter (PeftModel.from_pretrained) + ssb_base.json
     RUN/merged/                  merged model, when train.merge is set
     RUN/eval/<model>/<bench>/    samples.jsonl + summary.json per evaluated model and benchmark
+    RUN/grpo/                    GRPO baseline: adapter/, metrics.jsonl, checkpoints/
     RUN/report/                  report.html + report.md
     RUN/round-N/                 later rounds of iterated SSB, each a run directory of its own
 
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -45,6 +48,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give ours the usual permissions
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -156,6 +160,7 @@ class RunDir:
     adapter_dir = property(lambda self: self.root / "adapter")
     merged_dir = property(lambda self: self.root / "merged")
     report_dir = property(lambda self: self.root / "report")
+    grpo_dir = property(lambda self: self.root / "grpo")
 
     def eval_dir(self, model_tag: str, benchmark: str) -> Path:
         return self.root / "eval" / model_tag / benchmark

@@ -1,0 +1,236 @@
+"""`ssb grpo`: the GRPO baseline, TRL's GRPOTrainer on the same questions, prompt, verifier and LoRA as SSB.
+
+Each training question is the plain student prompt (cfg.rollout.system_prompt + question, as chat messages, so
+TRL applies the model's chat template); the reward is 1.0 when our verifier judges the completion's answer equal
+to the gold answer, else 0.0. The LoRA adapter has the rank, alpha, dropout and target modules of `cfg.train`.
+Only the method differs from SSB, so the two adapters can be evaluated side by side.
+
+Outputs, under RUN/grpo/:
+
+    adapter/        the LoRA adapter (PeftModel.from_pretrained) + tokenizer + ssb_base.json naming the base
+    metrics.jsonl   one line per logging step: step, epoch, loss, reward, reward_std, kl, entropy, grad_norm, lr,
+                    completion_len (mean tokens), clipped_ratio, generated_tokens (cumulative)
+    checkpoints/    trainer checkpoints; each also holds ssb_grpo_meter.json (tokens generated and seconds
+                    trained so far), so a resumed run keeps counting compute from where the checkpoint left off
+
+The manifest's `grpo` entry counts steps, completions, generated_tokens and seconds_training (summed over
+resumed sessions) for a compute comparison with SSB's rollout + teach + train stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from ssb.config import Config
+from ssb.rundir import RunDir, atomic_write_json, read_jsonl, stage
+
+METER_FILE = "ssb_grpo_meter.json"
+
+
+def completion_text(completion) -> str:
+    """The assistant text of one TRL completion: a plain string, or (conversational mode) a list of messages.
+
+    >>> completion_text([{"role": "assistant", "content": "So \\\\boxed{7}."}])
+    'So \\\\boxed{7}.'
+    """
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content") or "" for m in completion if m.get("role", "assistant") == "assistant")
+
+
+def verifier_reward(completions: list, gold: list[str], policy: str = "lenient", **_) -> list[float]:
+    """1.0 for each completion whose extracted answer the verifier judges equal to its gold answer, else 0.0.
+
+    TRL calls reward functions with the batch's completions and every dataset column as a keyword list.
+
+    >>> verifier_reward([[{"role": "assistant", "content": "3 + 4 = 7, so \\\\boxed{7}."}],
+    ...                  [{"role": "assistant", "content": "The answer is \\\\boxed{8}."}]], gold=["7", "7"])
+    [1.0, 0.0]
+    """
+    from ssb.verify import check
+
+    return [1.0 if check(completion_text(c), g, policy).correct else 0.0 for c, g in zip(completions, gold)]
+
+
+class Meter:
+    """Counts generated completion tokens (fed by the reward function) and training seconds, across resumes."""
+
+    def __init__(self) -> None:
+        self.generated_tokens = 0
+        self.completions = 0
+        self.seconds = 0.0
+        self._t0: float | None = None
+
+    def add(self, completion_ids: list) -> None:
+        self.completions += len(completion_ids)
+        self.generated_tokens += sum(len(ids) for ids in completion_ids)
+
+    def elapsed(self) -> float:
+        return self.seconds + (time.time() - self._t0 if self._t0 is not None else 0.0)
+
+    def to_dict(self) -> dict:
+        return {"generated_tokens": self.generated_tokens, "completions": self.completions,
+                "seconds": round(self.elapsed(), 2)}
+
+    def restore(self, checkpoint: str) -> None:
+        path = Path(checkpoint) / METER_FILE
+        if path.exists():
+            d = json.loads(path.read_text())
+            self.generated_tokens, self.completions = d["generated_tokens"], d["completions"]
+            self.seconds = d["seconds"]
+
+
+def _callback(meter: Meter, metrics_path: Path):
+    """A TrainerCallback: metrics lines on each log, the meter saved into each checkpoint."""
+    from transformers import TrainerCallback
+
+    class GRPOLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            meter._t0 = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return  # the final train-summary log has train_loss, not loss
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "loss": logs.get("loss"),
+                   "reward": logs.get("reward"), "reward_std": logs.get("reward_std"), "kl": logs.get("kl"),
+                   "entropy": logs.get("entropy"), "grad_norm": logs.get("grad_norm"),
+                   "lr": logs.get("learning_rate"), "completion_len": logs.get("completions/mean_length"),
+                   "clipped_ratio": logs.get("completions/clipped_ratio"),
+                   "generated_tokens": meter.generated_tokens}
+            rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+            parts = [f"{k} {v:.4g}" for k, v in rec.items() if k not in ("step", "epoch") and isinstance(v, float)]
+            print(f"[grpo] step {rec['step']}/{state.max_steps} " + " ".join(parts), flush=True)
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+        def on_train_end(self, args, state, control, **kw):
+            meter.seconds, meter._t0 = meter.elapsed(), None
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    atomic_write_json(ckpt / METER_FILE, meter.to_dict())
+
+    return GRPOLog()
+
+
+def build_trainer(cfg: Config, run: RunDir, meter: Meter):
+    """TRL's GRPOTrainer for this config: the base model, LoRA from cfg.train, the verifier reward."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig as TRLGRPOConfig
+    from trl import GRPOTrainer
+
+    from ssb.models import load_model, load_tokenizer, resolve_device
+    from ssb.prompts import student_messages
+    from ssb.stages.rollout import load_train_questions
+
+    gc, tc = cfg.grpo, cfg.train
+    questions = load_train_questions(cfg, run)
+    if not questions:
+        raise ValueError(f"no training questions from data.train ({cfg.data.train.source})")
+    data = Dataset.from_list([{"prompt": student_messages(q["question"], cfg.rollout.system_prompt),
+                               "gold": q["answer"], "id": q["id"]} for q in questions])
+    device = resolve_device(cfg.device)
+    cuda = device.startswith("cuda")
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    out = run.grpo_dir
+    args = TRLGRPOConfig(
+        output_dir=str(out / "checkpoints"), num_generations=gc.num_generations, temperature=gc.temperature,
+        top_k=gc.top_k, top_p=gc.top_p, max_completion_length=gc.max_completion_length,
+        learning_rate=gc.learning_rate, beta=gc.beta, loss_type=gc.loss_type,
+        # TRL counts completions, not questions, in its batch size
+        per_device_train_batch_size=gc.batch_size * gc.num_generations, gradient_accumulation_steps=gc.grad_accum,
+        num_train_epochs=gc.epochs, max_steps=gc.max_steps or -1,
+        lr_scheduler_type=tc.lr_scheduler, max_grad_norm=tc.max_grad_norm, weight_decay=tc.weight_decay,
+        logging_steps=gc.logging_steps, save_strategy="steps", save_steps=gc.save_steps,
+        save_total_limit=gc.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
+        bf16=bf16, fp16=cuda and not bf16, use_cpu=not cuda, report_to="none", disable_tqdm=True,
+        activation_checkpointing=tc.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
+        use_vllm=False, log_completions=False,
+    )
+    tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    lora = LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
+                      target_modules=list(tc.target_modules), task_type="CAUSAL_LM")
+    policy = cfg.rollout.policy
+
+    def correctness(prompts, completions, completion_ids, gold, **kw) -> list[float]:
+        meter.add(completion_ids)
+        return verifier_reward(completions, gold, policy)
+
+    trainer = GRPOTrainer(model=model, reward_funcs=correctness, args=args, train_dataset=data,
+                          processing_class=tok, peft_config=lora,
+                          callbacks=[_callback(meter, out / "metrics.jsonl")])
+    return trainer, tok, len(questions)
+
+
+def grpo(cfg: Config, run: RunDir, force: bool = False) -> dict:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from ssb.distill_trainer import trim_metrics
+
+    out = run.grpo_dir
+    ckpts, metrics = out / "checkpoints", out / "metrics.jsonl"
+    tc = cfg.train  # the LoRA and optimizer settings shared with SSB
+    parts = (cfg.model, cfg.data, cfg.grpo, tc.lora_r, tc.lora_alpha, tc.lora_dropout, tc.target_modules,
+             tc.lr_scheduler, tc.max_grad_norm, tc.weight_decay, tc.gradient_checkpointing,
+             cfg.rollout.system_prompt, cfg.rollout.policy, cfg.seed)
+    with stage(run, "grpo", parts, inputs=[], outputs=[out], force=force) as st:
+        if st is None:
+            return (run.stage_entry("grpo") or {}).get("counts", {})
+        out.mkdir(parents=True, exist_ok=True)
+        meter = Meter()
+        with _quiet_trl():
+            trainer, tok, n_questions = build_trainer(cfg, run, meter)
+        gc = cfg.grpo
+        st.say(f"[grpo] {n_questions} questions x {gc.num_generations} completions, {gc.batch_size} questions "
+               f"per step, lr {gc.learning_rate}, beta {gc.beta}, LoRA r={cfg.train.lora_r}")
+        resume = get_last_checkpoint(str(ckpts)) if st.resumed and ckpts.exists() else None
+        if resume:
+            st.say(f"[grpo] resuming from {resume}")
+            meter.restore(resume)
+            trim_metrics(metrics, int(resume.rsplit("-", 1)[-1]))
+        elif metrics.exists():
+            metrics.unlink()
+        with _quiet_trl():
+            result = trainer.train(resume_from_checkpoint=resume)
+        _save_adapter(cfg, trainer, tok, out / "adapter")
+        rows = read_jsonl(metrics)
+        rewards = [r["reward"] for r in rows if r.get("reward") is not None]
+        st.counts.update(questions=n_questions, steps=trainer.state.global_step, completions=meter.completions,
+                         generated_tokens=meter.generated_tokens, seconds_training=round(meter.elapsed(), 2),
+                         train_loss=round(result.training_loss, 6),
+                         reward_first=rewards[0] if rewards else None, reward_last=rewards[-1] if rewards else None)
+        st.say(f"[grpo] done: {trainer.state.global_step} steps, {meter.generated_tokens} tokens generated in "
+               f"{meter.completions} completions; adapter -> {out / 'adapter'}")
+        return dict(st.counts)
+
+
+@contextlib.contextmanager
+def _quiet_trl():
+    """TRL 1.16 still calls transformers' renamed gradient_checkpointing_* methods: one warning per call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing\w*` is deprecated", FutureWarning)
+        yield
+
+
+def _save_adapter(cfg: Config, trainer, tok, target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    tok.save_pretrained(tmp)
+    atomic_write_json(tmp / "ssb_base.json", {"model": cfg.model, "trust_remote_code": cfg.trust_remote_code})
+    (tmp / "training_args.bin").unlink(missing_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from ssb import arith
+from ssb.config import DatasetSpec
+from ssb.data import DataError, load_examples
+
+
+def test_arith_is_seeded_and_splits_are_disjoint():
+    a = arith.generate("train", level=1, n=300, seed=0)
+    b = arith.generate("train", level=1, n=300, seed=0)
+    assert [p.question for p in a] == [p.question for p in b]
+    test = arith.generate("test", level=1, n=300, seed=3)
+    assert not {p.key for p in a} & {p.key for p in test}
+    assert len({p.id for p in a}) == 300
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_arith_answers_are_right(level):
+    for p in arith.generate("train", level=level, n=50):
+        assert isinstance(p.answer, int) and p.answer >= 0
+        if level == 1:
+            nums = [int(x) for x in p.key.split(",")[0][2:].split(",")] + [int(p.key.split(",")[1])]
+            op = p.key[1]
+            expect = {"+": nums[0] + nums[1], "-": nums[0] - nums[1], "*": nums[0] * nums[1],
+                      "/": nums[0] // nums[1]}[op]
+            assert p.answer == expect, p
+
+
+def test_arith_offset_gives_fresh_questions():
+    first = arith.generate("train", 1, 20)
+    later = arith.generate("train", 1, 20, offset=20)
+    assert not {p.id for p in first} & {p.id for p in later}
+    assert [p.id for p in arith.generate("train", 1, 40)] == [p.id for p in first + later]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_gsm8k_style_file(tmp_path):
+    f = tmp_path / "gsm.jsonl"
+    write_jsonl(f, [{"question": "q1", "answer": "work\n#### 2,125"}, {"question": "q2", "answer": "#### 7"}])
+    ex = load_examples(DatasetSpec(source="gsm8k", split="test"), data_file=f)
+    assert [e.answer for e in ex] == ["2125", "7"]
+    assert ex[0].id == "gsm8k-000001"
+
+
+def test_math_aime_amc_files(tmp_path):
+    f = tmp_path / "m.jsonl"
+    write_jsonl(f, [{"problem": "p", "answer": "\\frac{1}{2}", "unique_id": "test/a/1.json"}])
+    (e,) = load_examples(DatasetSpec(source=str(f)))
+    assert e.id == "test/a/1.json" and e.question == "p"
+    f = tmp_path / "aime.jsonl"
+    write_jsonl(f, [{"id": 1, "problem": "p", "answer": "025"}])
+    assert load_examples(DatasetSpec(source="aime24"), data_file=f)[0].answer == "25"
+    f = tmp_path / "amc.jsonl"
+    write_jsonl(f, [{"id": 1, "question": "p", "answer": 27.0}])
+    assert load_examples(DatasetSpec(source="amc23"), data_file=f)[0].answer == "27"
+
+
+def test_field_mapping_limit_offset(tmp_path):
+    f = tmp_path / "custom.jsonl"
+    write_jsonl(f, [{"q": f"question {i}", "a": str(i), "key": f"k{i}"} for i in range(10)])
+    spec = DatasetSpec(source=str(f), question_field="q", answer_field="a", id_field="key", offset=2, limit=3)
+    assert [e.id for e in load_examples(spec)] == ["k2", "k3", "k4"]
+
+
+@pytest.mark.parametrize("row, match", [
+    ("{bad json", r"bad\.jsonl:2: not valid JSON"),
+    ({"question": "q"}, r"bad\.jsonl:2: missing field 'answer'"),
+    ({"question": "q", "answer": ""}, r"bad\.jsonl:2: field 'answer' is empty"),
+    ({"question": "", "answer": "3"}, r"bad\.jsonl:2: field 'question' is empty"),
+])
+def test_malformed_records_name_file_line_and_field(tmp_path, row, match, capsys):
+    f = tmp_path / "bad.jsonl"
+    write_jsonl(f, [{"question": "ok", "answer": "1"}, row, {"question": "ok2", "answer": "2"}])
+    with pytest.raises(DataError, match=match):
+        load_examples(DatasetSpec(source=str(f)))
+    ex = load_examples(DatasetSpec(source=str(f), skip_bad_records=True))
+    assert [e.answer for e in ex] == ["1", "2"]
+    assert "skipped 1 malformed record" in capsys.readouterr().out
+
+
+def test_missing_file_and_duplicate_ids(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_examples(DatasetSpec(source=str(tmp_path / "nope.jsonl")))
+    f = tmp_path / "dup.jsonl"
+    write_jsonl(f, [{"id": 1, "question": "a", "answer": "1"}, {"id": 1, "question": "b", "answer": "2"}])
+    with pytest.raises(DataError, match="duplicate id"):
+        load_examples(DatasetSpec(source=str(f)))

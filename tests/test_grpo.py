@@ -1,0 +1,125 @@
+"""The GRPO baseline on a tiny random model: the verifier reward on handmade completions, a 2-step run that writes
+a loadable adapter and consistent metrics, learning when rewards vary, and resuming from a checkpoint."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ssb.config import ConfigError, load_config
+from ssb.rundir import RunDir, read_jsonl
+from ssb.stages import grpo as grpo_mod
+from ssb.stages.grpo import completion_text, grpo, verifier_reward
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # tiny matmuls on a shared 2-core machine: thread hand-offs cost more than the work
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(model_dir, *extra):
+    # 4 arith questions, 2 questions x 2 completions per step, 2 steps of at most 8 tokens
+    return load_config(overrides=[f"model={model_dir}", "data.train.limit=4", "grpo.num_generations=2",
+                                  "grpo.batch_size=2", "grpo.max_steps=2", "grpo.max_completion_length=8",
+                                  "grpo.save_steps=1", "train.lora_r=4", "train.lora_alpha=8", *extra])
+
+
+def _msg(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def test_verifier_reward_on_handmade_completions():
+    completions = [_msg("3 + 4 = 7. So the answer is \\boxed{7}."), _msg("I think it is \\boxed{8}."),
+                   _msg("no idea"), _msg("#### 1,250"), _msg("\\boxed{\\frac{1}{2}}"), "plain text: \\boxed{7}"]
+    gold = ["7", "7", "7", "1250", "0.5", "7"]
+    assert verifier_reward(completions, gold) == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    # the boxed policy ignores an unboxed final answer
+    assert verifier_reward([_msg("The answer is 7")], ["7"], policy="lenient") == [1.0]
+    assert verifier_reward([_msg("The answer is 7")], ["7"], policy="boxed") == [0.0]
+    assert completion_text([{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]) == "ab"
+
+
+def test_config_rejects_a_group_of_one():
+    with pytest.raises(ConfigError, match="grpo.num_generations"):
+        load_config(overrides=["grpo.num_generations=1"])
+
+
+def _check_metrics_match_meter(rows, per_step):
+    """generated_tokens (our count, from the reward function) agrees with TRL's mean completion length."""
+    prev = 0
+    for r in rows:
+        assert r["generated_tokens"] - prev == pytest.approx(r["completion_len"] * per_step)
+        prev = r["generated_tokens"]
+
+
+def test_grpo_two_steps_writes_adapter_and_metrics(tmp_path, tiny_model_dir):
+    from ssb.models import load_model
+
+    run = RunDir(tmp_path / "run")
+    counts = grpo(_cfg(tiny_model_dir, "grpo.beta=0.01"), run)
+    out = run.root / "grpo"
+    assert counts["steps"] == 2 and counts["questions"] == 4
+    assert counts["completions"] == 2 * 2 * 2  # steps x questions per step x completions per question
+    assert 0 < counts["generated_tokens"] <= counts["completions"] * 8
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0.0 <= r["reward"] <= 1.0 and r["kl"] is not None and r["loss"] is not None
+    _check_metrics_match_meter(rows, per_step=4)
+    assert rows[-1]["generated_tokens"] == counts["generated_tokens"]
+    entry = run.stage_entry("grpo")
+    assert entry["status"] == "done" and entry["counts"]["generated_tokens"] == counts["generated_tokens"]
+
+    base = json.loads((out / "adapter" / "ssb_base.json").read_text())
+    assert base == {"model": str(tiny_model_dir), "trust_remote_code": False}
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 4 and adapter_cfg["lora_alpha"] == 8
+    assert set(adapter_cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"}
+    model = load_model(str(out / "adapter"))
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    # a finished stage is skipped on a rerun with the same config
+    assert grpo(_cfg(tiny_model_dir, "grpo.beta=0.01"), run) == counts
+
+
+def test_grpo_learns_from_varying_rewards_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    # A random tiny model never answers correctly, so every reward is 0 and the policy gradient is zero. To see
+    # that rewards reach the update, score completions by a fixed rule: the first of each pair gets 1, the other 0.
+    calls = []
+
+    def alternating(completions, gold, policy="lenient", **kw):
+        calls.append(len(completions))
+        return [float(i % 2 == 0) for i in range(len(completions))]
+
+    monkeypatch.setattr(grpo_mod, "verifier_reward", alternating)
+    run = RunDir(tmp_path / "run")
+    cfg = _cfg(tiny_model_dir)
+    first = grpo(cfg, run)
+    out = run.root / "grpo"
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert calls == [4, 4]
+    assert all(r["reward"] == pytest.approx(0.5) and r["reward_std"] > 0 and r["grad_norm"] > 0 for r in rows)
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and any(w.abs().sum() > 0 for w in lora_b)  # B starts at zero: nonzero means it learned
+
+    # Simulate a kill after the step-1 checkpoint: resume continues from it and recounts nothing twice.
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-2")
+    shutil.rmtree(out / "adapter")
+    run.update_stage("grpo", status="failed")
+    calls.clear()
+    second = grpo(cfg, run)
+    assert calls == [4]  # only step 2 was generated again
+    assert run.stage_entry("grpo")["resumed"] is True
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    _check_metrics_match_meter(rows, per_step=4)
+    assert second["steps"] == 2 and second["completions"] == first["completions"] == 8
+    assert second["generated_tokens"] == rows[-1]["generated_tokens"]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()

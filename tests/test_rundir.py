@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from ssb.rundir import JsonlWriter, RunDir, atomic_write_json, read_jsonl, stage
+
+
+def test_torn_last_line_is_dropped_and_repaired(tmp_path):
+    p = tmp_path / "x.jsonl"
+    with JsonlWriter(p) as w:
+        w.write({"a": 1})
+        w.write({"a": 2})
+    with open(p, "a") as f:
+        f.write('{"a": 3, "b"')  # killed mid-write
+    assert read_jsonl(p) == [{"a": 1}, {"a": 2}]
+    with JsonlWriter(p) as w:
+        w.write({"a": 4})
+    assert read_jsonl(p) == [{"a": 1}, {"a": 2}, {"a": 4}]
+
+
+def test_corruption_in_the_middle_is_an_error_naming_the_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(ValueError, match=r"x\.jsonl:2"):
+        read_jsonl(p)
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_json(tmp_path / "m.json", {"k": 1})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"k": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def _run_stage(run, cfg_part, inp, out, force=False, fail=False):
+    with stage(run, "s", (cfg_part,), inputs=[inp], outputs=[out], force=force) as st:
+        if st is None:
+            return "skipped"
+        out.write_text(out.read_text() + "x" if out.exists() else "x")
+        st.counts["n"] = 1
+        if fail:
+            raise RuntimeError("boom")
+        return "resumed" if st.resumed else "ran"
+
+
+def test_stage_skip_resume_and_invalidation(tmp_path):
+    run = RunDir(tmp_path / "run")
+    inp = tmp_path / "in.txt"
+    inp.write_text("a")
+    out = run.root / "out.txt"
+    assert _run_stage(run, {"k": 1}, inp, out) == "ran"
+    assert run.stage_entry("s")["status"] == "done"
+    assert run.stage_entry("s")["counts"] == {"n": 1}
+    assert _run_stage(run, {"k": 1}, inp, out) == "skipped"
+    assert _run_stage(run, {"k": 1}, inp, out, force=True) == "ran"
+    assert out.read_text() == "x"  # --force started over: the old output was moved aside, not appended to
+    assert any(p.name.startswith("out.txt.stale-") for p in run.root.iterdir())
+    inp.write_text("b")  # changed input: rerun from scratch
+    assert _run_stage(run, {"k": 1}, inp, out) == "ran"
+    with pytest.raises(RuntimeError):
+        _run_stage(run, {"k": 2}, inp, out, fail=True)
+    assert run.stage_entry("s")["status"] == "failed"
+    assert _run_stage(run, {"k": 2}, inp, out) == "resumed"  # same config after a failure: continue
+    assert out.read_text() == "xx"
