@@ -203,6 +203,10 @@ class Config:
     train: TrainConfig = opt(TrainConfig, "Stage 5: distillation")
     eval: EvalConfig = opt(EvalConfig, "Stage 6: evaluation")
     grpo: GRPOConfig = opt(GRPOConfig, "GRPO baseline (`ssb grpo`)")
+    baselines: list[str] = opt(["sft", "grpo"], "Baselines `ssb run` trains and evaluates beside SSB: 'sft' "
+                               "(same pairs, cross-entropy only) and 'grpo' (TRL GRPO, same questions and reward)")
+    rounds: int = opt(1, "Iterated SSB: rounds > 1 rerun the pipeline with the previous round's merged student as "
+                      "the model, on fresh questions (data.train.offset advances by data.train.limit)")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -222,6 +226,7 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "train.temperature": ("must be > 0", lambda v: v > 0),
     "train.learning_rate": ("must be > 0", lambda v: v > 0),
     "eval.n": ("must be >= 1", lambda v: v >= 1),
+    "rounds": ("must be >= 1", lambda v: v >= 1),
 }
 
 
@@ -241,6 +246,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': must be in (0, 1], got {value!r}")
         if last in ("top_k", "offset") and value < 0:
             raise ConfigError(f"config key '{key}': must be >= 0, got {value!r}")
+    for b in cfg.baselines:
+        if b not in ("sft", "grpo"):
+            raise ConfigError(f"config key 'baselines': unknown baseline {b!r} (choose from sft, grpo)")
+    if cfg.rounds > 1 and cfg.data.train.limit is None:
+        raise ConfigError("config key 'rounds': iterated rounds need data.train.limit (questions per round)")
     if cfg.train.kd_weight == 0 and cfg.train.ce_weight == 0:
         raise ConfigError("config keys 'train.kd_weight' and 'train.ce_weight': at least one must be > 0")
 

@@ -1,58 +1,113 @@
-"""`ssb run`: every stage in order on one config, then the base model and the student on held-out questions.
+"""`ssb run`: every stage in order, the baselines, then every model on the same held-out questions.
 
-Each stage skips itself when already finished with the same config and inputs, so rerunning `ssb run` after a
-crash or a kill continues where it stopped.
+Order: rollout -> curate -> teach -> logits -> train (SSB), then the configured baselines (SFT on the same pairs,
+GRPO on the same questions), optionally more SSB rounds, then evaluation of base, SSB (each round), SFT and GRPO,
+and a comparison table with paired tests against the base model. Each stage skips itself when already finished
+with the same config and inputs, so rerunning `ssb run` after a crash or a kill continues where it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import time
 
 from ssb.config import Config
-from ssb.rundir import RunDir
+from ssb.rundir import RunDir, read_jsonl, write_jsonl
 
 PIPELINE = ("rollout", "curate", "teach", "logits", "train")
 
 
 def missing_stages() -> list[str]:
-    names = list(PIPELINE) + ["evaluate"]
+    names = list(PIPELINE) + ["evaluate", "grpo"]
     return [n for n in names if importlib.util.find_spec(f"ssb.stages.{n}") is None]
 
 
-def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
+def sft_config(cfg: Config) -> Config:
+    """The SFT baseline: identical data and LoRA, cross-entropy on the solution tokens only."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, kd_weight=0.0, ce_weight=1.0))
+
+
+def round_config(cfg: Config, n: int, model: str) -> Config:
+    """Round n (1-based) of iterated SSB: the previous student as model, the next slice of fresh questions."""
+    spec = cfg.data.train
+    data = dataclasses.replace(cfg.data, train=dataclasses.replace(spec, offset=spec.offset + (n - 1) * spec.limit))
+    train = dataclasses.replace(cfg.train, merge=cfg.train.merge or cfg.rounds > n)
+    return dataclasses.replace(cfg, model=model, data=data, train=train)
+
+
+def ssb_round(cfg: Config, run: RunDir, force: bool) -> dict | None:
+    """The five SSB stages; None when the data gave nothing to train on (the reason is printed)."""
     from ssb.cli import load_stage
 
-    missing = missing_stages()
-    t0 = time.time()
-    results: dict = {}
+    results = {}
     for name in PIPELINE:
-        if name in missing:
-            print(f"[run] stage '{name}' is not implemented yet; stopping before it "
-                  f"(missing: {', '.join(missing)})", flush=True)
-            return results
-        print(f"\n=== {name} ===", flush=True)
+        print(f"\n=== {name} ({run.root}) ===", flush=True)
         results[name] = load_stage(name)(cfg, run, force=force)
         if name == "curate" and not results[name].get("kept"):
-            print("[run] no question had both a correct and a wrong rollout: nothing to teach. Try more "
-                  "questions (data.train.limit), more rollouts (rollout.k) or easier data.", flush=True)
-            return results
+            print("[run] no question had both a correct and a wrong rollout: nothing to teach. Try more questions "
+                  "(data.train.limit), more rollouts (rollout.k) or easier data.", flush=True)
+            return None
         if name == "teach" and not results[name].get("pairs"):
             print("[run] the teacher produced no verified solution: nothing to train on.", flush=True)
+            return None
+    return results
+
+
+def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
+    missing = missing_stages()
+    if missing:
+        print(f"[run] not implemented yet: {', '.join(missing)}; running what exists", flush=True)
+    t0 = time.time()
+    results: dict = {}
+    models: list[tuple[str, str]] = [("base", cfg.model)]
+    model = cfg.model
+    for n in range(1, cfg.rounds + 1):
+        rcfg = round_config(cfg, n, model)
+        rrun = run if n == 1 else run.round_dir(n)
+        if any(s in missing for s in PIPELINE):
             return results
-    if "evaluate" in missing:
-        print("[run] evaluation is not implemented yet; stopping after training", flush=True)
+        res = ssb_round(rcfg, rrun.mkdir(), force)
+        if res is None:
+            break
+        results[f"round{n}"] = res
+        models.append(("ssb" if n == 1 else f"ssb-round{n}", str(rrun.adapter_dir)))
+        model = str(rrun.merged_dir)
+        if n == 1:
+            results.update(baselines(cfg, run, force, missing, models))
+    if "evaluate" in missing or len(models) == 1:
         return results
     from ssb.stages.evaluate import compare, evaluate
 
     bench = cfg.eval.data.source
     dirs = []
-    for tag, model in (("base", cfg.model), ("ssb", str(run.adapter_dir))):
+    for tag, spec in models:
         print(f"\n=== eval {tag} on held-out {bench} ===", flush=True)
         out = run.eval_dir(tag, bench)
-        results[f"eval_{tag}"] = evaluate(cfg, model, None, out, force=force)
+        results[f"eval_{tag}"] = evaluate(cfg, spec, None, out, force=force)
         dirs.append(out)
-    print(f"\n=== base vs SSB (held-out {bench}) ===", flush=True)
+    print(f"\n=== held-out {bench}: {', '.join(t for t, _ in models)} ===", flush=True)
     print(compare(dirs), flush=True)
-    print(f"[run] finished in {time.time() - t0:.0f} s; run directory: {run.root}", flush=True)
+    print(f"[run] finished in {time.time() - t0:.0f} s; run directory: {run.root}; "
+          f"report: ssb report {run.root}", flush=True)
     return results
+
+
+def baselines(cfg: Config, run: RunDir, force: bool, missing: list[str], models: list) -> dict:
+    """Train the configured baselines; append (tag, model spec) for each to `models`."""
+    from ssb.cli import load_stage
+
+    out = {}
+    if "sft" in cfg.baselines:
+        print("\n=== baseline: SFT on the same pairs ===", flush=True)
+        sft_run = run.sft_run.mkdir()
+        pairs = read_jsonl(run.pairs)
+        if read_jsonl(sft_run.pairs) != pairs:
+            write_jsonl(sft_run.pairs, pairs)
+        out["sft"] = load_stage("train")(sft_config(cfg), sft_run, force=force)
+        models.append(("sft", str(sft_run.adapter_dir)))
+    if "grpo" in cfg.baselines and "grpo" not in missing:
+        print("\n=== baseline: GRPO on the same questions ===", flush=True)
+        out["grpo"] = load_stage("grpo")(cfg, run, force=force)
+        models.append(("grpo", str(run.grpo_dir / "adapter")))
+    return out

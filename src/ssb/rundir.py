@@ -15,6 +15,7 @@ All stages read and write through `RunDir`, so the layout is defined here and no
     RUN/adapter/                 final LoRA adapter (PeftModel.from_pretrained) + ssb_base.json
     RUN/merged/                  merged model, when train.merge is set
     RUN/eval/<model>/<bench>/    samples.jsonl + summary.json per evaluated model and benchmark
+    RUN/sft/                     SFT baseline: a run directory of its own (pairs.jsonl copy, adapter/, metrics)
     RUN/grpo/                    GRPO baseline: adapter/, metrics.jsonl, checkpoints/
     RUN/report/                  report.html + report.md
     RUN/round-N/                 later rounds of iterated SSB, each a run directory of its own
@@ -164,6 +165,11 @@ class RunDir:
 
     def eval_dir(self, model_tag: str, benchmark: str) -> Path:
         return self.root / "eval" / model_tag / benchmark
+
+    @property
+    def sft_run(self) -> "RunDir":
+        """The SFT baseline: a run directory of its own holding a copy of pairs.jsonl."""
+        return RunDir(self.root / "sft")
 
     def round_dir(self, n: int) -> "RunDir":
         return RunDir(self.root / f"round-{n}")
