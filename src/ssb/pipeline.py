@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import time
+from pathlib import Path
 
 from ssb.config import Config
 from ssb.rundir import RunDir, read_jsonl, write_jsonl
@@ -23,6 +24,11 @@ def missing_stages() -> list[str]:
     return [n for n in names if importlib.util.find_spec(f"ssb.stages.{n}") is None]
 
 
+def benchmark_tag(source: str) -> str:
+    """A directory-safe name for an eval data source: 'arith', 'gsm8k', a file's stem, a Hub id's last part."""
+    return Path(source).stem if ("/" in source or "." in source) else source
+
+
 def sft_config(cfg: Config) -> Config:
     """The SFT baseline: identical data and LoRA, cross-entropy on the solution tokens only."""
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, kd_weight=0.0, ce_weight=1.0))
@@ -30,10 +36,16 @@ def sft_config(cfg: Config) -> Config:
 
 def round_config(cfg: Config, n: int, model: str) -> Config:
     """Round n (1-based) of iterated SSB: the previous student as model, the next slice of fresh questions."""
+    if n == 1:
+        return cfg
     spec = cfg.data.train
     data = dataclasses.replace(cfg.data, train=dataclasses.replace(spec, offset=spec.offset + (n - 1) * spec.limit))
-    train = dataclasses.replace(cfg.train, merge=cfg.train.merge or cfg.rounds > n)
-    return dataclasses.replace(cfg, model=model, data=data, train=train)
+    return dataclasses.replace(cfg, model=model, data=data, train=merge_if_more_rounds(cfg, n))
+
+
+def merge_if_more_rounds(cfg: Config, n: int):
+    """The next round's model is this round's merged student, so write it when another round follows."""
+    return dataclasses.replace(cfg.train, merge=cfg.train.merge or cfg.rounds > n)
 
 
 def ssb_round(cfg: Config, run: RunDir, force: bool) -> dict | None:
@@ -64,6 +76,7 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
     model = cfg.model
     for n in range(1, cfg.rounds + 1):
         rcfg = round_config(cfg, n, model)
+        rcfg = dataclasses.replace(rcfg, train=merge_if_more_rounds(rcfg, n))
         rrun = run if n == 1 else run.round_dir(n)
         if any(s in missing for s in PIPELINE):
             return results
@@ -79,7 +92,7 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
         return results
     from ssb.stages.evaluate import compare, evaluate
 
-    bench = cfg.eval.data.source
+    bench = benchmark_tag(cfg.eval.data.source)
     dirs = []
     for tag, spec in models:
         print(f"\n=== eval {tag} on held-out {bench} ===", flush=True)

@@ -39,7 +39,7 @@ def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
             model, tok = load_from_config(cfg)
             engine = Engine(model, tok, batch_size=rc.batch_size)
             params = SamplingParams(temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
-                                    max_new_tokens=rc.max_new_tokens, seed=cfg.seed + len(done))
+                                    max_new_tokens=rc.max_new_tokens, seed=cfg.seed)
             prompts = [student_messages(q["question"], rc.system_prompt) for q in todo]
             with Verifier() as verifier, JsonlWriter(run.rollouts) as out:
                 def save(i: int, comps) -> None:

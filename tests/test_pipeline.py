@@ -1,0 +1,43 @@
+"""`ssb run` end to end on a tiny model that answers 4 (about 60%) or 5: every stage does real work."""
+
+import json
+
+from ssb.cli import main
+from ssb.rundir import RunDir, read_jsonl
+
+
+def test_ssb_run_end_to_end_and_rerun_skips(tmp_path, answering_model_dir, capsys):
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Tom has {i} apples and {4 - i} more?",
+                                        "answer": "4"}) + "\n" for i in range(8)))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""
+model: {answering_model_dir}
+data: {{train: {{source: {data}}}}}
+rollout: {{k: 4, max_new_tokens: 16, batch_size: 16}}
+teach: {{max_new_tokens: 16, batch_size: 8, attempts: 2}}
+logits: {{top_k: 8, batch_size: 4}}
+train: {{epochs: 2, batch_size: 2, lora_r: 4, lora_alpha: 8, save_steps: 2}}
+eval: {{data: {{source: {data}}}, max_new_tokens: 16}}
+grpo: {{max_steps: 1, batch_size: 2, num_generations: 2, max_completion_length: 8}}
+""")
+    run = RunDir(tmp_path / "run")
+    assert main(["run", "--config", str(cfg), "--run-dir", str(run.root)]) == 0
+    out = capsys.readouterr().out
+    stages = run.read_manifest()["stages"]
+    for name in ("rollout", "curate", "teach", "logits", "train", "grpo"):
+        assert stages[name]["status"] == "done", name
+    assert stages["curate"]["counts"]["kept"] >= 1
+    pairs = read_jsonl(run.pairs)
+    assert pairs and all("answer is 4" in p["solution"] for p in pairs)
+    assert (run.adapter_dir / "adapter_config.json").exists()
+    assert (run.sft_run.adapter_dir / "adapter_config.json").exists()
+    assert read_jsonl(run.metrics) and read_jsonl(run.sft_run.metrics)
+    for tag in ("base", "ssb", "sft", "grpo"):
+        summary = json.loads((run.eval_dir(tag, "q") / "summary.json").read_text())
+        assert summary["problems"] == 8 and 0.0 <= summary["pass@1"] <= 1.0
+    assert "| base" in out or "base" in out.split("===")[-1]
+    # A rerun skips every finished stage.
+    assert main(["run", "--config", str(cfg), "--run-dir", str(run.root)]) == 0
+    again = capsys.readouterr().out
+    assert again.count("skipping") >= 6
