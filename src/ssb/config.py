@@ -102,7 +102,8 @@ class LogitsConfig:
         "topk", "offline storage: 'topk' keeps top_k ids + log-probs + the tail mass per token (6k+4 bytes, "
         "approximate KL); 'hidden' keeps the teacher's final hidden state in float16 (2 x hidden size bytes) and "
         "recomputes the exact full-vocabulary distribution during training")
-    top_k: int = opt(64, "Teacher tokens kept per position with store=topk (the rest is one tail bucket)")
+    top_k: int = opt(128, "Teacher tokens kept per position with store=topk (the rest is one tail bucket); 128 "
+                     "= 772 bytes/token, chosen by benchmarks/distill.py (see benchmarks/README.md)")
     batch_size: int = opt(8, "Sequences per teacher forward pass")
     shard_size: int = opt(256, "Examples per safetensors shard")
 

@@ -1,0 +1,404 @@
+"""Distillation benchmark: sparse teacher storage and loss vs the full-vocabulary KL and a paper-style dense step.
+
+    python benchmarks/distill.py [--quick] [--model DIR]
+
+1. Teacher data: GSM8K training questions, the project's hinted prompt (question + a correct and a wrong attempt),
+   and a solution sampled from that prompt by the model itself (T=0.4, top-k 50), as the teach stage does.
+2. Storage table: for top-k stores with k in 8..512, and for the float16 hidden-state store, the bytes per token,
+   the teacher mass the top-k holds at T, the relative error of the loss value, and the cosine between the gradient
+   of our loss and of the exact full-vocabulary KL with respect to the student's final hidden states at the
+   solution positions (everything the loss sends back into the network) and to its logits. The student is the
+   same model on the plain prompt (LoRA at initialisation). The full run adds the cosine of the LoRA-parameter
+   gradients (LoRA B perturbed from zero so that every LoRA matrix gets a gradient).
+3. Training step, each variant in a fresh process (same LoRA model, gradient checkpointing, AdamW, batch 4 x S):
+   ours = sparse rows read from a TeacherStore + chunked loss on solution positions; reference = the paper's
+   scripts: dense fp32 teacher rows loaded per example from .npy files into a zero [4, S, V] tensor, full logits,
+   softmax over every position, masked KL. Peak memory = the process's peak RSS over the steps (VmHWM, reset just
+   before the first step) minus its RSS at that point (model weights resident, optimizer and data source set up),
+   so it covers everything the steps allocate; torch CPU allocations are invisible to tracemalloc. Time = median
+   over the steps after each process's warm-up step; the full run alternates ours / reference twice so that load
+   drift on a shared machine affects both. One torch thread by default (steady timings on a busy machine).
+   --quick uses the first 2 of the 30 layers (same vocabulary and head) and S = 512 so it fits in about 3
+   minutes; the full run uses the whole model and S = 1024 (about 25 minutes on 2 busy cores).
+
+Prints one final JSON line; writes benchmarks/results/distill.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ssb.losses import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden  # noqa: E402
+from ssb.teacher_store import (DTYPES, HIDDEN_DTYPE, TeacherStore, TeacherStoreWriter,  # noqa: E402
+                               bytes_per_token, sparsify)
+
+T = 2.0
+KS = (8, 16, 32, 64, 128, 256, 512)
+LORA = dict(r=32, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+GSM8K = Path("/work/shared/data/gsm8k_train.jsonl")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak-RSS counter (VmHWM) here. ru_maxrss is no use: a child started by fork + exec inherits
+    its parent's resident size as a floor."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+# ------------------------------------------------------------------------------------------ teacher data
+
+
+def load_model(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").exists():
+        from ssb.testing import make_tiny_model
+
+        print(f"{path} not found: falling back to the tiny random test model", file=sys.stderr)
+        path = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    tok = AutoTokenizer.from_pretrained(path)
+    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tok
+
+
+def make_pairs(model, tok, n: int, max_new: int, seed: int = 0) -> list[dict]:
+    """n questions -> teacher/student prompt ids and a solution the model wrote from the hinted prompt."""
+    from ssb.config import DEFAULT_SYSTEM_PROMPT
+    from ssb.distill_data import encode_pairs
+    from ssb.prompts import load_template, student_messages, teacher_messages
+
+    if GSM8K.exists():
+        rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:n]]
+    else:
+        rows = [{"question": f"Tom has {i + 3} apples and buys {2 * i + 5} more. How many does he have?",
+                 "answer": f"{i + 3} + {2 * i + 5} = {3 * i + 8}\n#### {3 * i + 8}"} for i in range(n)]
+    template = load_template(None)
+    recs = []
+    for i, r in enumerate(rows):
+        work, gold = r["answer"].split("####")
+        gold = gold.strip()
+        correct = work.strip() + f"\nThe final answer is \\boxed{{{gold}}}."
+        wrong = f"{r['question'].split('.')[0]}... so the result is \\boxed{{{int(gold.replace(',', '')) + 7}}}."
+        recs.append({"id": f"q{i}", "teacher_messages": teacher_messages(template, r["question"], correct, wrong,
+                                                                         DEFAULT_SYSTEM_PROMPT),
+                     "student_messages": student_messages(r["question"], DEFAULT_SYSTEM_PROMPT),
+                     "solution_ids": [0]})
+    pairs = encode_pairs(recs, tok)
+    torch.manual_seed(seed)
+    width = max(len(p.teacher_prompt) for p in pairs)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p.teacher_prompt)) + p.teacher_prompt for p in pairs])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p.teacher_prompt) for p in pairs])[:, None]).long()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.4, top_k=50,
+                             max_new_tokens=max_new, pad_token_id=tok.pad_token_id)
+    for p, row in zip(pairs, out[:, width:].tolist()):
+        sol = []
+        for t in row:
+            sol.append(t)
+            if t == tok.eos_token_id:
+                break
+        p.solution_ids = sol
+    return pairs
+
+
+def solution_states(model, prompts: list[list[int]], pairs) -> torch.Tensor:
+    """[N, H] final hidden states at the positions predicting each pair's solution tokens (one sequence at a time)."""
+    rows = []
+    for prompt, p in zip(prompts, pairs):
+        ids = torch.tensor([prompt + p.solution_ids])
+        h = final_hidden(model, ids, torch.ones_like(ids))[0]
+        rows.append(h[len(prompt) - 1:len(prompt) - 1 + p.solution_len])
+    return torch.cat(rows)
+
+
+def topk_table(model, pairs) -> tuple[list[dict], dict]:
+    head = OutputHead.of(model)
+    with torch.no_grad():
+        ht = solution_states(model, [p.teacher_prompt for p in pairs], pairs)  # [N, H] teacher
+        zt = head.logits(ht)  # [N, V]
+        hs = solution_states(model, [p.student_prompt for p in pairs], pairs)  # [N, H] student
+    targets = torch.tensor([t for p in pairs for t in p.solution_ids])
+    n = len(targets)
+
+    def full_kl(h_or_z, is_logits):  # brute force, dense, autograd
+        z = h_or_z if is_logits else F.linear(h_or_z, head.weight)
+        logq = torch.log_softmax(z / T, -1)
+        logp = torch.log_softmax(zt / T, -1)
+        return T * T * (logp.exp() * (logp - logq)).sum() / n
+
+    def grads(fn, x):
+        x = x.detach().clone().requires_grad_(True)
+        val = fn(x)
+        val.backward()
+        return val.item(), x.grad
+
+    kd_full, g_h_ref = grads(lambda h: full_kl(h, False), hs)
+    with torch.no_grad():
+        zs = F.linear(hs, head.weight)
+    _, g_z_ref = grads(lambda z: full_kl(z, True), zs)
+    table = []
+    loss = DistillLoss(T)
+    for k in KS + ("hidden",):
+        if k == "hidden":  # float16 teacher hidden states through the shared head: the exact distribution
+            stored = DenseTeacher(ht.to(HIDDEN_DTYPE).float())
+            row = {"k": "hidden", "bytes_per_token": bytes_per_token(0, "hidden", ht.shape[1]), "teacher_mass": 1.0,
+                   "teacher_mass_p05": 1.0}
+            z_teacher = DenseTeacher(head.logits(stored.states))
+        else:
+            exact = sparsify(zt, k, T)
+            stored = SparseTeacher(*(t.to(DTYPES[n]) for t, n in zip(exact, ("ids", "logprobs", "log_tail"))))
+            stored = z_teacher = SparseTeacher(stored.ids.long(), stored.logprobs.float(), stored.log_tail.float())
+            mass = exact.logprobs.exp().sum(-1)
+            row = {"k": k, "bytes_per_token": bytes_per_token(k), "teacher_mass": round(mass.mean().item(), 4),
+                   "teacher_mass_p05": round(mass.quantile(0.05).item(), 4)}
+        kd, g_h = grads(lambda h: loss(h, targets, stored, head=head).loss, hs)
+        _, g_z = grads(lambda z: loss(z, targets, z_teacher).loss, zs)
+        per_tok = F.cosine_similarity(g_h.double(), g_h_ref.double(), dim=-1)
+        row.update(kd_rel_error=round(abs(kd - kd_full) / kd_full, 5),
+                   grad_cosine_hidden=round(cosine(g_h, g_h_ref), 5),
+                   grad_cosine_hidden_token_p05=round(per_tok.quantile(0.05).item(), 4),
+                   grad_cosine_logits=round(cosine(g_z, g_z_ref), 5))
+        table.append(row)
+        print(f"k={k!s:>6}  {row['bytes_per_token']:5d} B/token  mass {row['teacher_mass']:.4f}  "
+              f"kd err {row['kd_rel_error']:.2e}  cos(hidden) {row['grad_cosine_hidden']:.5f}  "
+              f"cos(logits) {row['grad_cosine_logits']:.5f}", flush=True)
+    info = {"tokens": n, "examples": len(pairs), "kd_full": round(kd_full, 5),
+            "mean_solution_len": round(n / len(pairs), 1)}
+    return table, info
+
+
+def lora_grad_cosine(model_path: Path, pairs, ks: list) -> dict:
+    """Cosine between LoRA-parameter gradients of our loss (top-k stores, hidden store) and of the dense KL."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    head = OutputHead.of(base)
+    with torch.no_grad():
+        ht = solution_states(base, [p.teacher_prompt for p in pairs], pairs)
+        zt = head.logits(ht)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(**LORA))
+    for name, p in model.named_parameters():  # LoRA B starts at zero (A would get no gradient): perturb it
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=1e-3)
+    targets = torch.tensor([t for p in pairs for t in p.solution_ids])
+    out = {}
+    for k in ["full", *ks]:
+        model.zero_grad()
+        hs = solution_states(model, [p.student_prompt for p in pairs], pairs)
+        if k == "full":
+            logq = torch.log_softmax(F.linear(hs, head.weight) / T, -1)
+            logp = torch.log_softmax(zt / T, -1)
+            (T * T * (logp.exp() * (logp - logq)).sum() / len(targets)).backward()
+        else:
+            teacher = DenseTeacher(ht.to(HIDDEN_DTYPE).float()) if k == "hidden" else sparsify(zt, k, T)
+            DistillLoss(T)(hs, targets, teacher, head=head).loss.backward()
+        out[k] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).clone()
+        print(f"LoRA gradient, {k}: done", flush=True)
+    return {str(k): round(cosine(out[k], out["full"]), 5) for k in ks}
+
+
+# ------------------------------------------------------------------------------------------ training steps
+
+
+def prepare_step_data(work: Path, model_path: Path, pairs, seq: int, layers: int | None, k: int) -> Path:
+    """4 sequences of exactly `seq` student tokens (solutions concatenated to length), their teacher rows stored
+    both ways (sparse store; dense fp32 .npy per example as the paper's scripts keep them), and the model."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    if layers is not None:
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+        model_path = work / "model"
+        model.save_pretrained(model_path)
+    head = OutputHead.of(model)
+    pool = [t for p in pairs for t in p.solution_ids]
+    batch, writer = [], TeacherStoreWriter(work / "store", temperature=T, top_k=k, vocab_size=head.vocab_size,
+                                           fingerprint="bench", shard_size=4)
+    for i, p in enumerate(pairs[:4]):
+        n_sol = seq - len(p.student_prompt)
+        sol = (pool[i * 37:] + pool * (1 + n_sol // max(1, len(pool))))[:n_sol]
+        with torch.no_grad():
+            ids = torch.tensor([p.teacher_prompt + sol])
+            h = final_hidden(model, ids, torch.ones_like(ids))[0, len(p.teacher_prompt) - 1:-1]
+            zt = torch.cat([head.logits(h[j:j + 256]) for j in range(0, len(h), 256)])  # [L, V]
+        np.save(work / f"dense-{i}.npy", zt.numpy())
+        writer.add(f"s{i}", sparsify(zt, k, T))
+        batch.append({"id": f"s{i}", "prompt": p.student_prompt, "solution": sol})
+    writer.close()
+    (work / "batch.json").write_text(json.dumps({"model": str(model_path), "batch": batch}))
+    return model_path
+
+
+def run_variant(variant: str, work: Path, steps: int, threads: int) -> dict:
+    """One variant's training steps, in this (fresh) process."""
+    import numpy as np
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ssb.distill_data import DistillCollator, Pair
+
+    torch.set_num_threads(threads)
+    spec = json.loads((work / "batch.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    with torch.no_grad():  # weights are mmapped: make them resident now so the baseline RSS includes them
+        for p in model.parameters():
+            p.data = p.data.clone()
+    model = get_peft_model(model, LoraConfig(**LORA))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    pairs = [Pair(b["id"], b["solution"], b["prompt"], []) for b in spec["batch"]]
+    collate = DistillCollator(pad_id=0, store=TeacherStore(work / "store"))
+    head, loss_fn = OutputHead.of(model), DistillLoss(T)
+    vocab = head.vocab_size
+    reset_peak_rss()
+    base_rss, times = rss_bytes(), []
+    for _ in range(1 + steps):
+        t0 = time.perf_counter()
+        b = collate(pairs)
+        keep = b["shift_labels"].ne(-100)
+        if variant == "ours":
+            h = final_hidden(model, b["input_ids"], b["attention_mask"])[keep]
+            teacher = SparseTeacher(b["t_ids"], b["t_logprobs"], b["t_log_tail"])
+            loss = loss_fn(h, b["shift_labels"][keep], teacher, head=head).loss
+        else:  # the paper's collator and kd_loss_fn
+            teacher_logits = torch.zeros(*b["input_ids"].shape, vocab)
+            for i, p in enumerate(pairs):
+                start = len(p.student_prompt) - 1
+                teacher_logits[i, start:start + p.solution_len] = torch.from_numpy(np.load(work / f"dense-{i}.npy"))
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, S, V]
+            student_logp = F.log_softmax(logits / T, dim=-1)
+            with torch.no_grad():
+                teacher_p = F.softmax(teacher_logits / T, dim=-1)
+            flat = keep.view(-1)
+            loss = F.kl_div(student_logp.view(-1, vocab)[flat], teacher_p.view(-1, vocab)[flat],
+                            reduction="batchmean") * T * T
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        del loss
+    return {"variant": variant, "step_s": statistics.median(times[1:]), "steps_s": [round(t, 3) for t in times],
+            "peak_mem_bytes": peak_rss_bytes() - base_rss, "tokens": int(keep.sum()), "shape": list(keep.shape)}
+
+
+def spawn_variant(variant: str, work: Path, steps: int, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--steps", str(steps),
+           "--threads", str(threads)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} step failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """Median step time over every measured step of every process; the largest peak."""
+    measured = [t for r in runs for t in r["steps_s"][1:]]
+    return {**runs[0], "step_s": statistics.median(measured), "steps_s": [r["steps_s"] for r in runs],
+            "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs), "processes": len(runs)}
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer examples, 2-layer model for the step (< 3 min)")
+    ap.add_argument("--model", default="/work/smollm2", help="model directory (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
+    ap.add_argument("--k", type=int, default=128, help="top-k for the storage and step measurements")
+    ap.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, Path(args.work), args.steps, args.threads)))
+        return 0
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    n, max_new, seq, layers, steps = (4, 96, 512, 2, 1) if args.quick else (8, 320, 1024, None, 2)
+    model_path, model, tok = load_model(Path(args.model))
+    pairs = make_pairs(model, tok, n, max_new)
+    print(f"teacher data: {n} GSM8K questions, solutions of {[p.solution_len for p in pairs]} tokens "
+          f"({time.time() - t_start:.0f} s)", flush=True)
+    table, info = topk_table(model, pairs)
+    row = next(r for r in table if r["k"] == args.k)
+    lora_cos = None if args.quick else lora_grad_cosine(model_path, pairs, [64, args.k, 256, "hidden"])
+    vocab = OutputHead.of(model).vocab_size
+    del model
+    work = Path(tempfile.mkdtemp(prefix="ssb-distill-bench-"))
+    try:
+        prepare_step_data(work, model_path, pairs, seq, layers, args.k)
+        idx = json.loads((work / "store" / "index.json").read_text())
+        stored_bpt = sum(s["bytes"] for s in idx["shards"]) / sum(s["tokens"] for s in idx["shards"])
+        runs: dict[str, list[dict]] = {"ours": [], "reference": []}
+        for _ in range(1 if args.quick else 2):  # alternate, so load drift on a shared machine hits both alike
+            for variant in runs:
+                runs[variant].append(spawn_variant(variant, work, steps, args.threads))
+        ours, ref = (merge_runs(runs[v]) for v in ("ours", "reference"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "model": str(model_path), "quick": args.quick, "k": args.k, "temperature": T, "threads": args.threads,
+        "bytes_per_token": round(stored_bpt, 1), "bytes_per_token_payload": bytes_per_token(args.k),
+        "dense_fp32_bytes_per_token": 4 * vocab,
+        "grad_cosine": row["grad_cosine_hidden"], "grad_cosine_logits": row["grad_cosine_logits"],
+        "grad_cosine_hidden_store": table[-1]["grad_cosine_hidden"], "lora_grad_cosine": lora_cos,
+        "teacher_mass": row["teacher_mass"], "topk_table": table, **info,
+        "step_config": {"batch": ours["shape"], "solution_tokens": ours["tokens"],
+                        "layers": layers or "all", "gradient_checkpointing": True, "lora_r": 32},
+        "ours": ours, "reference": ref,
+        "peak_mem_ratio": round(ours["peak_mem_bytes"] / ref["peak_mem_bytes"], 4),
+        "step_speedup": round(ref["step_s"] / ours["step_s"], 3),
+        "seconds": round(time.time() - t_start, 1),
+    }
+    out = ROOT / "benchmarks" / "results" / "distill.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"ours: {ours['step_s']:.2f} s/step, +{ours['peak_mem_bytes'] / 2**20:.0f} MiB peak; reference: "
+          f"{ref['step_s']:.2f} s/step, +{ref['peak_mem_bytes'] / 2**20:.0f} MiB peak")
+    print(json.dumps({k: result[k] for k in ("bytes_per_token", "grad_cosine", "peak_mem_ratio", "step_speedup",
+                                             "grad_cosine_hidden_store", "lora_grad_cosine", "teacher_mass", "k",
+                                             "quick")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Benchmark: ssb.generation.Engine vs one-sequence-at-a-time `model.generate`, and the fp32 matmul roofline.
+
+Workload (the rollout stage): GSM8K-style questions with a math-tutor system prompt, K samples each,
+temperature 0.8, top-k 50. Full mode: 64 questions x K=4 x 256 new tokens; --quick: 16 x 4 x 64.
+The reference (HF `generate`, batch 1, same sampling settings) runs in the same process on a subset of the
+prompts; its tokens/s is comparable because per-token cost of batch-1 decoding does not depend on which prompt.
+The roofline is the measured fp32 matmul FLOP/s divided by 2 x (non-embedding + lm_head) parameters.
+Also checks on a few prompts that greedy engine output equals greedy `generate` token for token.
+
+Usage: benchmarks/generation.py [--quick] [--model PATH] [--batch-size 64] [--threads N]
+Prints one final JSON line and writes benchmarks/results/generation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ssb.generation import Engine, SamplingParams  # noqa: E402
+
+SYSTEM = "You are a helpful math tutor. Solve the problem step by step and give the final answer as \\boxed{}."
+GSM8K = Path("/work/shared/data/gsm8k_test.jsonl")
+
+
+def questions(count: int) -> list[str]:
+    """The first `count` GSM8K test questions if the file is present, else generated arithmetic word problems."""
+    if GSM8K.exists():
+        with GSM8K.open() as f:
+            qs = [json.loads(line)["question"] for line, _ in zip(f, range(count))]
+        if len(qs) == count:
+            return qs
+    rng = random.Random(0)
+    names, items = ["Tom", "Sara", "Ali", "Mei", "Noah"], ["apples", "pencils", "stickers", "marbles"]
+    out = []
+    for _ in range(count):
+        a, b, c = rng.randint(5, 90), rng.randint(2, 30), rng.randint(2, 9)
+        out.append(f"{rng.choice(names)} has {a} {rng.choice(items)}, buys {b} more and then shares them "
+                   f"equally among {c} friends. How many does each friend get, and how many are left over?")
+    return out
+
+
+def matmul_flops(seconds: float = 3.0, n: int = 2048) -> float:
+    """Sustained fp32 FLOP/s of an n x n matmul on this CPU, best of repeated timings."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def flop_params(model) -> int:
+    """Parameters touched per generated token by matmuls: everything but the input embedding, plus lm_head."""
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # tied weights are listed once
+    return total - emb.numel() + (head.numel() if head is emb else 0)
+
+
+def reference(model, tok, prompts, samples: int, params: SamplingParams) -> tuple[int, float]:
+    """One-at-a-time HF generate: (generated tokens, seconds)."""
+    tokens, seconds = 0, 0.0
+    for p in prompts:
+        enc = tok.apply_chat_template(p, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        for s in range(samples):
+            torch.manual_seed(params.seed + s)
+            t = time.perf_counter()
+            out = model.generate(**enc, do_sample=True, temperature=params.temperature, top_k=params.top_k,
+                                 max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id)
+            seconds += time.perf_counter() - t
+            tokens += out.shape[1] - enc["input_ids"].shape[1]
+    return tokens, seconds
+
+
+def greedy_check(model, tok, engine, prompts, max_new: int) -> list[bool]:
+    got = engine.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new))
+    same = []
+    for p, comps in zip(prompts, got):
+        enc = tok.apply_chat_template(p, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new, eos_token_id=sorted(engine.stop_ids),
+                             pad_token_id=tok.pad_token_id)
+        same.append(out[0, enc["input_ids"].shape[1]:].tolist() == comps[0].token_ids)
+    return same
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small run (< 3 minutes)")
+    ap.add_argument("--model", default="/work/smollm2" if Path("/work/smollm2").exists() else "tiny",
+                    help="HF model directory (default /work/smollm2 if present); 'tiny' builds a tiny random model")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--questions", type=int, default=None)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--ref-prompts", type=int, default=None, help="prompts for the one-at-a-time reference")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_q = args.questions or (16 if args.quick else 64)
+    max_new = args.max_new_tokens or (64 if args.quick else 256)
+    ref_prompts = args.ref_prompts or (2 if args.quick else 4)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_path = args.model
+    if model_path == "tiny":
+        from ssb.testing import make_tiny_model
+
+        model_path = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in questions(n_q)]
+    params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=max_new, seed=0)
+
+    flops = matmul_flops()
+    n_params = flop_params(model)
+    engine = Engine(model, tok, batch_size=args.batch_size, progress=False)
+
+    first_done = []
+    t0 = time.perf_counter()
+    results = engine.generate(prompts, args.k, params,
+                              callback=lambda i, c: first_done.append(time.perf_counter() - t0))
+    engine_s = time.perf_counter() - t0
+    comps = [c for r in results for c in r]
+    engine_tokens = sum(c.num_tokens for c in comps)
+
+    ref_tokens, ref_s = reference(model, tok, prompts[:ref_prompts], 1, params)
+    greedy_same = greedy_check(model, tok, engine, prompts[:2 if args.quick else 3], 32 if args.quick else 64)
+
+    engine_tps, ref_tps = engine_tokens / engine_s, ref_tokens / ref_s
+    result = {
+        "engine_tok_per_s": round(engine_tps, 1),
+        "reference_tok_per_s": round(ref_tps, 1),
+        "speedup": round(engine_tps / ref_tps, 2),
+        "roofline_tok_per_s": round(flops / (2 * n_params), 1),
+        "fraction_of_roofline": round(engine_tps / (flops / (2 * n_params)), 3),
+        "matmul_gflop_per_s": round(flops / 1e9, 1),
+        "flop_params": n_params,
+        "engine_tokens": engine_tokens,
+        "engine_seconds": round(engine_s, 2),
+        "first_prompt_done_s": round(first_done[0], 2),
+        "finish_length_fraction": round(sum(c.finish_reason == "length" for c in comps) / len(comps), 3),
+        "reference_tokens": ref_tokens,
+        "reference_seconds": round(ref_s, 2),
+        "reference_sequences": ref_prompts,
+        "greedy_matches_generate": f"{sum(greedy_same)}/{len(greedy_same)}",
+        "settings": {
+            "model": model_path, "backend": engine.backend, "device": str(engine.device),
+            "dtype": str(model.dtype), "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+            "questions": n_q, "k": args.k, "max_new_tokens": max_new, "temperature": params.temperature,
+            "top_k": params.top_k, "quick": args.quick, "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+        },
+    }
+    out = ROOT / "benchmarks" / "results" / "generation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Distillation losses: KL(teacher || student) at temperature T plus optional cross-entropy, on solution tokens.
+
+The teacher is either *sparse* (its top-k token log-probabilities and one tail bucket holding the rest of the
+vocabulary, as stored by the logits stage) or *dense* (the frozen model's own hidden states or logits, for the
+online mode: exact full-vocabulary KL). The student's logits are produced chunk by chunk from its final hidden
+states at the solution positions only, and the gradient with respect to each chunk's logits is written in closed
+form inside the forward pass, so neither a [B, T, V] student nor a [B, T, V] teacher tensor ever exists: peak
+extra memory is a few [chunk, V] buffers.
+
+Per solution token, with q = softmax(z / T) the student and p the teacher at the same temperature:
+
+    sparse:  KL = sum_{i in top-k} p_i log(p_i / q_i) + p_tail log(p_tail / q_tail),  q_tail = 1 - sum_{top-k} q_i
+    dense:   KL = sum_v p_v log(p_v / q_v)
+    kd       = T^2 * KL                    dkd/dz = T * (q - p~)  (p~ spreads p_tail over the tail in proportion to q)
+    ce       = -log softmax(z)[target]     dce/dz = softmax(z) - onehot(target)
+    loss     = (kd_weight * sum kd + ce_weight * sum ce) / normalizer
+
+`normalizer` is the number of solution tokens in the whole accumulated (and, across processes, global) batch, so
+gradient accumulation and data parallelism give the token-level mean of the full effective batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Elements per [chunk, V] float32 buffer (64 MiB); a chunk holds about five of them at once.
+CHUNK_ELEMENTS = 1 << 24
+
+
+class SparseTeacher(NamedTuple):
+    """The stored teacher distribution at the N solution positions of a batch, in batch-major order."""
+
+    ids: Tensor  # [N, k] int64: the teacher's top-k token ids
+    logprobs: Tensor  # [N, k] float: their log-probabilities at temperature T
+    log_tail: Tensor  # [N] float: log of the teacher's probability mass outside its top-k (-inf when k = V)
+
+    def rows(self, start: int, end: int) -> "SparseTeacher":
+        return SparseTeacher(self.ids[start:end], self.logprobs[start:end], self.log_tail[start:end])
+
+
+class DenseTeacher(NamedTuple):
+    """The frozen teacher's states at the N solution positions: [N, H] final hidden states (online, or stored with
+    logits.store=hidden), projected by the student's own output head (the same frozen base head), or [N, V]
+    logits when the loss is called without a head. Gives the exact full-vocabulary KL."""
+
+    states: Tensor  # [N, H] or [N, V]
+
+    def rows(self, start: int, end: int) -> "DenseTeacher":
+        return DenseTeacher(self.states[start:end])
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor  # [] differentiable: (kd_weight * kd_sum + ce_weight * ce_sum) / normalizer
+    kd_sum: Tensor | None  # [] detached sum of T^2 * KL over tokens (None without a teacher)
+    ce_sum: Tensor  # [] detached sum of the cross-entropy over tokens (always computed, for logging)
+    tokens: int
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """The model's output projection, applied by the loss itself to chunks of hidden states."""
+
+    weight: Tensor  # [V, H]
+    bias: Tensor | None  # [V]
+    softcap: float | None  # Gemma-style final logit soft-capping: z = c * tanh(z / c)
+
+    @classmethod
+    def of(cls, model) -> "OutputHead":
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"the model's output head is a {type(head).__name__}, not a plain Linear layer; ssb "
+                             f"applies the head itself to chunks of hidden states (LoRA on lm_head is not supported)")
+        softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        return cls(head.weight, head.bias, float(softcap) if softcap else None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """[C, H] -> [C, V] logits in float32 (float64 for float64 inputs); use on chunks."""
+        z = F.linear(hidden, self.weight, self.bias).to(_compute_dtype(hidden))
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def final_hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B, S] -> [B, S, H] final (post-norm) hidden states, through the model's own forward (so DDP, PEFT and
+    gradient checkpointing hooks run), asking for the logits of no position at all: an empty boolean
+    `logits_to_keep` mask. (`logits_to_keep=1` would keep a [B, H, V] expanded copy of the head weight alive for
+    the backward pass: 432 MiB for SmolLM2 at batch 4.)"""
+    keep = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                logits_to_keep=keep)
+    return out.hidden_states[-1]
+
+
+@torch.no_grad()
+def check_head(model, head: OutputHead, input_ids: Tensor) -> None:
+    """Refuse a model whose logits are not `head(final hidden state)` (e.g. an unknown logit scaling)."""
+    ids = input_ids[:, :16]
+    mask = torch.ones_like(ids)
+    full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # [1, s, V]
+    ours = head.logits(final_hidden(model, ids, mask)[0])  # [s, V]
+    err = (full[0] - ours).abs().max().item()
+    if err > 1e-3 * max(1.0, full.abs().max().item()):
+        raise ValueError(f"{type(model).__name__}: its logits differ from the output head applied to the final "
+                         f"hidden states (max error {err:.3g}); this architecture is not supported")
+
+
+def _kd_chunk(zs: Tensor, teacher: SparseTeacher | DenseTeacher, head: OutputHead | None, T: float,
+              grad_scale: float | None) -> tuple[Tensor, Tensor | None]:
+    """T^2 * KL per row for student logits already divided by T, zs [C, V], and (unless grad_scale is None)
+    grad_scale times its gradient with respect to the undivided logits z."""
+    logq = zs - torch.logsumexp(zs, dim=-1, keepdim=True)  # [C, V] student log-probs at T
+    if isinstance(teacher, DenseTeacher):
+        zt = teacher.states if head is None else head.logits(teacher.states.to(head.weight.dtype))
+        logp = torch.log_softmax(zt.to(zs.dtype) / T, dim=-1)  # [C, V]
+        p = logp.exp()
+        kl = torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)  # [C]
+        grad = None if grad_scale is None else logq.exp_().sub_(p).mul_(T * grad_scale)
+        return kl * T * T, grad
+    ids = teacher.ids.long()  # [C, k]
+    # Renormalise the stored buckets (fp16 rounding) so they sum to exactly one.
+    lp, tail = teacher.logprobs.to(zs.dtype), teacher.log_tail.to(zs.dtype)
+    logp = torch.log_softmax(torch.cat([lp, tail[:, None]], -1), -1)  # [C, k+1]
+    logq_top = logq.gather(1, ids)  # [C, k]
+    logq_tail = torch.logsumexp(logq.scatter(1, ids, float("-inf")), dim=-1)  # [C]
+    logq_b = torch.cat([logq_top, logq_tail[:, None]], -1)  # [C, k+1]
+    p = logp.exp()
+    kl = torch.where(p > 0, p * (logp - logq_b), 0.0).sum(-1)  # [C]
+    if grad_scale is None:
+        return kl * T * T, None
+    # Tail tokens: q_j - p_tail * q_j / q_tail; top-k tokens: q_i - p_i; all times T (from T^2 and d/dz = 1/T d/dzs).
+    ratio = torch.where(p[:, -1] > 0, (logp[:, -1] - logq_tail).exp(), 0.0)  # [C]
+    c = T * grad_scale
+    grad = logq.exp_().mul_(((1.0 - ratio) * c)[:, None])
+    grad.scatter_(1, ids, (logq_top.exp() - p[:, :-1]) * c)
+    return kl * T * T, grad
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, weight, bias, head, targets, teacher, T, kd_w, ce_w, normalizer, chunk):
+        # inputs [N, H] hidden states (or [N, V] logits when head is None); targets [N]
+        n = inputs.shape[0]
+        need_in, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        want = need_in or need_w or need_b
+        grad_in = torch.zeros_like(inputs) if need_in else None
+        cd = _compute_dtype(inputs)
+        grad_w = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=cd, device=bias.device) if need_b else None
+        kd_sum = inputs.new_zeros((), dtype=cd)
+        ce_sum = inputs.new_zeros((), dtype=cd)
+        scale = 1.0 / float(normalizer)  # the token-level mean over the effective batch, folded into the gradients
+        for s in range(0, n, chunk):
+            x = inputs[s:s + chunk]  # [C, H]
+            if head is None:
+                z = x.to(cd, copy=True)
+            else:
+                z = F.linear(x, weight, bias).to(cd)  # [C, V]
+                if head.softcap:
+                    th = torch.tanh(z / head.softcap)
+                    z = th * head.softcap
+            tgt = targets[s:s + chunk]
+            lse = torch.logsumexp(z, dim=-1)  # [C]
+            ce_sum += (lse - z.gather(1, tgt[:, None])[:, 0]).sum()
+            grad = None
+            if ce_w != 0 and want:  # ce_w * scale * (softmax(z) - onehot), in one pass over [C, V]
+                c = ce_w * scale
+                grad = (z - (lse - math.log(c))[:, None]).exp_()
+                grad.scatter_add_(1, tgt[:, None], torch.full_like(lse[:, None], -c))
+            if teacher is not None:
+                kd, g_kd = _kd_chunk(z.div_(T), teacher.rows(s, s + chunk), head, T,
+                                     kd_w * scale if kd_w != 0 and want else None)
+                kd_sum += kd.sum()
+                if g_kd is not None:
+                    grad = g_kd if grad is None else grad.add_(g_kd)
+            del z
+            if grad is None:
+                continue
+            if head is not None and head.softcap:
+                grad.mul_(1.0 - th * th)
+            if head is None:
+                if need_in:
+                    grad_in[s:s + chunk] = grad.to(inputs.dtype)
+                continue
+            if need_in:
+                grad_in[s:s + chunk] = grad.to(weight.dtype) @ weight
+            if need_w:
+                grad_w += grad.t() @ x.to(cd)
+            if need_b:
+                grad_b += grad.sum(0)
+        ctx.save_for_backward(grad_in, grad_w, grad_b)
+        ctx.has = (need_in, need_w, need_b)
+        ctx.w_dtype = weight.dtype if weight is not None else None
+        w_kd = kd_w if teacher is not None else 0.0
+        loss = (w_kd * kd_sum + ce_w * ce_sum) * scale
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return loss, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_kd, _g_ce):
+        grad_in, grad_w, grad_b = ctx.saved_tensors
+        need_in, need_w, need_b = ctx.has
+        out_in = grad_in * g_loss.to(grad_in.dtype) if need_in else None
+        out_w = (grad_w * g_loss).to(ctx.w_dtype) if need_w else None
+        out_b = (grad_b * g_loss).to(ctx.w_dtype) if need_b else None
+        return out_in, out_w, out_b, None, None, None, None, None, None, None, None
+
+
+class DistillLoss(nn.Module):
+    """kd_weight * T^2 * KL(teacher || student) + ce_weight * CE, token-level mean over `normalizer` tokens.
+
+    forward(inputs, targets, teacher, normalizer, head=None):
+        inputs: [N, H] student final hidden states at the solution positions (projected by `head`), or
+                [N, V] student logits when head is None
+        targets: [N] the solution token ids (for the CE term and its logging)
+        teacher: SparseTeacher, DenseTeacher, or None (pure CE, the SFT baseline)
+        normalizer: solution tokens in the whole effective batch (defaults to N)
+    """
+
+    def __init__(self, temperature: float = 2.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
+                 chunk_size: int | None = None):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if kd_weight < 0 or ce_weight < 0:
+            raise ValueError(f"kd_weight and ce_weight must be >= 0, got {kd_weight} and {ce_weight}")
+        self.temperature, self.kd_weight, self.ce_weight = float(temperature), float(kd_weight), float(ce_weight)
+        self.chunk_size = chunk_size
+
+    def forward(self, inputs: Tensor, targets: Tensor, teacher: SparseTeacher | DenseTeacher | None,
+                normalizer: int | float | Tensor | None = None, head: OutputHead | None = None) -> LossOutput:
+        if teacher is None and self.kd_weight != 0:
+            raise ValueError("kd_weight > 0 needs a teacher (stored top-k logits or the online teacher)")
+        n = inputs.shape[0]
+        normalizer = n if normalizer is None else normalizer
+        if n == 0:  # keeps the graph connected (DDP expects every rank to produce gradients)
+            zero = inputs.sum() * 0.0
+            return LossOutput(zero, None if teacher is None else zero.detach(), zero.detach(), 0)
+        vocab = head.vocab_size if head is not None else inputs.shape[-1]
+        chunk = self.chunk_size or max(1, CHUNK_ELEMENTS // vocab)
+        weight = head.weight if head is not None else None
+        bias = head.bias if head is not None else None
+        loss, kd_sum, ce_sum = _ChunkedDistill.apply(inputs, weight, bias, head, targets, teacher,
+                                                     self.temperature, self.kd_weight, self.ce_weight,
+                                                     normalizer, chunk)
+        return LossOutput(loss, None if teacher is None else kd_sum, ce_sum, n)

@@ -1,0 +1,394 @@
+"""Stage 6, `ssb eval` and `ssb compare`: pass@1 (with a confidence interval), pass@k and maj@n of a model on a
+benchmark, and paired significance tests between evaluated models.
+
+`evaluate` prompts the model exactly as training does (cfg.rollout.system_prompt + the question, rendered with
+the model's chat template), generates cfg.eval.n samples per problem (greedy when cfg.eval.temperature is 0),
+verifies each with the cfg.eval.policy extraction policy and writes, in the output directory:
+
+    samples.jsonl      one line per problem, appended as soon as its samples are verified (resumable):
+                       id, question, gold, correct (count), samples [{text, num_tokens, finish_reason,
+                       extracted, rule, verdict, correct, policy}], session, t (seconds into the session), backend
+    eval_config.json   what the results depend on (model, data, sampling, policy, prompt, seed); a rerun with a
+                       different one stops with an error unless `force`, which moves old outputs aside
+    summary.json       written once every problem is done; see `build_summary`
+
+Statistics (see ssb.metrics): pass@1 is the mean over problems of each problem's share of correct samples. Its
+95% CI is the Wilson score interval when n = 1 (one Bernoulli trial per problem), and for n > 1 the normal
+approximation mean +- 1.96 s/sqrt(m) over the m per-problem shares (falling back to Wilson when all shares are
+equal, where the normal interval has zero width). `compare` pairs runs on identical problem sets and reports a
+paired bootstrap CI of the pass@1 difference (10,000 resamples of problems) and, when both runs have n = 1, the
+exact McNemar p-value (else the bootstrap p-value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from ssb.config import Config, DatasetSpec, validate
+from ssb.data import BENCHMARKS, Example, load_examples
+from ssb.metrics import majority_vote, mcnemar_exact, mean_ci, paired_bootstrap, pass_at_k, wilson_ci
+from ssb.rundir import JsonlWriter, RunDir, atomic_write_json, file_digest, read_jsonl
+
+SAMPLES, SUMMARY, EVAL_CONFIG = "samples.jsonl", "summary.json", "eval_config.json"
+BENCHMARK_CHOICES = ("gsm8k", "math500", "aime24", "amc23", "arith")
+
+
+class EvalError(ValueError):
+    """Bad eval input or outputs that do not match the request; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def dataset_spec(cfg: Config, benchmark: str | None, data_file: str | None = None) -> DatasetSpec:
+    """The DatasetSpec for a benchmark name (test split; limit/offset from cfg.eval.data), or cfg.eval.data as
+    is when benchmark is None (with `data_file` as its source when given)."""
+    base = cfg.eval.data
+    if benchmark is None:
+        return dataclasses.replace(base, source=str(data_file)) if data_file else base
+    if benchmark == "arith":
+        if data_file:
+            raise EvalError("the arith benchmark is generated, not read from a file: drop --data, or leave out "
+                            "--benchmark to evaluate on the file")
+        return DatasetSpec(source="arith", split="test", level=base.level, limit=base.limit, offset=base.offset)
+    if benchmark in BENCHMARKS:
+        return DatasetSpec(source=benchmark, split="test", limit=base.limit, offset=base.offset,
+                           skip_bad_records=base.skip_bad_records)
+    raise EvalError(f"unknown benchmark {benchmark!r} (choose from {', '.join(BENCHMARK_CHOICES)}, or leave it "
+                    f"out to use eval.data, e.g. a local JSONL file)")
+
+
+def _model_identity(spec: str) -> dict:
+    """The model spec plus a cheap signature of local weights, so retrained weights at the same path are noticed:
+    a LoRA adapter's files are hashed (small); a full model directory contributes file names, sizes and mtimes."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return {"model": spec, "weights": None}  # an alias or Hub id: the name is the identity
+    from ssb.models import adapter_info
+
+    info = adapter_info(path)
+    if info is not None:
+        return {"model": str(path.resolve()), "weights": "adapter:" + file_digest(info["adapter"])}
+    stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
+                   if p.suffix in (".safetensors", ".bin", ".json"))
+    return {"model": str(path.resolve()), "weights": hashlib.sha256(repr(stats).encode()).hexdigest()[:16]}
+
+
+def eval_settings(cfg: Config, model: str, benchmark: str, spec: DatasetSpec, data_file: str | None,
+                  examples: list[Example]) -> dict:
+    """Everything the samples depend on; must match to resume into existing outputs."""
+    ec = cfg.eval
+    data_hash = hashlib.sha256(json.dumps([(e.id, e.question, e.answer) for e in examples]).encode())
+    return {**_model_identity(model), "benchmark": benchmark, "data": dataclasses.asdict(spec),
+            "data_file": str(data_file) if data_file else None, "data_hash": data_hash.hexdigest()[:16],
+            "n": ec.n, "temperature": ec.temperature, "top_k": ec.top_k, "top_p": ec.top_p,
+            "max_new_tokens": ec.max_new_tokens, "policy": ec.policy,
+            "system_prompt": cfg.rollout.system_prompt, "seed": cfg.seed}
+
+
+def _prepare_outputs(out: Path, settings: dict, ids: set[str], force: bool) -> dict[str, dict]:
+    """Check existing outputs against `settings` (or move them aside with `force`); finished records by id."""
+    files = [out / SAMPLES, out / SUMMARY, out / EVAL_CONFIG]
+    if force:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for p in files:
+            if p.exists():
+                p.rename(p.with_name(f"{p.name}.stale-{stamp}"))
+    records = read_jsonl(out / SAMPLES)
+    if (out / EVAL_CONFIG).exists():
+        old = json.loads((out / EVAL_CONFIG).read_text())
+        new = json.loads(json.dumps(settings))
+        diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+        if diff:
+            raise EvalError(f"{out}: existing results were made with a different eval setup ({'; '.join(diff)}). "
+                            f"Pass --force to move them aside and start over, or choose another --output-dir")
+    elif records or (out / SUMMARY).exists():
+        raise EvalError(f"{out}: has eval outputs but no {EVAL_CONFIG} to check them against; pass --force to move "
+                        f"them aside, or choose another --output-dir")
+    atomic_write_json(out / EVAL_CONFIG, settings)
+    done: dict[str, dict] = {}
+    for line, r in enumerate(records, 1):
+        if r.get("id") not in ids or r["id"] in done or len(r.get("samples", ())) != settings["n"]:
+            raise EvalError(f"{out / SAMPLES}:{line}: record {r.get('id')!r} is unknown, repeated or has the wrong "
+                            f"number of samples; pass --force to start over")
+        done[r["id"]] = r
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(cfg: Config, model: str, benchmark: str | None, output_dir: Path, *, data_file: str | None = None,
+             force: bool = False) -> dict:
+    """Evaluate `model` (alias, Hub id, local dir, LoRA adapter or ssb run dir) on `benchmark` (gsm8k, math500,
+    aime24, amc23, arith, or None for cfg.eval.data); `data_file` replaces where the records come from.
+    Resumes a killed run; returns the summary (also written to output_dir/summary.json)."""
+    ec = cfg.eval
+    spec = dataset_spec(cfg, benchmark, data_file)
+    examples = load_examples(spec, None if benchmark is None else data_file)
+    name = benchmark or (Path(spec.source).stem if spec.source != "arith" else "arith")
+    settings = eval_settings(cfg, model, name, spec, data_file, examples)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = _prepare_outputs(out, settings, {e.id for e in examples}, force)
+    if len(done) == len(examples) and (out / SUMMARY).exists():
+        summary = json.loads((out / SUMMARY).read_text())
+        print(f"[eval] {out}: already done (--force reruns it)", flush=True)
+        print(result_line(summary), flush=True)
+        return summary
+    todo = [e for e in examples if e.id not in done]
+    if todo:
+        if done:
+            print(f"[eval] resuming: {len(done)} of {len(examples)} problems already done", flush=True)
+        if ec.temperature == 0 and ec.n > 1:
+            print(f"[eval] note: temperature 0 is greedy, so the n={ec.n} samples per problem are identical",
+                  flush=True)
+        session = 1 + max((r.get("session", 0) for r in done.values()), default=-1)
+        _generate(cfg, model, todo, out / SAMPLES, session)
+    by_id = {r["id"]: r for r in read_jsonl(out / SAMPLES)}
+    summary = build_summary([by_id[e.id] for e in examples], settings)
+    summary["config"] = {**settings, "batch_size": ec.batch_size, "device": cfg.device, "dtype": cfg.dtype}
+    atomic_write_json(out / SUMMARY, summary)
+    print(result_line(summary), flush=True)
+    print(detail_line(summary, out), flush=True)
+    return summary
+
+
+def _generate(cfg: Config, model: str, todo: list[Example], samples_path: Path, session: int) -> None:
+    from ssb.generation import Engine, SamplingParams
+    from ssb.models import load_from_config
+    from ssb.prompts import student_messages
+    from ssb.verify import Verifier
+
+    ec = cfg.eval
+    lm, tok = load_from_config(cfg, model)
+    engine = Engine(lm, tok, batch_size=ec.batch_size, progress=True)
+    # A fixed seed: the engine keys each sample's random stream on (seed, prompt, index), so a resumed run
+    # draws exactly the samples an uninterrupted one would have.
+    params = SamplingParams(temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p,
+                            max_new_tokens=ec.max_new_tokens, seed=cfg.seed)
+    prompts = [student_messages(e.question, cfg.rollout.system_prompt) for e in todo]
+    mode = "greedy" if ec.temperature == 0 else f"T={ec.temperature}, top-k {ec.top_k}, top-p {ec.top_p}"
+    print(f"[eval] {model}: {len(todo)} problems x {ec.n} samples ({mode}, max {ec.max_new_tokens} tokens)",
+          flush=True)
+    t0 = time.time()
+    with Verifier() as verifier, JsonlWriter(samples_path) as writer:
+        def save(i: int, comps) -> None:
+            ex = todo[i]
+            verdicts = verifier.check_many([(c.text, ex.answer) for c in comps], policy=ec.policy)
+            samples = [{"text": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason,
+                        **v.to_dict()} for c, v in zip(comps, verdicts)]
+            writer.write({"id": ex.id, "question": ex.question, "gold": ex.answer,
+                          "correct": sum(s["correct"] for s in samples), "samples": samples,
+                          "session": session, "t": round(time.time() - t0, 3), "backend": engine.backend})
+
+        engine.generate(prompts, ec.n, params, callback=save)
+
+
+def build_summary(records: list[dict], settings: dict, level: float = 0.95) -> dict:
+    """Summary statistics of finished problem records (each with `samples` carrying correct/extracted/verdict/
+    num_tokens/finish_reason, and optionally session, t and backend). Pure: no model, no files.
+
+    Keys: pass@1 and pass@1_ci {low, high, level, method}; pass@k {"1".."n"} (unbiased estimator, averaged over
+    problems); maj@n (share of problems whose most common extracted answer, ties to the first seen, was judged
+    correct); mean_tokens and truncated_share over all samples; verdicts (sample counts); wall_seconds (generation
+    + verification time, model loading excluded, summed over resumed sessions) and tokens_per_second.
+    """
+    if not records:
+        raise EvalError("no finished problems to summarise")
+    n = min(len(r["samples"]) for r in records)
+    m = len(records)
+    counts = [sum(bool(s["correct"]) for s in r["samples"]) for r in records]
+    scores = [c / len(r["samples"]) for c, r in zip(counts, records)]
+    p1 = sum(scores) / m
+    if n == 1 or len(set(scores)) == 1:
+        lo, hi = wilson_ci(sum(scores), m, level)
+        method = "wilson (over problems)" if n == 1 else "wilson (all problems scored equally)"
+    else:
+        lo, hi = mean_ci(scores, level)
+        method = "normal approximation over per-problem pass rates"
+    maj = 0
+    for r in records:
+        voted = majority_vote([s["extracted"] for s in r["samples"]])
+        maj += voted is not None and any(s["correct"] for s in r["samples"] if s["extracted"] == voted)
+    samples = [s for r in records for s in r["samples"]]
+    tokens = sum(s["num_tokens"] for s in samples)
+    sessions: dict[int, float] = {}
+    for r in records:
+        if "t" in r:
+            sessions[r.get("session", 0)] = max(sessions.get(r.get("session", 0), 0.0), r["t"])
+    wall = sum(sessions.values())
+    verdicts = Counter(s["verdict"] for s in samples)
+    return {
+        "model": settings.get("model"), "benchmark": settings.get("benchmark"), "n": n,
+        "temperature": settings.get("temperature"), "policy": settings.get("policy"), "problems": m,
+        "pass@1": p1, "pass@1_ci": {"low": lo, "high": hi, "level": level, "method": method},
+        "pass@k": {str(k): sum(pass_at_k(len(r["samples"]), c, k) for r, c in zip(records, counts)) / m
+                   for k in range(1, n + 1)},
+        "maj@n": maj / m,
+        "mean_tokens": tokens / len(samples),
+        "truncated_share": sum(s["finish_reason"] == "length" for s in samples) / len(samples),
+        "verdicts": {v: verdicts.get(v, 0) for v in ("correct", "incorrect", "unparsed", "timeout")},
+        "wall_seconds": round(wall, 2), "sessions": len(sessions),
+        "tokens_per_second": round(tokens / wall, 1) if wall > 0 else None,
+        "backend": next((r["backend"] for r in reversed(records) if r.get("backend")), None),
+    }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def result_line(s: dict) -> str:
+    """`pass@1 = 12.5% [95% CI 8.1–17.0] on 200 arith problems`"""
+    ci = s["pass@1_ci"]
+    line = (f"pass@1 = {_pct(s['pass@1'])}% [{round(100 * ci['level'])}% CI {_pct(ci['low'])}–{_pct(ci['high'])}] "
+            f"on {s['problems']} {s['benchmark']} problems")
+    return line + (f" (n={s['n']}, T={s['temperature']}; maj@{s['n']} = {_pct(s['maj@n'])}%)" if s["n"] > 1 else "")
+
+
+def detail_line(s: dict, out: Path) -> str:
+    v, tps = s["verdicts"], s["tokens_per_second"]
+    speed = f" ({tps:.0f} tokens/s, {s['backend']})" if tps else ""
+    return (f"[eval] mean {s['mean_tokens']:.0f} tokens, {_pct(s['truncated_share'])}% truncated, {v['unparsed']} "
+            f"unparsed, {v['timeout']} verifier timeouts; {s['wall_seconds']:.0f} s generating{speed} -> {out}")
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def _load_run(d: Path) -> tuple[dict, dict[str, float]]:
+    path = Path(d) / SUMMARY
+    if not path.exists():
+        raise EvalError(f"{path}: not found (is {d} an eval output directory, and did the evaluation finish?)")
+    summary = json.loads(path.read_text())
+    scores = {r["id"]: r["correct"] / len(r["samples"]) for r in read_jsonl(Path(d) / SAMPLES, repair=False)}
+    return summary, scores
+
+
+def compare(dirs: list[Path], *, iters: int = 10000, seed: int = 0) -> str:
+    """Markdown: one row per eval output directory, then a paired test for every two runs on the same problems."""
+    runs = [_load_run(Path(d)) for d in dirs]
+    lines = ["| # | run | model | benchmark | n | pass@1 [95% CI] | maj@n | mean tokens | truncated |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, (d, (s, _)) in enumerate(zip(dirs, runs), 1):
+        ci = s["pass@1_ci"]
+        lines.append(f"| {i} | {d} | {s['model']} | {s['benchmark']} | {s['n']} | {_pct(s['pass@1'])}% "
+                     f"[{_pct(ci['low'])}–{_pct(ci['high'])}] | {_pct(s['maj@n'])}% | {s['mean_tokens']:.0f} | "
+                     f"{_pct(s['truncated_share'])}% |")
+    if len(runs) < 2:
+        return "\n".join(lines)
+    lines += ["", f"Paired differences of pass@1 (A − B) over the same problems: 95% CI from a paired bootstrap "
+              f"({iters} resamples of problems, seed {seed}); p is exact McNemar when both runs have n = 1, "
+              f"else the bootstrap p-value.", "",
+              "| A | B | problems | Δ pass@1 | 95% CI | p | test |", "|---|---|---|---|---|---|---|"]
+    unpaired = []
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            (sa, a), (sb, b) = runs[i], runs[j]
+            if set(a) != set(b):
+                unpaired.append(f"- {i + 1} vs {j + 1}: not paired (different problem sets: {len(a)} and {len(b)} "
+                                f"problems, {len(set(a) & set(b))} shared)")
+                continue
+            ids = sorted(a)
+            boot = paired_bootstrap([a[k] for k in ids], [b[k] for k in ids], iters=iters, seed=seed)
+            if sa["n"] == 1 and sb["n"] == 1:
+                p = mcnemar_exact(sum(a[k] > b[k] for k in ids), sum(a[k] < b[k] for k in ids))
+                test = "McNemar exact"
+            else:
+                p, test = boot["p"], "bootstrap"
+            lines.append(f"| {i + 1} | {j + 1} | {len(ids)} | {100 * boot['diff']:+.1f} pts | "
+                         f"[{100 * boot['low']:+.1f}, {100 * boot['high']:+.1f}] | {p:.3g} | {test} |")
+    return "\n".join(lines + ([""] + unpaired if unpaired else []))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _limit(text: str) -> int:
+    if text.lower() in ("all", "none"):
+        return -1
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("--limit must be >= 1 or 'all'")
+    return value
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    """Options of `ssb eval` (the caller adds --config, --set, --run-dir and --force). Unset options keep the
+    config's values (eval.* keys); --limit 'all' lifts eval.data.limit (default 200)."""
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--model", help="model to evaluate: alias, Hub id, local dir, LoRA adapter or ssb run dir "
+                   "(default: the run dir's trained adapter with --run-dir, else the config's model)")
+    g.add_argument("--benchmark", choices=BENCHMARK_CHOICES,
+                   help="benchmark (test split); default: eval.data, e.g. a local JSONL with --data")
+    g.add_argument("--data", help="local copy of the benchmark's records (e.g. gsm8k_test.jsonl), or any JSONL "
+                   "file of questions and answers when no --benchmark is given")
+    g.add_argument("--n", type=int, help="samples per problem (eval.n)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (eval.temperature)")
+    g.add_argument("--top-k", type=int, help="eval.top_k")
+    g.add_argument("--top-p", type=float, help="eval.top_p")
+    g.add_argument("--max-new-tokens", type=int, help="eval.max_new_tokens")
+    g.add_argument("--batch-size", type=int, help="eval.batch_size")
+    g.add_argument("--limit", type=_limit, help="evaluate at most this many problems, or 'all' (eval.data.limit)")
+    g.add_argument("--offset", type=int, help="skip this many problems first (eval.data.offset)")
+    g.add_argument("--level", type=int, help="arith difficulty 1-3 (eval.data.level)")
+    g.add_argument("--policy", choices=("boxed", "lenient"), help="answer extraction policy (eval.policy)")
+    g.add_argument("--output-dir", help="where samples.jsonl and summary.json go "
+                   "(default with --run-dir: RUN/eval/<base|ssb|model name>/<benchmark>)")
+
+
+def eval_from_args(cfg: Config, args: argparse.Namespace) -> int:
+    """Apply `add_eval_args` options to cfg.eval and run `evaluate`. Returns the exit code (0)."""
+    ec, data = cfg.eval, cfg.eval.data
+    for opt, key in (("n", "n"), ("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
+                     ("max_new_tokens", "max_new_tokens"), ("batch_size", "batch_size"), ("policy", "policy")):
+        if getattr(args, opt, None) is not None:
+            setattr(ec, key, getattr(args, opt))
+    for opt in ("offset", "level"):
+        if getattr(args, opt, None) is not None:
+            setattr(data, opt, getattr(args, opt))
+    if getattr(args, "limit", None) is not None:
+        data.limit = None if args.limit == -1 else args.limit
+    validate(cfg)
+    run_dir = getattr(args, "run_dir", None)
+    model, tag = args.model, None
+    if model is None and run_dir and RunDir(run_dir).adapter_dir.exists():
+        model, tag = str(RunDir(run_dir).adapter_dir), "ssb"
+    elif model is None:
+        model, tag = cfg.model, "base"
+    out = args.output_dir
+    if out is None:
+        if not run_dir:
+            raise EvalError("ssb eval needs --output-dir (or --run-dir, to write into RUN/eval/...)")
+        tag = tag or Path(model.rstrip("/")).name.replace("/", "_")
+        bench = args.benchmark or (Path(args.data).stem if args.data else data.source)
+        out = RunDir(run_dir).eval_dir(tag, bench)
+    evaluate(cfg, model, args.benchmark, Path(out), data_file=args.data, force=getattr(args, "force", False))
+    return 0
+
+
+def compare_main(argv: list[str]) -> int:
+    """`ssb compare DIR [DIR ...] [--iters N] [--seed S] [--output FILE.md]`: print the comparison table."""
+    p = argparse.ArgumentParser(prog="ssb compare", description="Table of eval summaries with paired tests")
+    p.add_argument("dirs", nargs="+", help="eval output directories (each with summary.json + samples.jsonl)")
+    p.add_argument("--iters", type=int, default=10000, help="paired bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--output", help="also write the markdown table to this file")
+    args = p.parse_args(argv)
+    try:
+        table = compare([Path(d) for d in args.dirs], iters=args.iters, seed=args.seed)
+    except (EvalError, ValueError) as e:
+        print(f"ssb compare: error: {e}", file=sys.stderr)
+        return 2
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+    return 0

@@ -1,0 +1,98 @@
+"""Stage 4, `ssb logits`: the frozen base model's distribution over every teacher solution token, stored sparse.
+
+The teacher input is the hinted prompt + the solution ids; the distribution over solution token j is read at
+position prompt_len - 1 + j (so it includes the end-of-turn token: the student learns to stop), at the training
+temperature T = train.temperature, and kept as the top-k ids and log-probabilities plus the tail mass
+(`teacher_store`). Sequences run in length-sorted batches (right padding); only hidden states at solution
+positions go through the output head, a chunk at a time. Finished shards survive a kill; a rerun continues with
+the examples not yet stored.
+
+In online mode (logits.mode=online) nothing is stored: the trainer runs the frozen teacher in each step. Nothing is
+needed either for pure cross-entropy training (train.kd_weight=0, the SFT baseline).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ssb.config import Config
+from ssb.rundir import RunDir, stage
+
+
+def needs_stored_logits(cfg: Config) -> bool:
+    return cfg.logits.mode == "offline" and cfg.train.kd_weight > 0
+
+
+def logits(cfg: Config, run: RunDir, force: bool = False) -> dict:
+    stored = needs_stored_logits(cfg)
+    parts = (cfg.model, cfg.dtype, cfg.logits, cfg.train.temperature, stored)
+    with stage(run, "logits", parts, inputs=[run.pairs], outputs=[run.logits_dir] if stored else [],
+               force=force) as st:
+        if st is None:
+            return run.stage_entry("logits")["counts"]
+        if not stored:
+            why = "online" if cfg.logits.mode == "online" else "not needed (train.kd_weight=0)"
+            st.counts.update(mode="online" if cfg.logits.mode == "online" else "none")
+            st.say(f"[logits] {why}: nothing to store")
+            return dict(st.counts)
+        st.counts.update(mode="offline", **compute_teacher_logits(cfg, run, resume=st.resumed, say=st.say))
+        return dict(st.counts)
+
+
+def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print) -> dict:
+    from ssb.distill_data import encode_pairs, pad_batch, read_pairs
+    from ssb.losses import OutputHead, check_head, final_hidden
+    from ssb.models import load_from_config, model_fingerprint
+    from ssb.teacher_store import TeacherStoreWriter, bytes_per_token, sparsify
+
+    lc, T = cfg.logits, cfg.train.temperature
+    records = read_pairs(run.pairs)
+    if not records:
+        raise ValueError(f"{run.pairs}: no training pairs; the teach stage kept none")
+    model, tok = load_from_config(cfg)
+    head = OutputHead.of(model)
+    k = min(lc.top_k, head.vocab_size)
+    hidden_size = head.weight.shape[1]
+    writer = TeacherStoreWriter(run.logits_dir, temperature=T, top_k=k, vocab_size=head.vocab_size,
+                                fingerprint=model_fingerprint(model, tok), model=cfg.model, kind=lc.store,
+                                hidden_size=hidden_size, shard_size=lc.shard_size, resume=resume)
+    todo = [r for r in records if r["id"] not in writer.done]
+    for r in todo:
+        if max(r["solution_ids"]) >= head.vocab_size:
+            raise ValueError(f"{run.pairs}:{r['_line']}: field 'solution_ids': id {max(r['solution_ids'])} is outside "
+                             f"the model's vocabulary ({head.vocab_size})")
+    if writer.done:
+        say(f"[logits] resuming: {len(writer.done)} examples already stored, {len(todo)} to go")
+    pairs = sorted(encode_pairs(todo, tok, student=False), key=lambda p: -p.teacher_len)  # longest first: OOM early
+    device = next(model.parameters()).device
+    if pairs:
+        check_head(model, head, torch.tensor([pairs[-1].teacher_prompt], device=device))
+    what = f"top-{k} of {head.vocab_size} at T={T}" if lc.store == "topk" else f"final hidden states ({hidden_size})"
+    say(f"[logits] {len(pairs)} examples, {what}, {bytes_per_token(k, lc.store, hidden_size)} bytes/token "
+        f"-> {run.logits_dir}")
+    t0, done_tokens = time.time(), 0
+    for start in range(0, len(pairs), lc.batch_size):
+        chunk = pairs[start:start + lc.batch_size]
+        batch = pad_batch([p.teacher_prompt + p.solution_ids for p in chunk], [len(p.teacher_prompt) for p in chunk],
+                          tok.pad_token_id)
+        with torch.no_grad():
+            hidden = final_hidden(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            for b, p in enumerate(chunk):
+                first = len(p.teacher_prompt) - 1
+                h = hidden[b, first:first + p.solution_len]  # [L, H]: the positions predicting the solution
+                if lc.store == "hidden":
+                    writer.add(p.id, h)
+                else:
+                    rows = [sparsify(head.logits(h[i:i + 256]), k, T) for i in range(0, len(h), 256)]
+                    writer.add(p.id, type(rows[0])(*(torch.cat(parts) for parts in zip(*rows))))
+                done_tokens += p.solution_len
+        if (start // lc.batch_size) % 20 == 0 or start + lc.batch_size >= len(pairs):
+            say(f"[logits] {min(start + lc.batch_size, len(pairs))}/{len(pairs)} examples, "
+                f"{done_tokens / max(1e-9, time.time() - t0):.0f} tokens/s")
+    counts = writer.close()
+    say(f"[logits] stored {counts['examples']} examples, {counts['tokens']} tokens, "
+        f"{counts['bytes'] / 2**20:.1f} MiB ({counts['bytes_per_token']} bytes/token)")
+    return {**counts, "store": lc.store, "top_k": k if lc.store == "topk" else 0, "temperature": T,
+            "vocab_size": head.vocab_size}

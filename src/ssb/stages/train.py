@@ -1,0 +1,185 @@
+"""Stage 5, `ssb train`: distil the teacher into a LoRA student that sees only the plain question prompt.
+
+Student = base model + LoRA (train.lora_r, lora_alpha, target_modules); input = student chat prompt + the teacher's
+solution ids; loss = kd_weight * T^2 KL(teacher || student) + ce_weight * CE on the solution tokens. The teacher is
+the stored sparse logits (logits.mode=offline), or the same model with the adapter disabled, run in the same step
+(online). kd_weight=0, ce_weight=1 is the SFT baseline on identical data and needs no teacher logits.
+
+Runs single-process or under `accelerate launch` (DDP, DeepSpeed, FSDP): only the main process touches the
+manifest, metrics and the saved adapter. Outputs: RUN/train/ (checkpoints, TensorBoard in train/tb), RUN/metrics.jsonl,
+RUN/adapter/ (PeftModel.from_pretrained + ssb_base.json naming the base), RUN/merged/ with train.merge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+
+from ssb.config import Config
+from ssb.rundir import RunDir, Stage, atomic_write_json, stage
+from ssb.stages.logits import needs_stored_logits
+
+
+@contextlib.contextmanager
+def _stage_all_ranks(run: RunDir, name: str, parts: tuple, inputs: list, outputs: list, force: bool):
+    """`stage` on the main process; the other processes follow its decision (skip / resume) without touching files."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes == 1:
+        with stage(run, name, parts, inputs, outputs, force) as st:
+            yield st
+        return
+    from accelerate.utils import broadcast_object_list
+
+    if state.is_main_process:
+        with stage(run, name, parts, inputs, outputs, force) as st:
+            broadcast_object_list([{"skip": st is None, "resumed": bool(st and st.resumed)}], from_process=0)
+            yield st
+        state.wait_for_everyone()
+    else:
+        decision = [None]
+        broadcast_object_list(decision, from_process=0)
+        yield None if decision[0]["skip"] else Stage(name=name, counts={}, resumed=decision[0]["resumed"], log=[])
+        state.wait_for_everyone()
+
+
+def _device(cfg: Config) -> str:
+    from ssb.models import resolve_device
+
+    dev = resolve_device(cfg.device)
+    if dev == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process under accelerate launch / torchrun
+        dev = f"cuda:{os.environ['LOCAL_RANK']}"
+    return dev
+
+
+def train(cfg: Config, run: RunDir, force: bool = False) -> dict:
+    tc = cfg.train
+    stored = needs_stored_logits(cfg)
+    inputs = [run.pairs] + ([run.logits_dir] if stored else [])
+    outputs = [run.train_dir, run.adapter_dir, run.metrics] + ([run.merged_dir] if tc.merge else [])
+    with _stage_all_ranks(run, "train", (cfg.model, tc, cfg.logits, cfg.seed), inputs, outputs, force) as st:
+        if st is None:
+            return (run.stage_entry("train") or {}).get("counts", {})
+        trainer, info = build_trainer(cfg, run, say=st.say)
+        st.counts.update(info)
+        resume = None
+        if st.resumed:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume = get_last_checkpoint(str(run.train_dir)) if run.train_dir.exists() else None
+            if resume:
+                st.say(f"[train] resuming from {resume}")
+                if trainer.is_world_process_zero():
+                    from ssb.distill_trainer import trim_metrics
+
+                    trim_metrics(run.metrics, int(resume.rsplit("-", 1)[-1]))
+        if resume is None and trainer.is_world_process_zero() and run.metrics.exists():
+            run.metrics.unlink()
+        result = trainer.train(resume_from_checkpoint=resume)
+        _save(cfg, run, trainer)
+        st.counts.update(steps=trainer.state.global_step, train_loss=round(result.training_loss, 6),
+                         seconds_training=round(result.metrics.get("train_runtime", 0.0), 2))
+        if trainer.is_world_process_zero():
+            st.say(f"[train] done: {trainer.state.global_step} steps, mean loss {result.training_loss:.4f}; "
+                   f"adapter -> {run.adapter_dir}")
+        return dict(st.counts)
+
+
+def build_trainer(cfg: Config, run: RunDir, say=print):
+    """The model, data and `DistillTrainer` for this config (also used by tests and benchmarks)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments, set_seed
+    from transformers.integrations import TensorBoardCallback
+
+    from ssb.distill_data import DistillCollator, PairDataset, encode_pairs, read_pairs
+    from ssb.distill_trainer import DistillTrainer
+    from ssb.losses import DistillLoss, OutputHead, check_head
+    from ssb.models import load_model, load_tokenizer, model_fingerprint
+    from ssb.teacher_store import TeacherStore
+
+    tc = cfg.train
+    mode = "none" if tc.kd_weight == 0 else ("stored" if cfg.logits.mode == "offline" else "online")
+    device = _device(cfg)
+    tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    head = OutputHead.of(model)
+    records = read_pairs(run.pairs, vocab_size=head.vocab_size)
+    pairs = encode_pairs(records, tok, teacher=mode == "online")
+    kept = [p for p in pairs if p.student_len <= tc.max_length]
+    if not kept:
+        raise ValueError(f"{run.pairs}: all {len(pairs)} pairs are longer than train.max_length={tc.max_length}")
+    if len(kept) < len(pairs):
+        say(f"[train] dropped {len(pairs) - len(kept)} of {len(pairs)} pairs longer than "
+            f"train.max_length={tc.max_length} tokens")
+    check_head(model, head, torch.tensor([kept[0].student_prompt], device=model.device))
+    store = None
+    if mode == "stored":
+        store = TeacherStore(run.logits_dir)
+        store.check(temperature=tc.temperature, vocab_size=head.vocab_size,
+                    fingerprint=model_fingerprint(model, tok))
+        for p in kept:
+            if p.id not in store:
+                raise ValueError(f"{run.logits_dir}: no teacher logits for pair {p.id!r}; rerun `ssb logits`")
+            if store.length(p.id) != p.solution_len:
+                raise ValueError(f"{run.logits_dir}: teacher logits for {p.id!r} cover {store.length(p.id)} tokens, "
+                                 f"the solution has {p.solution_len}; rerun `ssb logits --force`")
+    set_seed(cfg.seed)  # LoRA initialisation
+    lora = LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
+                      target_modules=list(tc.target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    cuda = device.startswith("cuda")
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=str(run.train_dir), per_device_train_batch_size=tc.batch_size,
+        gradient_accumulation_steps=tc.grad_accum, num_train_epochs=tc.epochs, learning_rate=tc.learning_rate,
+        lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_ratio, weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm, logging_steps=tc.logging_steps, save_strategy="steps",
+        save_steps=tc.save_steps, save_total_limit=tc.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
+        bf16=bf16, fp16=cuda and not bf16, use_cpu=not cuda, report_to="none", disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        activation_checkpointing=tc.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
+    )
+    tb = TensorBoardCallback()
+    tb.logging_dir = str(run.train_dir / "tb")
+    trainer = DistillTrainer(
+        model=model, args=args, train_dataset=PairDataset(kept),
+        data_collator=DistillCollator(tok.pad_token_id, store=store, online=mode == "online"),
+        processing_class=tok, callbacks=[tb], teacher=mode, metrics_path=run.metrics,
+        distill_loss=DistillLoss(tc.temperature, kd_weight=tc.kd_weight, ce_weight=tc.ce_weight))
+    n_tok = sum(p.solution_len for p in kept)
+    say(f"[train] {len(kept)} pairs ({n_tok} solution tokens), teacher: {mode}, T={tc.temperature}, "
+        f"kd {tc.kd_weight} ce {tc.ce_weight}, LoRA r={tc.lora_r} alpha={tc.lora_alpha}, "
+        f"{trainer.accelerator.num_processes} process(es) on {device}")
+    info = {"pairs": len(kept), "dropped_too_long": len(pairs) - len(kept), "solution_tokens": n_tok,
+            "teacher": mode, "processes": trainer.accelerator.num_processes}
+    return trainer, info
+
+
+def _save(cfg: Config, run: RunDir, trainer) -> None:
+    """Adapter (+ tokenizer, ssb_base.json) and, with train.merge, the merged model; written by the main process."""
+    tok = trainer.processing_class
+    tmp = run.adapter_dir.with_name(run.adapter_dir.name + ".tmp")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # adapter + tokenizer; every process takes part (FSDP / ZeRO-3 gather)
+    if trainer.is_world_process_zero():
+        atomic_write_json(tmp / "ssb_base.json", {"model": cfg.model, "trust_remote_code": cfg.trust_remote_code})
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        shutil.rmtree(run.adapter_dir, ignore_errors=True)
+        os.replace(tmp, run.adapter_dir)
+        if cfg.train.merge:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            mtmp = run.merged_dir.with_name(run.merged_dir.name + ".tmp")
+            shutil.rmtree(mtmp, ignore_errors=True)
+            merged.save_pretrained(mtmp)
+            tok.save_pretrained(mtmp)
+            (mtmp / "ssb_source.json").write_text(json.dumps({"base": cfg.model, "adapter": str(run.adapter_dir)}))
+            shutil.rmtree(run.merged_dir, ignore_errors=True)
+            os.replace(mtmp, run.merged_dir)
+    trainer.accelerator.wait_for_everyone()

@@ -1,0 +1,187 @@
+"""The chunked distillation loss against brute-force full-vocabulary computations built with autograd."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssb.losses import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden
+from ssb.teacher_store import sparsify
+
+T = 2.0
+
+
+def _setup(n=13, h=8, v=40, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64)
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    teacher_logits = 2 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, b, teacher_logits, targets
+
+
+def _brute_full_kl(z, zt):  # sum over tokens of T^2 KL(p || q), everything dense
+    logq = torch.log_softmax(z / T, -1)
+    logp = torch.log_softmax(zt / T, -1)
+    return (T * T * (logp.exp() * (logp - logq)).sum(-1)).sum()
+
+
+def _brute_bucket_kl(z, zt, k):  # the teacher's top-k + one tail bucket, on both sides, dense and autograd
+    logp = torch.log_softmax(zt / T, -1)
+    ids = logp.topk(k, -1).indices
+    in_top = torch.zeros_like(logp, dtype=torch.bool).scatter(1, ids, True)
+    p_top = logp.exp().gather(1, ids)
+    p_tail = (logp.exp() * ~in_top).sum(-1)
+    q = torch.softmax(z / T, -1)
+    q_top = q.gather(1, ids)
+    q_tail = (q * ~in_top).sum(-1)
+    kl = (p_top * (p_top.log() - q_top.log())).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+    return (T * T * kl).sum()
+
+
+def _grads(fn, *tensors):
+    ts = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*ts)
+    out.backward()
+    return out.detach(), [t.grad for t in ts]
+
+
+def _ours(hidden, weight, teacher, targets, *, kd=1.0, ce=0.0, bias=None, normalizer=None, chunk=4, softcap=None):
+    loss_fn = DistillLoss(T, kd_weight=kd, ce_weight=ce, chunk_size=chunk)
+
+    def fn(h, w, *b):
+        head = OutputHead(w, b[0] if b else None, softcap)
+        return loss_fn(h, targets, teacher, normalizer, head=head).loss
+
+    return _grads(fn, hidden, weight, *([bias] if bias is not None else []))
+
+
+def test_sparse_with_k_equal_vocab_is_the_full_kl():
+    hidden, weight, _, zt, targets = _setup()
+    teacher = sparsify(zt, k=weight.shape[0], temperature=T)
+    assert torch.isinf(teacher.log_tail).all() and (teacher.log_tail < 0).all()
+    ours, (gh, gw) = _ours(hidden, weight, teacher, targets)
+    ref, (rh, rw) = _grads(lambda h, w: _brute_full_kl(h @ w.T, zt) / h.shape[0], hidden, weight)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(gh, rh, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(gw, rw, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_sparse_top_k_matches_bucketed_brute_force(k):
+    hidden, weight, _, zt, targets = _setup(seed=k)
+    teacher = sparsify(zt, k=k, temperature=T)
+    ours, (gh, gw) = _ours(hidden, weight, teacher, targets)
+    ref, (rh, rw) = _grads(lambda h, w: _brute_bucket_kl(h @ w.T, zt, k) / h.shape[0], hidden, weight)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(gh, rh, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(gw, rw, rtol=1e-8, atol=1e-10)
+
+
+def test_tail_bucket_when_student_mass_is_outside_teacher_top_k():
+    n, v, k = 5, 30, 4
+    zt = torch.zeros(n, v, dtype=torch.float64)
+    zt[:, :k] = 6.0  # teacher: almost everything on tokens 0..3
+    z = torch.zeros(n, v, dtype=torch.float64)
+    z[:, -3:] = 9.0  # student: almost everything on tokens 27..29, which the teacher's top-k misses
+    teacher = sparsify(zt, k=k, temperature=T)
+    loss_fn = DistillLoss(T, chunk_size=2)
+    ours, (gz,) = _grads(lambda x: loss_fn(x, torch.zeros(n, dtype=torch.long), teacher).loss, z)
+    ref, (rz,) = _grads(lambda x: _brute_bucket_kl(x, zt, k) / n, z)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-9)
+    assert ours.item() > 5.0  # the mismatch is seen, not hidden in the bucket
+    torch.testing.assert_close(gz, rz, rtol=1e-8, atol=1e-12)
+    assert (gz[:, -3:] > 0).all() and (gz[:, :k] < 0).all()  # push mass out of the tail into the teacher's top-k
+
+
+def test_fp16_stored_logprobs_are_renormalised():
+    hidden, weight, _, zt, targets = _setup(seed=3)
+    exact = sparsify(zt, k=8, temperature=T)
+    stored = SparseTeacher(exact.ids.to(torch.int32), exact.logprobs.half(), exact.log_tail.float())
+    a, _ = _ours(hidden, weight, exact, targets)
+    b, _ = _ours(hidden, weight, stored, targets)
+    assert b.item() == pytest.approx(a.item(), rel=2e-3)
+
+
+def test_ce_term_matches_cross_entropy_and_weights_combine():
+    hidden, weight, _, zt, targets = _setup(seed=4)
+    ours, (gh, gw) = _ours(hidden, weight, None, targets, kd=0.0, ce=1.0)
+    ref, (rh, rw) = _grads(lambda h, w: F.cross_entropy(h @ w.T, targets), hidden, weight)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(gh, rh, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(gw, rw, rtol=1e-8, atol=1e-10)
+    teacher = sparsify(zt, k=weight.shape[0], temperature=T)
+    mixed, (mh, _) = _ours(hidden, weight, teacher, targets, kd=0.7, ce=0.3)
+    ref2, (r2h, _) = _grads(lambda h, w: (0.7 * _brute_full_kl(h @ w.T, zt) / h.shape[0]
+                                          + 0.3 * F.cross_entropy(h @ w.T, targets)), hidden, weight)
+    assert mixed.item() == pytest.approx(ref2.item(), rel=1e-9)
+    torch.testing.assert_close(mh, r2h, rtol=1e-8, atol=1e-10)
+
+
+def test_normalizer_chunking_bias_and_softcap():
+    hidden, weight, bias, zt, targets = _setup(seed=5, bias=True)
+    teacher = sparsify(zt, k=6, temperature=T)
+    a, ga = _ours(hidden, weight, teacher, targets, bias=bias, chunk=1, normalizer=40, softcap=3.0)
+
+    def brute(h, w, b):
+        z = torch.tanh((h @ w.T + b) / 3.0) * 3.0
+        return _brute_bucket_kl(z, zt, 6) / 40
+
+    ref, gr = _grads(brute, hidden, weight, bias)
+    assert a.item() == pytest.approx(ref.item(), rel=1e-9)
+    for x, y in zip(ga, gr):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)
+    b, gb = _ours(hidden, weight, teacher, targets, bias=bias, chunk=100, normalizer=40, softcap=3.0)
+    assert b.item() == pytest.approx(a.item(), rel=1e-12)
+
+
+def test_dense_teacher_from_hidden_states_and_logits_input():
+    hidden, weight, _, _, targets = _setup(seed=6)
+    t_hidden = torch.randn_like(hidden)
+    zt = t_hidden @ weight.T
+    ours, (gh,) = _grads(lambda h: DistillLoss(T, chunk_size=5)(h, targets, DenseTeacher(t_hidden),
+                                                                 head=OutputHead(weight, None, None)).loss, hidden)
+    ref, (rh,) = _grads(lambda h: _brute_full_kl(h @ weight.T, zt) / h.shape[0], hidden)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(gh, rh, rtol=1e-8, atol=1e-10)
+    # logits in, no head: the same numbers
+    z = (hidden @ weight.T).detach()
+    via_logits, (gz,) = _grads(lambda x: DistillLoss(T, chunk_size=5)(x, targets, DenseTeacher(zt)).loss, z)
+    assert via_logits.item() == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(gz @ weight, rh, rtol=1e-8, atol=1e-10)
+
+
+def test_padding_is_masked_in_a_real_model_batch(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ssb.testing import make_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m")).eval()
+    head = OutputHead.of(model)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 100, (n,), generator=g) for n in (9, 5)]
+    sol = [(4, 9), (2, 5)]  # solution token span [start, end) of each sequence
+    ids = torch.full((2, 9), 0, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    shift = torch.full((2, 9), -100)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = s
+        mask[b, :len(s)] = 1
+        ids[b, len(s):] = 7  # padding tokens that must not matter
+        shift[b, sol[b][0] - 1:sol[b][1] - 1] = s[sol[b][0]:sol[b][1]]
+    teacher_states = torch.randn(int((shift != -100).sum()), head.weight.shape[1], generator=g)
+    loss_fn = DistillLoss(T, kd_weight=1.0, ce_weight=0.5)
+    with torch.no_grad():
+        m = shift != -100
+        batched = loss_fn(final_hidden(model, ids, mask)[m], shift[m], DenseTeacher(teacher_states), head=head)
+        total, row = 0.0, 0
+        for b, s in enumerate(seqs):  # each sequence alone, unpadded
+            h = final_hidden(model, s[None], torch.ones(1, len(s), dtype=torch.long))[0]
+            start, end = sol[b]
+            n = end - start
+            one = loss_fn(h[start - 1:end - 1], s[start:end], DenseTeacher(teacher_states[row:row + n]),
+                          normalizer=m.sum(), head=head)
+            total += one.loss.item()
+            row += n
+    assert batched.tokens == 8
+    assert batched.loss.item() == pytest.approx(total, rel=1e-5)

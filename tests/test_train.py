@@ -1,0 +1,246 @@
+"""The distillation trainer on a tiny model: offline, online and SFT runs, normalisation under gradient
+accumulation, resume after a kill, refusal of mismatched logits, and two-process DDP."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ssb.config import load_config, save_config
+from ssb.rundir import RunDir
+
+SYSTEM = "You are a helpful math tutor."
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # tiny matmuls on a shared 2-core machine: thread hand-offs cost more than the work
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The random tiny model made context-dependent and peaked, so hinted and plain prompts disagree."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ssb.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path_factory.mktemp("tiny"))
+    m = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        m.model.norm.weight.mul_(30)
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.weight.mul_(10)
+            layer.mlp.down_proj.weight.mul_(10)
+    m.save_pretrained(path)
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+def _write_pairs(path, tok, n):
+    with open(path, "w") as f:
+        for i in range(n):
+            q = f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?"
+            sol = f"{i} + {i + 2} = {2 * i + 2}. " + "So the final answer is " * (i % 3) + f"\\boxed{{{2 * i + 2}}}."
+            hint = f"{q}\nCorrect: {sol}\nWrong: {i}. Write a solution."
+            f.write(json.dumps({
+                "id": f"arith-{i}", "question": q, "gold": str(2 * i + 2),
+                "teacher_messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": hint}],
+                "student_messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+                "solution": sol,
+                "solution_ids": tok(sol, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]}) + "\n")
+
+
+BASE = {"logits.top_k": 16, "train.batch_size": 2, "train.epochs": 2, "train.learning_rate": 0.01,
+        "train.lora_r": 4, "train.lora_alpha": 8, "train.save_steps": 100, "train.gradient_checkpointing": False}
+
+
+def _setup(root, tiny, n=6, **sets):
+    path, tok = tiny
+    run = RunDir(root).mkdir()
+    _write_pairs(run.pairs, tok, n)
+    cfg = load_config(None, [f"{k}={v}" for k, v in {"model": str(path), **BASE, **sets}.items()])
+    return run, cfg
+
+
+def _metrics(run):
+    return [json.loads(line) for line in run.metrics.read_text().splitlines()]
+
+
+def _adapter(run):
+    return load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+
+
+def _assert_same_adapter(a, b, atol=1e-6):
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5)
+
+
+def test_offline_distillation_end_to_end(tmp_path, tiny):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ssb.stages.logits import logits
+    from ssb.stages.train import train
+
+    run, cfg = _setup(tmp_path / "run", tiny, **{"train.epochs": 4, "train.merge": True})
+    logits(cfg, run)
+    counts = train(cfg, run)
+    assert counts["teacher"] == "stored" and counts["pairs"] == 6 and counts["steps"] == 12
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert set(rows[0]) == {"step", "epoch", "loss", "kd", "ce", "grad_norm", "lr", "completion_len"}
+    assert all(r["loss"] == pytest.approx(r["kd"]) for r in rows)  # kd_weight 1, ce_weight 0
+    first, last = sum(r["kd"] for r in rows[:3]), sum(r["kd"] for r in rows[-3:])
+    assert first > 0.05 and last < 0.5 * first  # the student moves towards the hinted teacher
+    assert rows[0]["lr"] == pytest.approx(0.01) and rows[-1]["epoch"] == pytest.approx(4.0)
+    assert 10 < rows[0]["completion_len"] < 40
+    assert list((run.train_dir / "tb").glob("events.out.tfevents.*"))
+    assert json.loads((run.adapter_dir / "ssb_base.json").read_text()) == {"model": str(tiny[0]),
+                                                                           "trust_remote_code": False}
+    base = AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = base(ids).logits
+        student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny[0]), run.adapter_dir).eval()
+        after = student(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(run.merged_dir).eval()(ids).logits
+    assert (after - before).abs().max() > 1e-3  # the adapter changed the model
+    torch.testing.assert_close(merged, after, atol=1e-4, rtol=1e-4)
+    assert train(cfg, run) == counts  # done with the same config and inputs: skipped
+
+
+def test_sft_baseline_needs_no_teacher_logits(tmp_path, tiny):
+    from ssb.stages.train import train
+
+    run, cfg = _setup(tmp_path / "run", tiny, **{"train.kd_weight": 0, "train.ce_weight": 1, "train.epochs": 3})
+    counts = train(cfg, run)
+    assert counts["teacher"] == "none" and not run.logits_dir.exists()
+    rows = _metrics(run)
+    assert all(r["kd"] is None and r["loss"] == pytest.approx(r["ce"]) for r in rows)
+    assert rows[-1]["ce"] < 0.7 * rows[0]["ce"]
+
+
+def _first_batch_loss(cfg, run):
+    from ssb.stages.train import build_trainer
+
+    trainer, _ = build_trainer(cfg, run)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, batch).item()
+
+
+def test_online_teacher_equals_stored_logits_with_full_vocabulary(tmp_path, tiny):
+    from ssb.stages.logits import logits
+
+    run, cfg = _setup(tmp_path / "run", tiny, **{"logits.top_k": 100000})  # k clipped to the vocabulary
+    logits(cfg, run)
+    offline = _first_batch_loss(cfg, run)
+    _, online_cfg = _setup(tmp_path / "run", tiny, **{"logits.mode": "online"})
+    online = _first_batch_loss(online_cfg, run)
+    hidden_run, hidden_cfg = _setup(tmp_path / "hidden", tiny, **{"logits.store": "hidden"})
+    logits(hidden_cfg, hidden_run)
+    hidden = _first_batch_loss(hidden_cfg, hidden_run)
+    assert offline > 0.05
+    assert online == pytest.approx(offline, rel=2e-3)  # float16 storage of the log-probabilities
+    assert hidden == pytest.approx(online, rel=2e-3)  # float16 storage of the hidden states
+
+
+def test_gradient_accumulation_is_a_token_level_mean_over_the_effective_batch(tmp_path, tiny):
+    from ssb.stages.logits import logits
+    from ssb.stages.train import train
+
+    sets = {"train.epochs": 1, "train.max_grad_norm": 0.0}
+    big, cfg_big = _setup(tmp_path / "big", tiny, n=4, **sets)
+    logits(cfg_big, big)
+    small, cfg_small = _setup(tmp_path / "small", tiny, n=4, **sets, **{"train.batch_size": 1, "train.grad_accum": 2})
+    shutil.copytree(big.logits_dir, small.logits_dir)
+    shutil.copy(big.manifest_path, small.manifest_path)
+    train(cfg_big, big)
+    train(cfg_small, small)
+    _assert_same_adapter(_adapter(big), _adapter(small))
+    for a, b in zip(_metrics(big), _metrics(small)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny, monkeypatch):
+    from ssb.distill_trainer import DistillTrainer
+    from ssb.stages.train import train
+
+    sets = {"train.save_steps": 2, "train.kd_weight": 0, "train.ce_weight": 1}
+    ref, cfg = _setup(tmp_path / "ref", tiny, **sets)
+    train(cfg, ref)
+    run, cfg = _setup(tmp_path / "run", tiny, **sets)
+    real = DistillTrainer.training_step
+
+    def dying_step(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillTrainer, "training_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run)
+    assert run.stage_entry("train")["status"] == "failed" and (run.train_dir / "checkpoint-2").exists()
+    monkeypatch.setattr(DistillTrainer, "training_step", real)
+    train(cfg, run)
+    assert [r["step"] for r in _metrics(run)] == [r["step"] for r in _metrics(ref)] == list(range(1, 7))
+    _assert_same_adapter(_adapter(run), _adapter(ref), atol=1e-5)
+
+
+def test_logits_from_another_temperature_or_model_are_refused(tmp_path, tiny):
+    from ssb.stages.logits import logits
+    from ssb.stages.train import train
+    from ssb.teacher_store import TeacherStoreError
+
+    run, cfg = _setup(tmp_path / "run", tiny)
+    logits(cfg, run)
+    _, hot = _setup(tmp_path / "run", tiny, **{"train.temperature": 1.0})
+    with pytest.raises(TeacherStoreError, match="temperature 2.0, training uses train.temperature=1.0"):
+        train(hot, run)
+    from ssb.testing import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    _, cfg_other = _setup(tmp_path / "run", tiny, model=str(other))
+    with pytest.raises(TeacherStoreError, match="another model or tokenizer"):
+        train(cfg_other, run)
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + transformers: ~30 s on a shared 2-core machine
+def test_two_process_ddp_matches_one_process_with_the_same_effective_batch(tmp_path, tiny):
+    """`accelerate launch --multi_gpu --num_processes 2 -m ssb train` (on a machine without GPUs: two CPU processes,
+    gloo): each rank trains on its own shard of each batch, and the adapter equals a single-process run with
+    batch_size 2. (`--cpu` would start a single process: accelerate's simple launcher.)"""
+    from ssb.stages.logits import logits
+    from ssb.stages.train import train
+
+    sets = {"train.epochs": 1, "train.batch_size": 2}
+    one, cfg = _setup(tmp_path / "one", tiny, **sets)
+    logits(cfg, one)
+    two, cfg_two = _setup(tmp_path / "two", tiny, **{**sets, "train.batch_size": 1})
+    shutil.copytree(one.logits_dir, two.logits_dir)
+    shutil.copy(one.manifest_path, two.manifest_path)
+    train(cfg, one)
+    save_config(cfg_two, tmp_path / "two.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "ssb", "train", "--config", str(tmp_path / "two.yaml"), "--run-dir", str(two.root)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    counts = two.stage_entry("train")["counts"]
+    assert counts["processes"] == 2 and counts["steps"] == 3
+    _assert_same_adapter(_adapter(one), _adapter(two), atol=1e-5)
+    assert [r["step"] for r in _metrics(two)] == [1, 2, 3]  # written once, by rank 0
+    for a, b in zip(_metrics(one), _metrics(two)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["completion_len"] == pytest.approx(b["completion_len"])
