@@ -91,6 +91,7 @@ def test_compare_pairs_runs_on_same_problems(tmp_path):
     assert "| 10 | +40.0 pts |" in pair and f"| {2 * 7 / 64:.3g} | McNemar exact |" in pair
     assert "- 1 vs 3: not paired (different problem sets: 10 and 7 problems, 6 shared)" in rows
     assert compare([a], iters=10).count("\n") == 2  # a single run: just the table
+    assert "Paired differences" not in compare([a, c], iters=10)  # nothing paired: no empty paired table
 
 
 def test_compare_main_errors_on_missing_summary(tmp_path, capsys):

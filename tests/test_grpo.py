@@ -13,14 +13,6 @@ from ssb.stages import grpo as grpo_mod
 from ssb.stages.grpo import completion_text, grpo, verifier_reward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny matmuls on a shared 2-core machine: thread hand-offs cost more than the work
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(model_dir, *extra):
     # 4 arith questions, 2 questions x 2 completions per step, 2 steps of at most 8 tokens
     return load_config(overrides=[f"model={model_dir}", "data.train.limit=4", "grpo.num_generations=2",

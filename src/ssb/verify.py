@@ -18,7 +18,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -37,6 +36,7 @@ from .verify_extract import (
     normalize_gold,
 )
 from .verify_worker import WorkerPool
+from .rundir import atomic_write_text
 
 __all__ = [
     "Extraction", "Verdict", "Verifier", "check", "extract_answer", "is_equivalent",
@@ -223,17 +223,7 @@ def _parse_record(line: str, args) -> tuple[dict, str, str, str]:
 
 
 def _write_atomic(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(lines))
 
 
 def _verify_file(args) -> int:

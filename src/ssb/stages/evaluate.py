@@ -285,11 +285,11 @@ def compare(dirs: list[Path], *, iters: int = 10000, seed: int = 0) -> str:
                      f"{_pct(s['truncated_share'])}% |")
     if len(runs) < 2:
         return "\n".join(lines)
-    lines += ["", f"Paired differences of pass@1 (A − B) over the same problems: 95% CI from a paired bootstrap "
+    paired = ["", f"Paired differences of pass@1 (A − B) over the same problems: 95% CI from a paired bootstrap "
               f"({iters} resamples of problems, seed {seed}); p is exact McNemar when both runs have n = 1, "
               f"else the bootstrap p-value.", "",
               "| A | B | problems | Δ pass@1 | 95% CI | p | test |", "|---|---|---|---|---|---|---|"]
-    unpaired = []
+    unpaired: list[str] = []
     for i in range(len(runs)):
         for j in range(i + 1, len(runs)):
             (sa, a), (sb, b) = runs[i], runs[j]
@@ -304,8 +304,10 @@ def compare(dirs: list[Path], *, iters: int = 10000, seed: int = 0) -> str:
                 test = "McNemar exact"
             else:
                 p, test = boot["p"], "bootstrap"
-            lines.append(f"| {i + 1} | {j + 1} | {len(ids)} | {100 * boot['diff']:+.1f} pts | "
+            paired.append(f"| {i + 1} | {j + 1} | {len(ids)} | {100 * boot['diff']:+.1f} pts | "
                          f"[{100 * boot['low']:+.1f}, {100 * boot['high']:+.1f}] | {p:.3g} | {test} |")
+    if len(paired) > 5:  # at least one pair of runs on the same problems
+        lines += paired
     return "\n".join(lines + ([""] + unpaired if unpaired else []))
 
 
