@@ -15,7 +15,9 @@
    scripts: dense fp32 teacher rows loaded per example from .npy files into a zero [4, S, V] tensor, full logits,
    softmax over every position, masked KL. Peak memory = the process's peak RSS over the steps (VmHWM, reset just
    before the first step) minus its RSS at that point (model weights resident, optimizer and data source set up),
-   so it covers everything the steps allocate; torch CPU allocations are invisible to tracemalloc. Time = median
+   so it covers everything the steps allocate; torch CPU allocations are invisible to tracemalloc. Both variants
+   run with MALLOC_MMAP_THRESHOLD_=131072 so that RSS follows live memory (glibc's adaptive default keeps freed
+   activations in the heap: RSS then reads several times the live size). Time = median
    over the steps after each process's warm-up step; the full run alternates ours / reference twice so that load
    drift on a shared machine affects both. One torch thread by default (steady timings on a busy machine).
    --quick uses the first 2 of the 30 layers (same vocabulary and head) and S = 512 so it fits in about 3
@@ -319,7 +321,10 @@ def run_variant(variant: str, work: Path, steps: int, threads: int) -> dict:
 
 
 def spawn_variant(variant: str, work: Path, steps: int, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
+    # A fixed mmap threshold makes glibc hand every large freed block back to the OS at once; with its default
+    # (adaptive) threshold, freed activations stay in the heap and RSS reads 5-10x the live memory.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src"),
+           "MALLOC_MMAP_THRESHOLD_": "131072"}
     cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--steps", str(steps),
            "--threads", str(threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -11,9 +11,9 @@ norms are honoured) in its own layer loop, against two preallocated caches:
   instead of padding every row to the longest one.
 
 Decode attention is split in two (the "cascade" form): all samples of a prompt attend to the shared prompt keys
-in one matmul (reading them once, not once per sample), each row attends to its own generated keys, and the two
-softmax pieces are merged exactly via their maxima and normalisers. This cuts the KV memory traffic (the main
-non-matmul cost on CPU) and padding: prompt and generated parts are each padded only to their own live maximum.
+in one kernel call (reading them once, not once per sample), each row attends to its own generated keys, and the
+two softmax pieces are merged exactly through their log-sum-exps. This cuts the KV memory traffic (the main
+non-matmul cost on CPU) and the padding: each part is padded only to its own live maximum.
 """
 
 from __future__ import annotations
