@@ -185,16 +185,26 @@ class _Run:
 
         bar = tqdm(total=len(self.ids), desc="generate", unit="prompt", disable=not self.e.progress)
         self.bar, start = bar, time.perf_counter()
-        while self.pending or self.live:
-            self.admit()
-            if not self.pending:
-                self.compact_slots()
-            if self.live:
-                self.step()
-                if self.hi - self.lo - self.live > max(2, self.live // 8):
-                    self.compact_rows()
-                bar.set_postfix(tok_s=f"{self.generated / (time.perf_counter() - start):.0f}", refresh=False)
-        bar.close()
+        threads = _ThreadTuner() if self.sm.device.type == "cpu" and torch.get_num_threads() > 1 else None
+        try:
+            while self.pending or self.live:
+                self.admit()
+                if not self.pending:
+                    self.compact_slots()
+                if self.live:
+                    t, rows = time.perf_counter(), self.hi - self.lo
+                    if threads:
+                        threads.before_step()
+                    self.step()
+                    if threads:
+                        threads.after_step((time.perf_counter() - t) / rows)
+                    if self.hi - self.lo - self.live > max(2, self.live // 8):
+                        self.compact_rows()
+                    bar.set_postfix(tok_s=f"{self.generated / (time.perf_counter() - start):.0f}", refresh=False)
+        finally:
+            if threads:
+                threads.restore()
+            bar.close()
 
     def admit(self) -> None:
         """Prefill waiting prompts into free rows: all remaining samples of a prompt at once, so the prompt is
@@ -321,6 +331,46 @@ class _Run:
             del self.partial[i]
             self.bar.update(1)
             self.done(i, comps)
+
+
+class _ThreadTuner:
+    """Chooses torch's CPU thread count for decoding from measured step times.
+
+    On a CPU shared with other busy processes a multi-thread OpenMP pool can be many times slower than one
+    thread (every parallel region waits for a descheduled worker; measured here: 2 threads 15.7 tok/s vs about
+    100 with 1 thread while another process used one of the 2 cores), while on a quiet machine more threads win.
+    So every `period` steps the candidates (the caller's setting and 1) are timed alternately for `trial`
+    steps each and the faster one (median seconds per row) is used until the next trial.
+    """
+
+    def __init__(self, period: int = 64, trial: int = 3):
+        self.original = torch.get_num_threads()
+        self.candidates = [self.original, 1]
+        self.period, self.trial = period, trial
+        self.best, self.count, self.current = self.original, 0, self.original
+        self.times: dict[int, list[float]] = {c: [] for c in self.candidates}
+
+    def _trial_steps(self) -> int:
+        return self.trial * len(self.candidates)
+
+    def before_step(self) -> None:
+        phase = self.count % self.period
+        want = self.candidates[phase % len(self.candidates)] if phase < self._trial_steps() else self.best
+        if want != self.current:
+            torch.set_num_threads(want)
+            self.current = want
+
+    def after_step(self, seconds_per_row: float) -> None:
+        phase = self.count % self.period
+        self.count += 1
+        if phase < self._trial_steps():
+            self.times[self.current].append(seconds_per_row)
+            if phase == self._trial_steps() - 1:
+                self.best = min(self.candidates, key=lambda c: sorted(self.times[c])[len(self.times[c]) // 2])
+                self.times = {c: [] for c in self.candidates}
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.original)
 
 
 def _chunks(step: list[int], slack: float = 0.125, min_rows: int = 4) -> list[tuple[int, int, int]]:

@@ -47,27 +47,20 @@ def _rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-# Use the fused CPU flash kernel for decode attention on CPU (tests switch it off to cover the portable path).
-FUSED_CPU_ATTENTION = True
-
-
 def _attention(q, k, v, mask, scale):
     """Softmax attention returning the output and its log-sum-exp, so partial attentions can be merged.
 
     q: [B, h, Lq, hd], k/v: [B, h, Lk, hd], mask: additive float32 [B, 1, 1, Lk].
     Returns o: [B, h, Lq, hd] (float32) and lse: [B, h, Lq, 1] (float32).
+    Plain matmuls and in-place element-wise ops: for decode (Lq = a few query heads) this beat the fused CPU
+    flash kernel (113 vs 126 ms per 30 layers on 1 thread, 64 vs 76 on 2), and unlike that kernel its result
+    does not depend on the thread count (see generation._ThreadTuner).
     """
-    if FUSED_CPU_ATTENTION and q.device.type == "cpu" and q.dtype == torch.float32:
-        # fused CPU flash kernel: fastest here, and exposes lse (in bf16 its rounded partial outputs drift
-        # from HF's single-pass attention, so low precision takes the path below)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask.to(q.dtype), scale=scale)
-        return o.float(), lse.float().unsqueeze(-1)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + mask  # [B, h, Lq, Lk]
-    m = scores.amax(-1, keepdim=True)
-    e = torch.exp(scores - m)
+    s = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).add_(mask)  # [B, h, Lq, Lk]
+    m = s.amax(-1, keepdim=True)
+    e = s.sub_(m).exp_()
     total = e.sum(-1, keepdim=True)
-    return torch.matmul(e.to(v.dtype), v).float() / total, m + torch.log(total)
+    return torch.matmul(e.to(v.dtype), v).float().div_(total), m.add_(total.log_())
 
 
 class SlotModel:
