@@ -72,8 +72,11 @@ def test_grpo_two_steps_writes_adapter_and_metrics(tmp_path, tiny_model_dir):
     assert adapter_cfg["r"] == 4 and adapter_cfg["lora_alpha"] == 8
     assert set(adapter_cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"}
-    model = load_model(str(out / "adapter"))
-    assert type(model).__name__ == "PeftModelForCausalLM"
+    assert type(load_model(str(out / "adapter"), merge=False)).__name__ == "PeftModelForCausalLM"
+    merged, unmerged = load_model(str(out / "adapter")), load_model(str(out / "adapter"), merge=False)
+    assert "Peft" not in type(merged).__name__  # merged for inference: same function, fewer matmuls
+    ids = torch.tensor([[1, 5, 9, 3]])
+    torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, rtol=1e-4, atol=1e-4)
     # a finished stage is skipped on a rerun with the same config
     assert grpo(_cfg(tiny_model_dir, "grpo.beta=0.01"), run) == counts
 
@@ -89,7 +92,7 @@ def test_grpo_learns_from_varying_rewards_and_resumes(tmp_path, tiny_model_dir, 
 
     monkeypatch.setattr(grpo_mod, "verifier_reward", alternating)
     run = RunDir(tmp_path / "run")
-    cfg = _cfg(tiny_model_dir)
+    cfg = _cfg(tiny_model_dir, "grpo.generation=trl")  # TRL's own generate here; the other tests use ours
     first = grpo(cfg, run)
     out = run.root / "grpo"
     rows = read_jsonl(out / "metrics.jsonl")
@@ -115,3 +118,31 @@ def test_grpo_learns_from_varying_rewards_and_resumes(tmp_path, tiny_model_dir, 
     assert second["steps"] == 2 and second["completions"] == first["completions"] == 8
     assert second["generated_tokens"] == rows[-1]["generated_tokens"]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_engine_rollout_samples_each_group_from_one_prompt(tiny_model_dir):
+    """The rollout_func TRL calls: one completion per (repeated) prompt, prompt ids = the chat template's, fresh
+    samples at the next optimizer step."""
+    from types import SimpleNamespace
+
+    from ssb.models import load_model, load_tokenizer
+
+    cfg = _cfg(tiny_model_dir, "grpo.max_completion_length=6")
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    trainer = SimpleNamespace(num_generations=2, model=model, processing_class=tok,
+                              accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+                              state=SimpleNamespace(global_step=0))
+    a, b = ([{"role": "user", "content": q}] for q in ("What is 2 + 2?", "What is 3 + 5?"))
+    rollout = grpo_mod.engine_rollout(cfg)
+    out = rollout([a, a, b, b], trainer)
+    assert set(out) == {"prompt_ids", "completion_ids", "logprobs"} and len(out["completion_ids"]) == 4
+    want = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            for m in (a, a, b, b)]
+    assert out["prompt_ids"] == want
+    assert all(1 <= len(c) <= 6 for c in out["completion_ids"])
+    assert out["completion_ids"][0] != out["completion_ids"][1]  # two samples of one group, not one copied
+    assert rollout([a, a, b, b], trainer) == out  # seeded
+    trainer.state.global_step = 1
+    assert rollout([a, a, b, b], trainer)["completion_ids"] != out["completion_ids"]
+    # prompts that are not in groups of num_generations still get one completion each
+    assert len(rollout([a, b, a], trainer)["completion_ids"]) == 3

@@ -146,8 +146,12 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
-    """Load a causal LM (or base + LoRA adapter) for inference, on the chosen device, in eval mode."""
+def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+               merge: bool = True):
+    """Load a causal LM (or base + LoRA adapter) for inference, on the chosen device, in eval mode.
+
+    An adapter is merged into the base weights unless `merge=False`: the same function, and generation no
+    longer pays for the separate LoRA matmuls (7 per layer) at every step."""
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
@@ -161,6 +165,8 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", trust_re
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, info["adapter"])
+        if merge:
+            model = model.merge_and_unload()
     model.to(dev)
     model.eval()
     return model

@@ -122,11 +122,42 @@ def _callback(meter: Meter, metrics_path: Path):
     return GRPOLog()
 
 
+def engine_rollout(cfg: Config, batch_size: int = 128):
+    """A TRL `rollout_func` that samples GRPO's completions with ssb's generation engine (static KV cache,
+    continuous batching, one prompt prefill shared by its group) instead of TRL's padded `model.generate`.
+
+    TRL passes the step's prompts with each repeated `num_generations` times in a row; the engine generates each
+    group's samples from one prompt. Same temperature / top-k / top-p / length as TRL would use; the seed moves
+    with the optimizer step, so a question seen again in a later epoch gets fresh samples."""
+    from ssb.generation import Engine, SamplingParams, tokenize_prompts
+
+    gc = cfg.grpo
+
+    def rollout(prompts: list, trainer) -> dict:
+        g = trainer.num_generations
+        grouped = len(prompts) % g == 0 and all(prompts[i:i + g] == [prompts[i]] * g
+                                                 for i in range(0, len(prompts), g))
+        unique, n = (prompts[::g], g) if grouped else (prompts, 1)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        params = SamplingParams(temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p,
+                                max_new_tokens=gc.max_completion_length,
+                                seed=cfg.seed * 1_000_003 + trainer.state.global_step)
+        completions = Engine(model, trainer.processing_class, batch_size=batch_size, progress=False).generate(
+            unique, n, params)
+        prompt_ids = tokenize_prompts(trainer.processing_class, unique)
+        return {"prompt_ids": [ids for ids in prompt_ids for _ in range(n)],
+                "completion_ids": [c.token_ids for group in completions for c in group],
+                "logprobs": None}  # only used by TRL's vLLM importance-sampling correction
+
+    return rollout
+
+
 def build_trainer(cfg: Config, run: RunDir, meter: Meter):
     """TRL's GRPOTrainer for this config: the base model, LoRA from cfg.train, the verifier reward."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
+    from transformers import PrinterCallback
     from trl import GRPOConfig as TRLGRPOConfig
     from trl import GRPOTrainer
 
@@ -171,7 +202,9 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter):
 
     trainer = GRPOTrainer(model=model, reward_funcs=correctness, args=args, train_dataset=data,
                           processing_class=tok, peft_config=lora,
-                          callbacks=[_callback(meter, out / "metrics.jsonl")])
+                          callbacks=[_callback(meter, out / "metrics.jsonl")],
+                          rollout_func=engine_rollout(cfg) if gc.generation == "ssb" else None)
+    trainer.remove_callback(PrinterCallback)  # our callback prints one line per step; TRL's raw dict is noise
     return trainer, tok, len(questions)
 
 
@@ -222,6 +255,7 @@ def _quiet_trl():
     """TRL 1.16 still calls transformers' renamed gradient_checkpointing_* methods: one warning per call."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing\w*` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", "You are using 'rollout_func'", UserWarning)  # we pin TRL's version
         yield
 
 
