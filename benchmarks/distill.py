@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from ssb.losses import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden  # noqa: E402
 from ssb.teacher_store import (DTYPES, HIDDEN_DTYPE, TeacherStore, TeacherStoreWriter,  # noqa: E402
-                               bytes_per_token, sparsify)
+                               auto_top_k, bytes_per_token, sparsify)
 
 T = 2.0
 KS = (8, 16, 32, 64, 128, 256, 512)
@@ -145,7 +145,7 @@ def solution_states(model, prompts: list[list[int]], pairs) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def topk_table(model, pairs) -> tuple[list[dict], dict]:
+def topk_table(model, pairs, ks) -> tuple[list[dict], dict]:
     head = OutputHead.of(model)
     with torch.no_grad():
         ht = solution_states(model, [p.teacher_prompt for p in pairs], pairs)  # [N, H] teacher
@@ -172,18 +172,18 @@ def topk_table(model, pairs) -> tuple[list[dict], dict]:
     _, g_z_ref = grads(lambda z: full_kl(z, True), zs)
     table = []
     loss = DistillLoss(T)
-    for k in KS + ("hidden",):
+    for k in tuple(ks) + ("hidden",):
         if k == "hidden":  # float16 teacher hidden states through the shared head: the exact distribution
             stored = DenseTeacher(ht.to(HIDDEN_DTYPE).float())
             row = {"k": "hidden", "bytes_per_token": bytes_per_token(0, "hidden", ht.shape[1]), "teacher_mass": 1.0,
                    "teacher_mass_p05": 1.0}
             z_teacher = DenseTeacher(head.logits(stored.states))
         else:
-            exact = sparsify(zt, k, T)
+            exact = sparsify(zt, k, T)  # ids stay exact in storage (16 or 32 bit); log-probs are rounded
             stored = SparseTeacher(*(t.to(DTYPES[n]) for t, n in zip(exact, ("ids", "logprobs", "log_tail"))))
             stored = z_teacher = SparseTeacher(stored.ids.long(), stored.logprobs.float(), stored.log_tail.float())
             mass = exact.logprobs.exp().sum(-1)
-            row = {"k": k, "bytes_per_token": bytes_per_token(k), "teacher_mass": round(mass.mean().item(), 4),
+            row = {"k": k, "bytes_per_token": bytes_per_token(k, vocab_size=head.vocab_size), "teacher_mass": round(mass.mean().item(), 4),
                    "teacher_mass_p05": round(mass.quantile(0.05).item(), 4)}
         kd, g_h = grads(lambda h: loss(h, targets, stored, head=head).loss, hs)
         _, g_z = grads(lambda z: loss(z, targets, z_teacher).loss, zs)
@@ -348,7 +348,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer examples, 2-layer model for the step (< 3 min)")
     ap.add_argument("--model", default="/work/smollm2", help="model directory (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
-    ap.add_argument("--k", type=int, default=128, help="top-k for the storage and step measurements")
+    ap.add_argument("--k", type=int, default=0, help="top-k for the storage and step measurements "
+                    "(0: logits.top_k's automatic choice, the largest k within 1 KB/token)")
     ap.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
@@ -363,10 +364,11 @@ def main() -> int:
     pairs = make_pairs(model, tok, n, max_new)
     print(f"teacher data: {n} GSM8K questions, solutions of {[p.solution_len for p in pairs]} tokens "
           f"({time.time() - t_start:.0f} s)", flush=True)
-    table, info = topk_table(model, pairs)
-    row = next(r for r in table if r["k"] == args.k)
-    lora_cos = None if args.quick else lora_grad_cosine(model_path, pairs, [64, args.k, 256, "hidden"])
     vocab = OutputHead.of(model).vocab_size
+    args.k = args.k or auto_top_k(vocab)
+    table, info = topk_table(model, pairs, sorted(set(KS) | {args.k}))
+    row = next(r for r in table if r["k"] == args.k)
+    lora_cos = None if args.quick else lora_grad_cosine(model_path, pairs, sorted({64, 128, args.k}) + ["hidden"])
     del model
     work = Path(tempfile.mkdtemp(prefix="ssb-distill-bench-"))
     try:
@@ -382,7 +384,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     result = {
         "model": str(model_path), "quick": args.quick, "k": args.k, "temperature": T, "threads": args.threads,
-        "bytes_per_token": round(stored_bpt, 1), "bytes_per_token_payload": bytes_per_token(args.k),
+        "bytes_per_token": round(stored_bpt, 1), "bytes_per_token_payload": bytes_per_token(args.k, vocab_size=vocab),
         "dense_fp32_bytes_per_token": 4 * vocab,
         "grad_cosine": row["grad_cosine_hidden"], "grad_cosine_logits": row["grad_cosine_logits"],
         "grad_cosine_hidden_store": table[-1]["grad_cosine_hidden"], "lora_grad_cosine": lora_cos,

@@ -7,7 +7,11 @@ import torch
 
 from ssb.config import load_config
 from ssb.rundir import RunDir
-from ssb.teacher_store import TeacherStore, TeacherStoreError, TeacherStoreWriter, bytes_per_token, sparsify
+from safetensors.torch import load_file
+
+from ssb.losses import SparseTeacher
+from ssb.teacher_store import (TeacherStore, TeacherStoreError, TeacherStoreWriter, auto_top_k, bytes_per_token,
+                               sparsify)
 
 META = dict(temperature=2.0, top_k=4, vocab_size=50, fingerprint="abc", model="m")
 
@@ -65,8 +69,24 @@ def test_hidden_state_store_round_trip_and_any_temperature(tmp_path):
 
 
 def test_bytes_per_token_is_under_a_kilobyte():
-    assert bytes_per_token(64) == 64 * 4 + 64 * 2 + 4
-    assert bytes_per_token(128) <= 1024
+    assert bytes_per_token(64) == 64 * 4 + 64 * 2 + 4  # int32 ids
+    assert bytes_per_token(64, vocab_size=49152) == 64 * 2 + 64 * 2 + 4  # 16-bit ids
+    for vocab in (50, 49152, 65536, 65537, 151936):
+        k = auto_top_k(vocab)
+        assert bytes_per_token(k, vocab_size=vocab) <= 1024 < bytes_per_token(k + 1, vocab_size=vocab) or k == vocab
+
+
+@pytest.mark.parametrize("vocab", [65536, 70000])
+def test_ids_round_trip_at_both_ends_of_the_id_width(tmp_path, vocab):
+    """16-bit ids (vocabularies up to 65,536) and 32-bit ids both give back every id, 0 and V-1 included."""
+    ids = torch.tensor([[0, vocab - 1, 32767, 32768], [65535 % vocab, 1, 2, 3]])
+    rows = SparseTeacher(ids, torch.full((2, 4), -2.0), torch.full((2,), -1.0))
+    w = TeacherStoreWriter(tmp_path, **{**META, "vocab_size": vocab})
+    w.add("a", rows)
+    w.close()
+    assert torch.equal(TeacherStore(tmp_path)["a"].ids, ids)
+    dtype = load_file(tmp_path / "shard-00000.safetensors")["ids"].dtype
+    assert dtype == (torch.int16 if vocab <= 65536 else torch.int32)
 
 
 def test_mismatches_are_refused_with_clear_errors(tmp_path):

@@ -1,14 +1,16 @@
 """Compact storage of teacher distributions over solution tokens, in sharded safetensors files. Two kinds:
 
 - `topk` (default): per token the top-k ids and log-probabilities at temperature T plus the log of the remaining
-  (tail) mass: 6k + 4 bytes per token (388 B at k = 64) instead of 4V for a dense fp32 row (192 KiB for SmolLM2).
+  (tail) mass: 4k + 4 bytes per token when the vocabulary fits 16-bit ids (1024 B at k = 255 for SmolLM2's 49,152),
+  else 6k + 4 (1024 B at k = 170 for Qwen2.5's 151,936), instead of 4V for a dense fp32 row (192 KiB for SmolLM2).
   The loss sees the teacher as k + 1 buckets (approximate: the tail's shape is the student's).
 - `hidden`: per token the teacher's final hidden state in float16 (2H bytes: 1152 B for SmolLM2). The teacher
   shares the student's frozen output head, so training recomputes the exact full-vocabulary distribution, at any T.
 
     RUN/logits/index.json              kind, schema version, T, k, vocabulary and hidden size, model + tokenizer
                                        fingerprint, and per shard: its file and [example id, first row, rows]
-    RUN/logits/shard-00000.safetensors topk: ids [n, k] int32, logprobs [n, k] float16, log_tail [n] float32;
+    RUN/logits/shard-00000.safetensors topk: ids [n, k] (int16 holding id - 32768 when V <= 65536, else int32),
+                                       logprobs [n, k] float16, log_tail [n] float32;
                                        hidden: hidden [n, H] float16 (n = the shard's solution tokens)
 
 A shard is written to a temporary file and renamed, then the index is rewritten the same way, so a killed run
@@ -29,12 +31,14 @@ from torch import Tensor
 from ssb.losses import DenseTeacher, SparseTeacher, _compute_dtype
 from ssb.rundir import atomic_write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: 16-bit ids for vocabularies up to 65,536
 FORMAT = "ssb-sparse-teacher-logits"
 INDEX = "index.json"
 DTYPES = {"ids": torch.int32, "logprobs": torch.float16, "log_tail": torch.float32}  # kind topk
 HIDDEN_DTYPE = torch.float16  # kind hidden
 KINDS = ("topk", "hidden")
+ID16_OFFSET = 32768  # int16 ids are stored as id - 32768, so 0..65535 fit
+MAX_BYTES_PER_TOKEN = 1024  # the budget `auto_top_k` fills
 
 
 class TeacherStoreError(ValueError):
@@ -52,11 +56,31 @@ def sparsify(logits: Tensor, k: int, temperature: float) -> SparseTeacher:
     return SparseTeacher(ids, top, log_tail)
 
 
-def bytes_per_token(k: int, kind: str = "topk", hidden_size: int = 0) -> int:
-    """Payload bytes per stored token (shard headers add a few hundred bytes per shard)."""
+def id_dtype(vocab_size: int) -> torch.dtype:
+    """int16 (offset by 32768) when every id fits in 16 bits, else int32."""
+    return torch.int16 if vocab_size <= 2 * ID16_OFFSET else torch.int32
+
+
+def bytes_per_token(k: int, kind: str = "topk", hidden_size: int = 0, vocab_size: int = 2**31) -> int:
+    """Payload bytes per stored token (shard headers add a few hundred bytes per shard).
+
+    >>> bytes_per_token(255, vocab_size=49152), bytes_per_token(170, vocab_size=151936)
+    (1024, 1024)
+    """
     if kind == "hidden":
         return hidden_size * torch.empty((), dtype=HIDDEN_DTYPE).element_size()
-    return sum(torch.empty((), dtype=d).element_size() * (k if n != "log_tail" else 1) for n, d in DTYPES.items())
+    size = {**DTYPES, "ids": id_dtype(vocab_size)}
+    return sum(torch.empty((), dtype=d).element_size() * (k if n != "log_tail" else 1) for n, d in size.items())
+
+
+def auto_top_k(vocab_size: int, budget: int = MAX_BYTES_PER_TOKEN) -> int:
+    """The largest k whose rows fit `budget` bytes per token (more k = truer gradients; benchmarks/README.md).
+
+    >>> auto_top_k(49152), auto_top_k(151936)
+    (255, 170)
+    """
+    per_id = bytes_per_token(1, vocab_size=vocab_size) - bytes_per_token(0, vocab_size=vocab_size)
+    return min(vocab_size, (budget - bytes_per_token(0, vocab_size=vocab_size)) // per_id)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -108,6 +132,7 @@ class TeacherStoreWriter:
         self.done = {e[0] for s in self.index["shards"] for e in s["examples"]}
         self._buf: list[tuple[str, dict[str, Tensor]]] = []
         self.kind, self.top_k, self.hidden_size = kind, int(top_k), int(hidden_size)
+        self.dtypes = {**DTYPES, "ids": id_dtype(vocab_size)}
 
     def add(self, example_id: str, rows: SparseTeacher | Tensor) -> None:
         """Store one example: kind topk, a SparseTeacher of [L, k] ids and log-probs and [L] log tail; kind hidden,
@@ -128,7 +153,10 @@ class TeacherStoreWriter:
                                  f"{tuple(rows.ids.shape)}, {tuple(rows.logprobs.shape)}, {tuple(rows.log_tail.shape)}")
             if rows.ids.shape[1] != self.top_k:
                 raise ValueError(f"{example_id}: {rows.ids.shape[1]} ids per token, the store keeps {self.top_k}")
-            self._buf.append((example_id, {n: getattr(rows, n).detach().to("cpu", d) for n, d in DTYPES.items()}))
+            stored = {n: getattr(rows, n).detach().to("cpu") for n in DTYPES}
+            if self.dtypes["ids"] == torch.int16:
+                stored["ids"] = stored["ids"].long() - ID16_OFFSET
+            self._buf.append((example_id, {n: t.to(self.dtypes[n]) for n, t in stored.items()}))
         if len(self._buf) >= self.shard_size:
             self.flush()
 
@@ -231,7 +259,8 @@ class TeacherStore:
         if self.kind == "hidden":
             return DenseTeacher(f.get_slice("hidden")[start:start + n].float())
         rows = [f.get_slice(name)[start:start + n] for name in DTYPES]
-        return SparseTeacher(rows[0].long(), rows[1].float(), rows[2].float())
+        ids = rows[0].long() + (ID16_OFFSET if rows[0].dtype == torch.int16 else 0)
+        return SparseTeacher(ids, rows[1].float(), rows[2].float())
 
     def _shard(self, i: int):
         if i not in self._open:

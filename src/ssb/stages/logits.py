@@ -45,7 +45,7 @@ def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print)
     from ssb.distill_data import encode_pairs, pad_batch, read_pairs
     from ssb.losses import OutputHead, check_head, final_hidden
     from ssb.models import load_from_config, model_fingerprint
-    from ssb.teacher_store import TeacherStoreWriter, bytes_per_token, sparsify
+    from ssb.teacher_store import TeacherStoreWriter, auto_top_k, bytes_per_token, sparsify
 
     lc, T = cfg.logits, cfg.train.temperature
     records = read_pairs(run.pairs)
@@ -53,7 +53,7 @@ def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print)
         raise ValueError(f"{run.pairs}: no training pairs; the teach stage kept none")
     model, tok = load_from_config(cfg)
     head = OutputHead.of(model)
-    k = min(lc.top_k, head.vocab_size)
+    k = min(lc.top_k, head.vocab_size) if lc.top_k else auto_top_k(head.vocab_size)
     hidden_size = head.weight.shape[1]
     writer = TeacherStoreWriter(run.logits_dir, temperature=T, top_k=k, vocab_size=head.vocab_size,
                                 fingerprint=model_fingerprint(model, tok), model=cfg.model, kind=lc.store,
@@ -70,7 +70,7 @@ def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print)
     if pairs:
         check_head(model, head, torch.tensor([pairs[-1].teacher_prompt], device=device))
     what = f"top-{k} of {head.vocab_size} at T={T}" if lc.store == "topk" else f"final hidden states ({hidden_size})"
-    say(f"[logits] {len(pairs)} examples, {what}, {bytes_per_token(k, lc.store, hidden_size)} bytes/token "
+    say(f"[logits] {len(pairs)} examples, {what}, {bytes_per_token(k, lc.store, hidden_size, head.vocab_size)} bytes/token "
         f"-> {run.logits_dir}")
     t0, done_tokens = time.time(), 0
     for start in range(0, len(pairs), lc.batch_size):
