@@ -1,3 +1,6 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -76,3 +79,29 @@ def test_saved_config_round_trips(tmp_path):
 def test_both_loss_weights_zero_is_an_error():
     with pytest.raises(ConfigError, match="kd_weight"):
         load_config(None, ["train.kd_weight=0", "train.ce_weight=0"])
+
+
+SHIPPED = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_configs_load_and_their_templates_fit(path):
+    """Every config in configs/ builds, and its hint template has the placeholders its variant needs."""
+    from ssb.prompts import load_template
+
+    cfg = load_config(path)
+    assert load_template(cfg.curate.template, negative=cfg.curate.negative)
+    if path.parent.name == "ablations":  # an ablation changes one thing against the quick preset
+        quick = load_config(preset_path("quick"))
+        changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(quick, f.name)]
+        assert len(changed) == 1, changed
+
+
+def test_ablation_values():
+    root = Path(__file__).parents[1] / "configs" / "ablations"
+    assert load_config(root / "k2.yaml").rollout.k == 2 and load_config(root / "k8.yaml").rollout.k == 8
+    assert load_config(root / "no-negative.yaml").curate.negative is False
+    assert load_config(root / "kl-t1.yaml").train.temperature == 1.0
+    sft = load_config(root / "sft.yaml").train
+    assert (sft.kd_weight, sft.ce_weight) == (0.0, 1.0)
+    assert load_config(Path(__file__).parents[1] / "configs" / "full.yaml").data.train.limit == 256

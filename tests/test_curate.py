@@ -45,6 +45,14 @@ def test_hinted_prompt_keeps_latex_and_never_resubstitutes():
     assert student_messages("Q", "SYS") == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q"}]
 
 
+def test_builtin_template_by_name():
+    short = load_template("short")
+    assert short != load_template(None) and all(f"{{{k}}}" in short for k in ("question", "correct", "wrong"))
+    assert "{wrong}" not in load_template("short", negative=False)
+    with pytest.raises(ValueError, match="not found: nonexistent"):
+        load_template("nonexistent")
+
+
 def test_template_errors_name_the_file(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("Problem {question} and {correct}")

@@ -81,7 +81,8 @@ class RolloutConfig:
 class CurateConfig:
     negative: bool = opt(True, "Show the most common wrong rollout in the hint; false = 'no-negative' ablation")
     template: str | None = opt(None, "Path of a hinted-prompt template with {question}, {correct}, {wrong} "
-                               "placeholders (default: built-in; no-negative uses {question}, {correct})")
+                               "placeholders (default: built-in; no-negative uses {question}, {correct}), or "
+                               "'short': a built-in terse instruction that tiny models follow more often")
 
 
 @dataclass
@@ -99,11 +100,12 @@ class LogitsConfig:
     mode: Literal["offline", "online"] = opt(
         "offline", "offline: store sparse teacher top-k once; online: run the frozen teacher in each training step")
     store: Literal["topk", "hidden"] = opt(
-        "topk", "offline storage: 'topk' keeps top_k ids + log-probs + the tail mass per token (6k+4 bytes, "
-        "approximate KL); 'hidden' keeps the teacher's final hidden state in float16 (2 x hidden size bytes) and "
-        "recomputes the exact full-vocabulary distribution during training")
-    top_k: int = opt(128, "Teacher tokens kept per position with store=topk (the rest is one tail bucket); 128 "
-                     "= 772 bytes/token, chosen by benchmarks/distill.py (see benchmarks/README.md)")
+        "topk", "offline storage: 'topk' keeps top_k ids + log-probs + the tail mass per token (4k+4 bytes with "
+        "16-bit ids, else 6k+4; approximate KL); 'hidden' keeps the teacher's final hidden state in float16 "
+        "(2 x hidden size bytes) and recomputes the exact full-vocabulary distribution during training")
+    top_k: int = opt(0, "Teacher tokens kept per position with store=topk (the rest is one tail bucket); 0 = auto: "
+                     "the largest k within 1 KB/token (255 for vocabularies up to 65,536, else 170), because the "
+                     "gradient's fidelity grows with k (benchmarks/distill.py, benchmarks/README.md)")
     batch_size: int = opt(8, "Sequences per teacher forward pass")
     shard_size: int = opt(256, "Examples per safetensors shard")
 
@@ -142,6 +144,9 @@ class GRPOConfig:
     (rank, alpha, dropout, targets, lr schedule, grad clipping, weight decay and activation checkpointing come from
     `train`), so only the method differs. One seed for the run: the top-level `seed`."""
 
+    generation: Literal["ssb", "trl"] = opt(
+        "ssb", "Who samples the completions: 'ssb' (our batched engine, through TRL's rollout_func; same sampling "
+        "settings) or 'trl' (TRL's own model.generate, or vLLM if you configure TRL for it)")
     num_generations: int = opt(4, "Completions sampled per question: the group whose rewards are normalised "
                                "(like rollout.k = 4); at least 2")
     temperature: float = opt(0.8, "Sampling temperature (the rollouts' 0.8)")
@@ -219,7 +224,7 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "data.train.level": ("must be 1, 2 or 3", lambda v: v in (1, 2, 3)),
     "rollout.k": ("must be >= 1", lambda v: v >= 1),
     "teach.attempts": ("must be >= 1", lambda v: v >= 1),
-    "logits.top_k": ("must be >= 1", lambda v: v >= 1),
+    "logits.top_k": ("must be >= 0 (0 = auto)", lambda v: v >= 0),
     "train.lora_r": ("must be >= 1", lambda v: v >= 1),
     "train.batch_size": ("must be >= 1", lambda v: v >= 1),
     "train.grad_accum": ("must be >= 1", lambda v: v >= 1),

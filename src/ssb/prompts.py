@@ -19,13 +19,16 @@ def student_messages(question: str, system_prompt: str) -> list[dict]:
 
 
 def load_template(path: str | Path | None, negative: bool = True) -> str:
-    """Read a hinted-prompt template and check its placeholders. Errors name the file.
+    """Read a hinted-prompt template (a path, or the name of a built-in: "short") and check its placeholders.
+    Errors name the file.
 
     Placeholders are the literal tokens {question}, {correct} and {wrong}; every other brace is kept as written
     (templates speak LaTeX: `\\boxed{answer}` stays as it is).
     """
     if path is None:
         path = TEMPLATES / ("hint.txt" if negative else "hint_no_negative.txt")
+    elif (TEMPLATES / f"hint_{path}.txt").exists():  # a built-in by name, e.g. "short"
+        path = TEMPLATES / (f"hint_{path}.txt" if negative else f"hint_{path}_no_negative.txt")
     path = Path(path)
     if not path.exists():
         raise ValueError(f"hint template not found: {path}")
