@@ -83,14 +83,18 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------ teacher data
 
 
-def load_model(path: Path):
+def load_model(spec: str):
+    """Model spec ('tiny', the embedded alias, a directory) -> (directory, fp32 model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (path / "config.json").exists():
+    if spec == "tiny":
         from ssb.testing import make_tiny_model
 
-        print(f"{path} not found: falling back to the tiny random test model", file=sys.stderr)
         path = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    else:
+        from ssb.models import resolve
+
+        path = Path(resolve(spec))
     tok = AutoTokenizer.from_pretrained(path)
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tok
 
@@ -346,7 +350,8 @@ def merge_runs(runs: list[dict]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer examples, 2-layer model for the step (< 3 min)")
-    ap.add_argument("--model", default="/work/smollm2", help="model directory (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="model directory, or the embedded alias (default); 'tiny' builds a tiny random model")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     ap.add_argument("--k", type=int, default=0, help="top-k for the storage and step measurements "
                     "(0: logits.top_k's automatic choice, the largest k within 1 KB/token)")
@@ -360,7 +365,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     t_start = time.time()
     n, max_new, seq, layers, steps = (4, 96, 512, 2, 1) if args.quick else (8, 320, 1024, None, 2)
-    model_path, model, tok = load_model(Path(args.model))
+    model_path, model, tok = load_model(args.model)
     pairs = make_pairs(model, tok, n, max_new)
     print(f"teacher data: {n} GSM8K questions, solutions of {[p.solution_len for p in pairs]} tokens "
           f"({time.time() - t_start:.0f} s)", flush=True)

@@ -98,8 +98,8 @@ def greedy_check(model, tok, engine, prompts, max_new: int) -> list[bool]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run (< 3 minutes)")
-    ap.add_argument("--model", default="/work/smollm2" if Path("/work/smollm2").exists() else "tiny",
-                    help="HF model directory (default /work/smollm2 if present); 'tiny' builds a tiny random model")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="model directory, or the embedded alias (default); 'tiny' builds a tiny random model")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--questions", type=int, default=None)
@@ -120,6 +120,10 @@ def main() -> None:
         from ssb.testing import make_tiny_model
 
         model_path = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
+    else:
+        from ssb.models import resolve
+
+        model_path = resolve(model_path)
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in questions(n_q)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ssb.config import Config
+from ssb.config import EMBEDDED_MODEL, Config
 from ssb.metrics import wilson_ci
 from ssb.rundir import read_jsonl, write_jsonl
 from ssb.stages import evaluate as ev
@@ -237,9 +237,7 @@ def test_eval_from_args_applies_options(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_model_arith_smoke(tmp_path):
-    model = os.environ.get("SSB_TEST_MODEL", "/work/smollm2")
-    if not Path(model).exists():
-        pytest.skip(f"real model not found at {model}")
+    model = os.environ.get("SSB_TEST_MODEL", EMBEDDED_MODEL)
     cfg = _cfg(n=1, temperature=0.0, max_new_tokens=256)
     cfg.eval.data.limit = 8
     s = evaluate(cfg, model, "arith", tmp_path / "eval")

@@ -251,11 +251,9 @@ def test_sampling_distribution():
 
 @pytest.mark.slow
 def test_smollm2_greedy_matches_hf_generate():
-    from pathlib import Path
+    from ssb.models import EMBEDDED_MODEL, resolve
 
-    path = Path("/work/smollm2")
-    if not path.exists():
-        pytest.skip("embedded SmolLM2 copy not present")
+    path = resolve(EMBEDDED_MODEL)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     system = {"role": "system", "content": "You are a helpful math tutor. Solve the problem step by step."}

@@ -73,7 +73,7 @@ def test_bytes_per_token_is_under_a_kilobyte():
     assert bytes_per_token(64, vocab_size=49152) == 64 * 2 + 64 * 2 + 4  # 16-bit ids
     for vocab in (50, 49152, 65536, 65537, 151936):
         k = auto_top_k(vocab)
-        assert bytes_per_token(k, vocab_size=vocab) <= 1024 < bytes_per_token(k + 1, vocab_size=vocab) or k == vocab
+        assert bytes_per_token(k, vocab_size=vocab) <= 1000 < bytes_per_token(k + 1, vocab_size=vocab) or k == vocab
 
 
 @pytest.mark.parametrize("vocab", [65536, 70000])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from ssb.config import Config, ConfigError, describe, load_config, preset_path, save_config
@@ -92,6 +93,8 @@ def _print_config_help() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # peft and TRL still call transformers' renamed gradient_checkpointing_* methods; nothing for a user to do
+    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing\w*` is deprecated", FutureWarning)
     parser = build_parser()
     if not argv:
         parser.print_help()

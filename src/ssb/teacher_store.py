@@ -1,8 +1,8 @@
 """Compact storage of teacher distributions over solution tokens, in sharded safetensors files. Two kinds:
 
 - `topk` (default): per token the top-k ids and log-probabilities at temperature T plus the log of the remaining
-  (tail) mass: 4k + 4 bytes per token when the vocabulary fits 16-bit ids (1024 B at k = 255 for SmolLM2's 49,152),
-  else 6k + 4 (1024 B at k = 170 for Qwen2.5's 151,936), instead of 4V for a dense fp32 row (192 KiB for SmolLM2).
+  (tail) mass: 4k + 4 bytes per token when the vocabulary fits 16-bit ids (1000 B at k = 249 for SmolLM2's 49,152),
+  else 6k + 4 (1000 B at k = 166 for Qwen2.5's 151,936), instead of 4V for a dense fp32 row (192 KiB for SmolLM2).
   The loss sees the teacher as k + 1 buckets (approximate: the tail's shape is the student's).
 - `hidden`: per token the teacher's final hidden state in float16 (2H bytes: 1152 B for SmolLM2). The teacher
   shares the student's frozen output head, so training recomputes the exact full-vocabulary distribution, at any T.
@@ -38,7 +38,7 @@ DTYPES = {"ids": torch.int32, "logprobs": torch.float16, "log_tail": torch.float
 HIDDEN_DTYPE = torch.float16  # kind hidden
 KINDS = ("topk", "hidden")
 ID16_OFFSET = 32768  # int16 ids are stored as id - 32768, so 0..65535 fit
-MAX_BYTES_PER_TOKEN = 1024  # the budget `auto_top_k` fills
+MAX_BYTES_PER_TOKEN = 1000  # the budget `auto_top_k` fills: 1 KB in either unit, shard headers included
 
 
 class TeacherStoreError(ValueError):
@@ -64,8 +64,8 @@ def id_dtype(vocab_size: int) -> torch.dtype:
 def bytes_per_token(k: int, kind: str = "topk", hidden_size: int = 0, vocab_size: int = 2**31) -> int:
     """Payload bytes per stored token (shard headers add a few hundred bytes per shard).
 
-    >>> bytes_per_token(255, vocab_size=49152), bytes_per_token(170, vocab_size=151936)
-    (1024, 1024)
+    >>> bytes_per_token(249, vocab_size=49152), bytes_per_token(166, vocab_size=151936)
+    (1000, 1000)
     """
     if kind == "hidden":
         return hidden_size * torch.empty((), dtype=HIDDEN_DTYPE).element_size()
@@ -77,7 +77,7 @@ def auto_top_k(vocab_size: int, budget: int = MAX_BYTES_PER_TOKEN) -> int:
     """The largest k whose rows fit `budget` bytes per token (more k = truer gradients; benchmarks/README.md).
 
     >>> auto_top_k(49152), auto_top_k(151936)
-    (255, 170)
+    (249, 166)
     """
     per_id = bytes_per_token(1, vocab_size=vocab_size) - bytes_per_token(0, vocab_size=vocab_size)
     return min(vocab_size, (budget - bytes_per_token(0, vocab_size=vocab_size)) // per_id)
