@@ -41,3 +41,32 @@ grpo: {{max_steps: 1, batch_size: 2, num_generations: 2, max_completion_length: 
     assert main(["run", "--config", str(cfg), "--run-dir", str(run.root)]) == 0
     again = capsys.readouterr().out
     assert again.count("skipping") >= 6
+
+
+def test_iterated_rounds_train_on_fresh_questions_from_the_merged_student(tmp_path, answering_model_dir, capsys):
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Tom has {i} apples?", "answer": "4"}) + "\n"
+                            for i in range(8)))
+    cfg = tmp_path / "rounds.yaml"
+    cfg.write_text(f"""
+model: {answering_model_dir}
+rounds: 2
+baselines: []
+data: {{train: {{source: {data}, limit: 4}}}}
+rollout: {{k: 4, max_new_tokens: 16, batch_size: 16}}
+teach: {{max_new_tokens: 16, batch_size: 8, attempts: 2}}
+logits: {{top_k: 8, batch_size: 4}}
+train: {{epochs: 1, batch_size: 2, lora_r: 4, lora_alpha: 8}}
+eval: {{data: {{source: {data}, limit: 4}}, max_new_tokens: 16}}
+""")
+    run = RunDir(tmp_path / "run")
+    assert main(["run", "--config", str(cfg), "--run-dir", str(run.root)]) == 0
+    r2 = run.round_dir(2)
+    first = {r["id"] for r in read_jsonl(run.rollouts)}
+    second = {r["id"] for r in read_jsonl(r2.rollouts)}
+    assert first == {"q0", "q1", "q2", "q3"} and second == {"q4", "q5", "q6", "q7"}  # fresh questions
+    assert (run.merged_dir / "config.json").exists()  # round 1's merged student is round 2's model
+    assert json.loads((r2.adapter_dir / "ssb_base.json").read_text())["model"] == str(run.merged_dir)
+    assert (r2.adapter_dir / "adapter_config.json").exists()
+    for tag in ("base", "ssb", "ssb-round2"):  # every round evaluated
+        assert json.loads((run.eval_dir(tag, "q") / "summary.json").read_text())["problems"] == 4

@@ -75,8 +75,7 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
     models: list[tuple[str, str]] = [("base", cfg.model)]
     model = cfg.model
     for n in range(1, cfg.rounds + 1):
-        rcfg = round_config(cfg, n, model)
-        rcfg = dataclasses.replace(rcfg, train=merge_if_more_rounds(rcfg, n))
+        rcfg = dataclasses.replace(round_config(cfg, n, model), train=merge_if_more_rounds(cfg, n))
         rrun = run if n == 1 else run.round_dir(n)
         if any(s in missing for s in PIPELINE):
             return results
