@@ -187,7 +187,8 @@ def topk_table(model, pairs, ks) -> tuple[list[dict], dict]:
             stored = SparseTeacher(*(t.to(DTYPES[n]) for t, n in zip(exact, ("ids", "logprobs", "log_tail"))))
             stored = z_teacher = SparseTeacher(stored.ids.long(), stored.logprobs.float(), stored.log_tail.float())
             mass = exact.logprobs.exp().sum(-1)
-            row = {"k": k, "bytes_per_token": bytes_per_token(k, vocab_size=head.vocab_size), "teacher_mass": round(mass.mean().item(), 4),
+            row = {"k": k, "bytes_per_token": bytes_per_token(k, vocab_size=head.vocab_size),
+                   "teacher_mass": round(mass.mean().item(), 4),
                    "teacher_mass_p05": round(mass.quantile(0.05).item(), 4)}
         kd, g_h = grads(lambda h: loss(h, targets, stored, head=head).loss, hs)
         _, g_z = grads(lambda z: loss(z, targets, z_teacher).loss, zs)
@@ -389,7 +390,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     result = {
         "model": str(model_path), "quick": args.quick, "k": args.k, "temperature": T, "threads": args.threads,
-        "bytes_per_token": round(stored_bpt, 1), "bytes_per_token_payload": bytes_per_token(args.k, vocab_size=vocab),
+        "bytes_per_token": round(stored_bpt, 1),
+        "bytes_per_token_payload": bytes_per_token(args.k, vocab_size=vocab),
         "dense_fp32_bytes_per_token": 4 * vocab,
         "grad_cosine": row["grad_cosine_hidden"], "grad_cosine_logits": row["grad_cosine_logits"],
         "grad_cosine_hidden_store": table[-1]["grad_cosine_hidden"], "lora_grad_cosine": lora_cos,

@@ -105,4 +105,3 @@ def test_ablation_values():
     sft = load_config(root / "sft.yaml").train
     assert (sft.kd_weight, sft.ce_weight) == (0.0, 1.0)
     assert load_config(Path(__file__).parents[1] / "configs" / "full.yaml").data.train.limit == 256
-

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssb.generation import Completion, Engine, SamplingParams
+from ssb.generation import Completion, Engine, SamplingParams, _ThreadTuner
 from ssb.generation_sampling import sample_next
 from ssb.testing import make_tiny_model
 
@@ -264,3 +264,21 @@ def test_smollm2_greedy_matches_hf_generate():
     got = eng.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=48))
     for m, comps in zip(prompts, got):
         assert comps[0].token_ids == hf_greedy(model, tok, prompt_ids(tok, m), 48, eng.stop_ids)
+
+
+def test_thread_tuner_keeps_the_faster_thread_count_and_restores(monkeypatch):
+    """Trial steps alternate the caller's count and 1; the faster (median per row) runs until the next trial."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    tuner = _ThreadTuner(period=10, trial=3)
+    used = []
+    for slow_threads in (2, 1):  # first period: 2 threads are slow (a busy machine); second: 1 thread is
+        for _ in range(10):
+            tuner.before_step()
+            used.append(tuner.current)
+            tuner.after_step(1.0 if tuner.current == slow_threads else 0.1)
+    assert used[:6] == [2, 1, 2, 1, 2, 1] and set(used[6:10]) == {1}  # trial, then the faster: 1
+    assert used[10:16] == [2, 1, 2, 1, 2, 1] and set(used[16:]) == {2}  # conditions changed: back to 2
+    tuner.restore()
+    assert calls[-1] == 2

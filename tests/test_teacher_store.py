@@ -206,6 +206,18 @@ def test_logits_stage_stores_the_teacher_distribution_over_solution_tokens(tmp_p
     assert again == counts
 
 
+def test_logits_stage_auto_top_k_fills_a_kilobyte(tmp_path, tiny):
+    from ssb.stages.logits import logits
+
+    run, cfg = _run(tmp_path, tiny, n=2, **{"logits.top_k": 0})
+    counts = logits(cfg, run)
+    vocab = tiny[1].config.vocab_size
+    assert counts["top_k"] == auto_top_k(vocab) == 249 < vocab  # 16-bit ids: (1000 - 4) // 4
+    store = TeacherStore(run.logits_dir)
+    assert store["arith-0"].ids.shape[1] == 249 and int(store["arith-0"].ids.max()) < vocab
+    assert counts["bytes_per_token"] <= 1024  # on disk, shard header included
+
+
 def test_hidden_store_reproduces_the_full_teacher_logits(tmp_path, tiny):
     from ssb.distill_data import encode_pairs, read_pairs
     from ssb.losses import OutputHead

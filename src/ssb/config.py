@@ -104,8 +104,8 @@ class LogitsConfig:
         "16-bit ids, else 6k+4; approximate KL); 'hidden' keeps the teacher's final hidden state in float16 "
         "(2 x hidden size bytes) and recomputes the exact full-vocabulary distribution during training")
     top_k: int = opt(0, "Teacher tokens kept per position with store=topk (the rest is one tail bucket); 0 = auto: "
-                     "the largest k within 1,000 bytes/token (249 for vocabularies up to 65,536, else 166), because the "
-                     "gradient's fidelity grows with k (benchmarks/distill.py, benchmarks/README.md)")
+                     "the largest k within 1,000 bytes/token (249 for vocabularies up to 65,536, else 166), "
+                     "because the gradient's fidelity grows with k (benchmarks/distill.py, benchmarks/README.md)")
     batch_size: int = opt(8, "Sequences per teacher forward pass")
     shard_size: int = opt(256, "Examples per safetensors shard")
 

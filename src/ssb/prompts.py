@@ -27,11 +27,12 @@ def load_template(path: str | Path | None, negative: bool = True) -> str:
     """
     if path is None:
         path = TEMPLATES / ("hint.txt" if negative else "hint_no_negative.txt")
-    elif (TEMPLATES / f"hint_{path}.txt").exists():  # a built-in by name, e.g. "short"
+    elif "/" not in str(path) and (TEMPLATES / f"hint_{path}.txt").exists():  # a built-in by name, e.g. "short"
         path = TEMPLATES / (f"hint_{path}.txt" if negative else f"hint_{path}_no_negative.txt")
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"hint template not found: {path}")
+        names = sorted(p.stem[len("hint_"):] for p in TEMPLATES.glob("hint_*.txt") if "negative" not in p.stem)
+        raise ValueError(f"hint template not found: {path} (give a file path or a built-in name: {', '.join(names)})")
     text = path.read_text(encoding="utf-8")
     found = set(_FIELD.findall(text))
     required = {"question", "correct"} | ({"wrong"} if negative else set())

@@ -142,9 +142,9 @@ def engine_rollout(cfg: Config, batch_size: int = 128):
         params = SamplingParams(temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p,
                                 max_new_tokens=gc.max_completion_length,
                                 seed=cfg.seed * 1_000_003 + trainer.state.global_step)
+        prompt_ids = tokenize_prompts(trainer.processing_class, unique)  # once: id lists pass through the engine
         completions = Engine(model, trainer.processing_class, batch_size=batch_size, progress=False).generate(
-            unique, n, params)
-        prompt_ids = tokenize_prompts(trainer.processing_class, unique)
+            prompt_ids, n, params)
         return {"prompt_ids": [ids for ids in prompt_ids for _ in range(n)],
                 "completion_ids": [c.token_ids for group in completions for c in group],
                 "logprobs": None}  # only used by TRL's vLLM importance-sampling correction

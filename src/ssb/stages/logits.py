@@ -70,8 +70,8 @@ def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print)
     if pairs:
         check_head(model, head, torch.tensor([pairs[-1].teacher_prompt], device=device))
     what = f"top-{k} of {head.vocab_size} at T={T}" if lc.store == "topk" else f"final hidden states ({hidden_size})"
-    say(f"[logits] {len(pairs)} examples, {what}, {bytes_per_token(k, lc.store, hidden_size, head.vocab_size)} bytes/token "
-        f"-> {run.logits_dir}")
+    per_token = bytes_per_token(k, lc.store, hidden_size, head.vocab_size)
+    say(f"[logits] {len(pairs)} examples, {what}, {per_token} bytes/token -> {run.logits_dir}")
     t0, done_tokens = time.time(), 0
     for start in range(0, len(pairs), lc.batch_size):
         chunk = pairs[start:start + lc.batch_size]
