@@ -20,6 +20,8 @@
    activations in the heap: RSS then reads several times the live size). Time = median
    over the steps after each process's warm-up step; the full run alternates ours / reference twice so that load
    drift on a shared machine affects both. One torch thread by default (steady timings on a busy machine).
+   Precision follows the trainer's `train.mixed_precision: auto` on this CPU (bf16 autocast where it has AMX
+   units, else fp32) for both variants; --mixed-precision none|bf16 overrides.
    --quick uses the first 2 of the 30 layers (same vocabulary and head) and S = 512 so it fits in about 3
    minutes; the full run uses the whole model and S = 1024 (about 25 minutes on 2 busy cores).
 
@@ -272,8 +274,10 @@ def prepare_step_data(work: Path, model_path: Path, pairs, seq: int, layers: int
     return model_path
 
 
-def run_variant(variant: str, work: Path, steps: int, threads: int) -> dict:
-    """One variant's training steps, in this (fresh) process."""
+def run_variant(variant: str, work: Path, steps: int, threads: int, precision: str) -> dict:
+    """One variant's training steps, in this (fresh) process; precision "bf16" runs both variants' forward passes
+    and our loss under bf16 autocast, as the trainer does with train.mixed_precision=bf16 (the reference's loss
+    runs on fp32 logits, as the Hugging Face Trainer's loss does on accelerate's fp32-converted outputs)."""
     import numpy as np
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -300,16 +304,20 @@ def run_variant(variant: str, work: Path, steps: int, threads: int) -> dict:
         t0 = time.perf_counter()
         b = collate(pairs)
         keep = b["shift_labels"].ne(-100)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
         if variant == "ours":
-            h = final_hidden(model, b["input_ids"], b["attention_mask"])[keep]
-            teacher = SparseTeacher(b["t_ids"], b["t_logprobs"], b["t_log_tail"])
-            loss = loss_fn(h, b["shift_labels"][keep], teacher, head=head).loss
+            with autocast:
+                h = final_hidden(model, b["input_ids"], b["attention_mask"])[keep]
+                teacher = SparseTeacher(b["t_ids"], b["t_logprobs"], b["t_log_tail"])
+                loss = loss_fn(h, b["shift_labels"][keep], teacher, head=head).loss
         else:  # the paper's collator and kd_loss_fn
             teacher_logits = torch.zeros(*b["input_ids"].shape, vocab)
             for i, p in enumerate(pairs):
                 start = len(p.student_prompt) - 1
                 teacher_logits[i, start:start + p.solution_len] = torch.from_numpy(np.load(work / f"dense-{i}.npy"))
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, S, V]
+            with autocast:
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, S, V]
+            logits = logits.float()
             student_logp = F.log_softmax(logits / T, dim=-1)
             with torch.no_grad():
                 teacher_p = F.softmax(teacher_logits / T, dim=-1)
@@ -325,13 +333,13 @@ def run_variant(variant: str, work: Path, steps: int, threads: int) -> dict:
             "peak_mem_bytes": peak_rss_bytes() - base_rss, "tokens": int(keep.sum()), "shape": list(keep.shape)}
 
 
-def spawn_variant(variant: str, work: Path, steps: int, threads: int) -> dict:
+def spawn_variant(variant: str, work: Path, steps: int, threads: int, precision: str) -> dict:
     # A fixed mmap threshold makes glibc hand every large freed block back to the OS at once; with its default
     # (adaptive) threshold, freed activations stay in the heap and RSS reads 5-10x the live memory.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src"),
            "MALLOC_MMAP_THRESHOLD_": "131072"}
     cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--steps", str(steps),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--mixed-precision", precision]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} step failed:\n{proc.stderr[-3000:]}")
@@ -356,14 +364,20 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     ap.add_argument("--k", type=int, default=0, help="top-k for the storage and step measurements "
                     "(0: logits.top_k's automatic choice, the largest k within 1 KB/token)")
+    ap.add_argument("--mixed-precision", default="auto", choices=["auto", "none", "bf16"],
+                    help="autocast for both training steps (auto: train.mixed_precision's choice on this CPU)")
     ap.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, Path(args.work), args.steps, args.threads)))
+        print(json.dumps(run_variant(args.variant, Path(args.work), args.steps, args.threads,
+                                     args.mixed_precision)))
         return 0
     torch.set_num_threads(args.threads)
+    from ssb.models import resolve_mixed_precision
+
+    precision = resolve_mixed_precision(args.mixed_precision, "cpu")
     t_start = time.time()
     n, max_new, seq, layers, steps = (4, 96, 512, 2, 1) if args.quick else (8, 320, 1024, None, 2)
     model_path, model, tok = load_model(args.model)
@@ -384,7 +398,7 @@ def main() -> int:
         runs: dict[str, list[dict]] = {"ours": [], "reference": []}
         for _ in range(1 if args.quick else 2):  # alternate, so load drift on a shared machine hits both alike
             for variant in runs:
-                runs[variant].append(spawn_variant(variant, work, steps, args.threads))
+                runs[variant].append(spawn_variant(variant, work, steps, args.threads, precision))
         ours, ref = (merge_runs(runs[v]) for v in ("ours", "reference"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -397,7 +411,8 @@ def main() -> int:
         "grad_cosine_hidden_store": table[-1]["grad_cosine_hidden"], "lora_grad_cosine": lora_cos,
         "teacher_mass": row["teacher_mass"], "topk_table": table, **info,
         "step_config": {"batch": ours["shape"], "solution_tokens": ours["tokens"],
-                        "layers": layers or "all", "gradient_checkpointing": True, "lora_r": 32},
+                        "layers": layers or "all", "gradient_checkpointing": True, "lora_r": 32,
+                        "mixed_precision": precision},
         "ours": ours, "reference": ref,
         "peak_mem_ratio": round(ours["peak_mem_bytes"] / ref["peak_mem_bytes"], 4),
         "step_speedup": round(ref["step_s"] / ours["step_s"], 3),
@@ -408,9 +423,9 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"ours: {ours['step_s']:.2f} s/step, +{ours['peak_mem_bytes'] / 2**20:.0f} MiB peak; reference: "
           f"{ref['step_s']:.2f} s/step, +{ref['peak_mem_bytes'] / 2**20:.0f} MiB peak")
-    print(json.dumps({k: result[k] for k in ("bytes_per_token", "grad_cosine", "peak_mem_ratio", "step_speedup",
-                                             "grad_cosine_hidden_store", "lora_grad_cosine", "teacher_mass", "k",
-                                             "quick")}))
+    print(json.dumps({**{k: result[k] for k in ("bytes_per_token", "grad_cosine", "peak_mem_ratio", "step_speedup",
+                                                "grad_cosine_hidden_store", "lora_grad_cosine", "teacher_mass", "k",
+                                                "quick")}, "mixed_precision": precision}))
     return 0
 
 

@@ -1,19 +1,25 @@
-"""Benchmark: ssb.generation.Engine vs one-sequence-at-a-time `model.generate`, and the fp32 matmul roofline.
+"""Benchmark: ssb.generation.Engine vs one-sequence-at-a-time `model.generate`, and the matmul roofline.
 
 Workload (the rollout stage): GSM8K-style questions with a math-tutor system prompt, K samples each,
 temperature 0.8, top-k 50. Full mode: 64 questions x K=4 x 256 new tokens; --quick: 16 x 4 x 64.
 The reference (HF `generate`, batch 1, same sampling settings) runs in the same process on a subset of the
 prompts; its tokens/s is comparable because per-token cost of batch-1 decoding does not depend on which prompt.
-The roofline is the measured fp32 matmul FLOP/s divided by 2 x (non-embedding + lm_head) parameters.
-Also checks on a few prompts that greedy engine output equals greedy `generate` token for token.
+The engine runs in the generating stages' default dtype (`generation_dtype: auto`: bf16 on a CPU with AMX
+units, else fp32; `--dtype` overrides); the reference runs the fp32 model, the faster choice at batch 1
+(bf16 matmuls of one row run slower than fp32 here). When the engine is not fp32, the engine's fp32 speed is
+measured too (`engine_fp32_tok_per_s`), so the gain from batching and the gain from bf16 are both visible.
+The roofline is the measured matmul FLOP/s (in the engine's dtype) divided by 2 x (non-embedding + lm_head)
+parameters. Also checks on a few prompts that the fp32 engine's greedy output equals greedy `generate` token
+for token.
 
-Usage: benchmarks/generation.py [--quick] [--model PATH] [--batch-size 64] [--threads N]
+Usage: benchmarks/generation.py [--quick] [--model PATH] [--batch-size 64] [--threads N] [--dtype auto]
 Prints one final JSON line and writes benchmarks/results/generation.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import random
@@ -50,9 +56,9 @@ def questions(count: int) -> list[str]:
     return out
 
 
-def matmul_flops(seconds: float = 3.0, n: int = 2048) -> float:
-    """Sustained fp32 FLOP/s of an n x n matmul on this CPU, best of repeated timings."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(seconds: float = 3.0, n: int = 2048, dtype=torch.float32) -> float:
+    """Sustained FLOP/s of an n x n matmul in `dtype` on this CPU, best of repeated timings."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -106,6 +112,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--ref-prompts", type=int, default=None, help="prompts for the one-at-a-time reference")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="engine weights dtype (auto: as the generating stages choose on this machine)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,9 +137,13 @@ def main() -> None:
     prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in questions(n_q)]
     params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=max_new, seed=0)
 
-    flops = matmul_flops()
+    from ssb.models import resolve_generation_dtype
+
+    dtype = resolve_generation_dtype(args.dtype, "float32", "cpu")
+    gen_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    flops = matmul_flops(dtype=dtype)
     n_params = flop_params(model)
-    engine = Engine(model, tok, batch_size=args.batch_size, progress=False)
+    engine = Engine(gen_model, tok, batch_size=args.batch_size, progress=False)
 
     first_done = []
     t0 = time.perf_counter()
@@ -140,9 +152,15 @@ def main() -> None:
     engine_s = time.perf_counter() - t0
     comps = [c for r in results for c in r]
     engine_tokens = sum(c.num_tokens for c in comps)
+    fp32_engine = engine if gen_model is model else Engine(model, tok, batch_size=args.batch_size, progress=False)
+    fp32_tps = None
+    if fp32_engine is not engine:
+        t = time.perf_counter()
+        fp32_tokens = sum(c.num_tokens for r in fp32_engine.generate(prompts, args.k, params) for c in r)
+        fp32_tps = fp32_tokens / (time.perf_counter() - t)
 
     ref_tokens, ref_s = reference(model, tok, prompts[:ref_prompts], 1, params)
-    greedy_same = greedy_check(model, tok, engine, prompts[:2 if args.quick else 3], 32 if args.quick else 64)
+    greedy_same = greedy_check(model, tok, fp32_engine, prompts[:2 if args.quick else 3], 32 if args.quick else 64)
 
     engine_tps, ref_tps = engine_tokens / engine_s, ref_tokens / ref_s
     result = {
@@ -151,6 +169,7 @@ def main() -> None:
         "speedup": round(engine_tps / ref_tps, 2),
         "roofline_tok_per_s": round(flops / (2 * n_params), 1),
         "fraction_of_roofline": round(engine_tps / (flops / (2 * n_params)), 3),
+        "engine_fp32_tok_per_s": round(fp32_tps, 1) if fp32_tps else round(engine_tps, 1),
         "matmul_gflop_per_s": round(flops / 1e9, 1),
         "flop_params": n_params,
         "engine_tokens": engine_tokens,
@@ -163,7 +182,7 @@ def main() -> None:
         "greedy_matches_generate": f"{sum(greedy_same)}/{len(greedy_same)}",
         "settings": {
             "model": model_path, "backend": engine.backend, "device": str(engine.device),
-            "dtype": str(model.dtype), "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+            "dtype": str(gen_model.dtype), "reference_dtype": str(model.dtype), "batch_size": args.batch_size, "threads": torch.get_num_threads(),
             "questions": n_q, "k": args.k, "max_new_tokens": max_new, "temperature": params.temperature,
             "top_k": params.top_k, "quick": args.quick, "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(),

@@ -207,6 +207,51 @@ def test_lora_model_matches_hf_generate_and_training_mode_is_restored(tiny):
         peft_model.unload()
 
 
+def test_bf16_weights_keep_fp32_attention_and_track_the_fp32_model(tiny):
+    """A bf16 copy (the CPU generation default on AMX machines): caches stay fp32 on CPU, results do not depend
+    on the batch, the backend names the dtype, and nearly every greedy token is the fp32 model's argmax."""
+    import copy
+
+    from ssb.generation_model import SlotModel
+
+    model, tok = tiny
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    eng = Engine(m16, tok, batch_size=16, progress=False)
+    assert eng.backend == "torch-static-kv/bfloat16"
+    assert Engine(model, tok, progress=False).backend == "torch-static-kv/float32"
+    assert SlotModel(m16, 2, 1, 8, 8).gk.dtype == torch.float32
+    together = eng.generate(MESSAGES, 1, GREEDY)
+    for m, comps in zip(MESSAGES, together):
+        assert Engine(m16, tok, batch_size=1, progress=False).generate([m], 1, GREEDY)[0][0].token_ids == \
+            comps[0].token_ids
+    agree = total = 0
+    for m, comps in zip(MESSAGES, together):  # teacher-forced: fp32 argmax at each generated position
+        ids, toks = prompt_ids(tok, m), comps[0].token_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + toks])).logits[0, len(ids) - 1:-1]
+        agree += int((logits.argmax(-1) == torch.tensor(toks)).sum())
+        total += len(toks)
+    assert agree >= 0.9 * total  # measured 118 of 120
+
+
+def test_generation_dtype_resolution(monkeypatch, tmp_path):
+    from ssb import models
+    from ssb.config import load_config
+    from ssb.models import load_from_config, resolve_generation_dtype
+
+    monkeypatch.setattr(models, "cpu_has_amx", lambda: True)
+    assert resolve_generation_dtype("auto", "auto", "cpu") == torch.bfloat16
+    assert resolve_generation_dtype("model", "auto", "cpu") == torch.float32
+    assert resolve_generation_dtype("float32", "bfloat16", "cpu") == torch.float32
+    monkeypatch.setattr(models, "cpu_has_amx", lambda: False)
+    assert resolve_generation_dtype("auto", "auto", "cpu") == torch.float32
+    assert resolve_generation_dtype("auto", "bfloat16", "cpu") == torch.bfloat16  # falls back to `dtype`
+    path = make_tiny_model(tmp_path / "tiny")
+    cfg = load_config(None, ["model=" + str(path), "device=cpu", "generation_dtype=bfloat16"])
+    assert next(load_from_config(cfg, generation=True)[0].parameters()).dtype == torch.bfloat16
+    assert next(load_from_config(cfg)[0].parameters()).dtype == torch.float32  # training and logits: `dtype`
+
+
 def test_bad_prompts_are_rejected(tiny):
     model, tok = tiny
     eng = Engine(model, tok, batch_size=2, progress=False)

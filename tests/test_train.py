@@ -59,7 +59,8 @@ def _write_pairs(path, tok, n):
 
 
 BASE = {"logits.top_k": 16, "train.batch_size": 2, "train.epochs": 2, "train.learning_rate": 0.01,
-        "train.lora_r": 4, "train.lora_alpha": 8, "train.save_steps": 100, "train.gradient_checkpointing": False}
+        "train.lora_r": 4, "train.lora_alpha": 8, "train.save_steps": 100, "train.gradient_checkpointing": False,
+        "train.mixed_precision": "none"}  # exact comparisons below; bf16 autocast has its own test
 
 
 def _setup(root, tiny, n=6, **sets):
@@ -152,6 +153,32 @@ def test_online_teacher_equals_stored_logits_with_full_vocabulary(tmp_path, tiny
     assert offline > 0.05
     assert online == pytest.approx(offline, rel=2e-3)  # float16 storage of the log-probabilities
     assert hidden == pytest.approx(online, rel=2e-3)  # float16 storage of the hidden states
+
+
+def test_bf16_autocast_training_on_cpu(tmp_path, tiny):
+    """train.mixed_precision=bf16 (auto's choice on CPUs with AMX): the body and the loss's head run under bf16
+    autocast, the LoRA weights stay fp32, the first loss is within bf16 rounding of fp32's, and training learns."""
+    from ssb.models import resolve_mixed_precision
+    from ssb.stages.logits import logits
+    from ssb.stages.train import build_trainer, train
+
+    assert resolve_mixed_precision("none", "cpu") == "none"
+    with pytest.raises(ValueError, match="train.mixed_precision.: fp16 needs a CUDA device"):
+        resolve_mixed_precision("fp16", "cpu")
+    run, cfg = _setup(tmp_path / "run", tiny, **{"train.epochs": 4})
+    logits(cfg, run)
+    exact = _first_batch_loss(cfg, run)
+    _, bf16_cfg = _setup(tmp_path / "run", tiny, **{"train.epochs": 4, "train.mixed_precision": "bf16"})
+    trainer, info = build_trainer(bf16_cfg, run)
+    assert info["mixed_precision"] == "bf16" and trainer.accelerator.mixed_precision == "bf16"
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    with torch.no_grad():
+        assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(exact, rel=5e-2)
+    counts = train(bf16_cfg, run)
+    rows = _metrics(run)
+    assert counts["mixed_precision"] == "bf16" and len(rows) == 12
+    assert sum(r["kd"] for r in rows[-3:]) < 0.5 * sum(r["kd"] for r in rows[:3])
+    assert all(t.dtype == torch.float32 for t in _adapter(run).values())
 
 
 def test_gradient_accumulation_is_a_token_level_mean_over_the_effective_batch(tmp_path, tiny):

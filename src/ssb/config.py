@@ -136,6 +136,9 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass: far less memory for "
                                        "long solutions, about a third more compute (the paper's scripts use it)")
     merge: bool = opt(False, "Also write a merged model (base + LoRA) to the run directory")
+    mixed_precision: Literal["auto", "none", "bf16", "fp16"] = opt(
+        "auto", "Autocast for training (SSB, SFT and GRPO; weights and optimizer stay in `dtype`). auto: bf16 on "
+        "CUDA with bf16 and on CPUs with AMX bf16 units, fp16 on older CUDA GPUs, else none. fp16 needs CUDA")
 
 
 @dataclass
@@ -198,7 +201,12 @@ class EvalConfig:
 class Config:
     model: str = opt(EMBEDDED_MODEL, "Base model: the embedded alias, a Hub id, or a local directory")
     device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:1, mps")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto: bf16 on CUDA, fp32 on CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Weights for training and teacher logits. auto: bf16 on CUDA, fp32 on CPU")
+    generation_dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Weights for the generating stages (rollout, teach, eval): a copy of the model in this dtype. "
+        "auto: bf16 on CUDA and on CPUs with AMX bf16 units (several times fp32's matmul rate there), else "
+        "`dtype`; model: always `dtype`. The dtype is recorded in each record's `backend` field")
     trust_remote_code: bool = opt(False, "Allow model code from the Hub (only if you trust it)")
     seed: int = opt(0, "Seed for sampling, curation choices and training order")
     data: DataConfig = opt(DataConfig, "Training data")

@@ -72,7 +72,8 @@ class DistillTrainer(Trainer):
             teacher = SparseTeacher(inputs["t_ids"], inputs["t_logprobs"], inputs["t_log_tail"])
         rows = self._rows(model, inputs["input_ids"], inputs["attention_mask"], shift)
         normalizer = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-        out = self.distill_loss(rows, shift[keep], teacher, normalizer, head=self.head)
+        with self.accelerator.autocast():  # the head's matmuls in the body's precision, as in the model's forward
+            out = self.distill_loss(rows, shift[keep], teacher, normalizer, head=self.head)
         loss = out.loss
         if (self.args.average_tokens_across_devices and self.accelerator.num_processes > 1
                 and num_items_in_batch is not None):

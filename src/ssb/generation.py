@@ -102,12 +102,11 @@ class Engine:
     """Continuous-batching generator over static KV caches; see the module docstring.
 
     model: a Hugging Face causal LM of a supported type (llama, mistral, qwen2, qwen3), or a peft model wrapping
-    one; fp32 on CPU, any dtype on CUDA. batch_size: most sequences decoded at once (KV memory is about
+    one, in any dtype (bf16 weights pay off on CPUs with AMX units; attention stays fp32 on CPU, see
+    generation_model). batch_size: most sequences decoded at once (KV memory is about
     1.25 x batch_size x (longest prompt + max_new_tokens) positions). device: move the model there first
     (default: leave it where it is). progress: show a tqdm bar over prompts.
     """
-
-    backend = "torch-static-kv"
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, device=None, progress: bool = True):
         if batch_size < 1:
@@ -118,6 +117,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.progress = batch_size, progress
         self.device = next(model.parameters()).device
+        # recorded in every artifact: which code and precision produced the text
+        self.backend = f"torch-static-kv/{str(next(model.parameters()).dtype).removeprefix('torch.')}"
         self.stop_ids = stop_token_ids(tokenizer, self.lm)
         if not self.stop_ids:
             raise ValueError("tokenizer and model define no eos token: generation could never stop early")

@@ -14,6 +14,10 @@ Decode attention is split in two (the "cascade" form): all samples of a prompt a
 in one kernel call (reading them once, not once per sample), each row attends to its own generated keys, and the
 two softmax pieces are merged exactly through their log-sum-exps. This cuts the KV memory traffic (the main
 non-matmul cost on CPU) and the padding: each part is padded only to its own live maximum.
+
+Precision: the projections and MLP run in the model's dtype; on CPU, rotary embedding, the KV caches and
+attention are float32 even for a bf16 model (bf16 weights are for the AMX matrix units; a bf16 score matrix
+would round logits of ~20 to steps of 0.125). On CUDA they follow the model's dtype, as in Hugging Face models.
 """
 
 from __future__ import annotations
@@ -82,19 +86,21 @@ class SlotModel:
         self.head = self.lm.lm_head
         weight = self.embed.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype  # see the module docstring
         self.kv_heads, self.heads = cfg.num_key_value_heads, cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         shape_p = (len(self.layers), prompt_slots, self.kv_heads, max_prompt, self.head_dim)
         shape_g = (len(self.layers), rows, self.kv_heads, max_new, self.head_dim)
         # zero-filled: masked cache entries are still multiplied by 0 in attention and must not be NaN
-        self.pk, self.pv = (torch.zeros(shape_p, dtype=self.dtype, device=self.device) for _ in range(2))
-        self.gk, self.gv = (torch.zeros(shape_g, dtype=self.dtype, device=self.device) for _ in range(2))
+        self.pk, self.pv = (torch.zeros(shape_p, dtype=self.kv_dtype, device=self.device) for _ in range(2))
+        self.gk, self.gv = (torch.zeros(shape_g, dtype=self.kv_dtype, device=self.device) for _ in range(2))
 
     def _forward(self, ids, positions, attend):
         """ids/positions: [B, T]; attend(layer_idx, attn_module, q, k, v) -> [B, T, heads * hd].
         Returns final-normed hidden states [B, T, D]."""
         h = self.embed(ids)
-        cos, sin = self.rotary(h, positions)
+        kv = self.kv_dtype
+        cos, sin = self.rotary(h.to(kv), positions)  # rotary computes in fp32 and casts to its input's dtype
         b, t = ids.shape
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
@@ -104,7 +110,8 @@ class SlotModel:
             v = a.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
             if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
                 q, k = a.q_norm(q), a.k_norm(k)
-            h = h + a.o_proj(attend(i, a, _rope(q, cos, sin), _rope(k, cos, sin), v))
+            o = attend(i, a, _rope(q.to(kv), cos, sin), _rope(k.to(kv), cos, sin), v.to(kv))
+            h = h + a.o_proj(o.to(h.dtype))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.norm(h)
 
@@ -150,7 +157,7 @@ class SlotModel:
         r, (s, n) = tokens.shape[0], members.shape
         kvh, g, hd = self.kv_heads, self.heads // self.kv_heads, self.head_dim
         lg, lp = max(c[2] for c in chunks), int(prompt_lens.max())
-        neg = torch.finfo(self.dtype).min  # finite in the model dtype: fully masked dummy rows stay NaN-free
+        neg = torch.finfo(self.kv_dtype).min  # finite in the cache dtype: fully masked dummy rows stay NaN-free
         ar_g, ar_p = torch.arange(lg, device=self.device), torch.arange(lp, device=self.device)
         mask_g = torch.zeros(r, 1, 1, lg, device=self.device).masked_fill_((ar_g > step[:, None])[:, None, None], neg)
         mask_p = torch.zeros(s, 1, 1, lp, device=self.device).masked_fill_(

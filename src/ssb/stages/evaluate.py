@@ -34,6 +34,7 @@ from pathlib import Path
 from ssb.config import Config, DatasetSpec, validate
 from ssb.data import BENCHMARKS, Example, load_examples
 from ssb.metrics import majority_vote, mcnemar_exact, mean_ci, paired_bootstrap, pass_at_k, wilson_ci
+from ssb.models import generation_dtype_name
 from ssb.rundir import JsonlWriter, RunDir, atomic_write_json, file_digest, read_jsonl
 
 SAMPLES, SUMMARY, EVAL_CONFIG = "samples.jsonl", "summary.json", "eval_config.json"
@@ -90,7 +91,8 @@ def eval_settings(cfg: Config, model: str, benchmark: str, spec: DatasetSpec, da
             "data_file": str(data_file) if data_file else None, "data_hash": data_hash.hexdigest()[:16],
             "n": ec.n, "temperature": ec.temperature, "top_k": ec.top_k, "top_p": ec.top_p,
             "max_new_tokens": ec.max_new_tokens, "policy": ec.policy,
-            "system_prompt": cfg.rollout.system_prompt, "seed": cfg.seed}
+            "system_prompt": cfg.rollout.system_prompt, "seed": cfg.seed,
+            "generation_dtype": generation_dtype_name(cfg)}
 
 
 def _prepare_outputs(out: Path, settings: dict, ids: set[str], force: bool) -> dict[str, dict]:
@@ -168,7 +170,7 @@ def _generate(cfg: Config, model: str, todo: list[Example], samples_path: Path, 
     from ssb.verify import Verifier
 
     ec = cfg.eval
-    lm, tok = load_from_config(cfg, model)
+    lm, tok = load_from_config(cfg, model, generation=True)
     engine = Engine(lm, tok, batch_size=ec.batch_size, progress=True)
     # A fixed seed: the engine keys each sample's random stream on (seed, prompt, index), so a resumed run
     # draws exactly the samples an uninterrupted one would have.

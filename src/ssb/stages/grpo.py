@@ -161,7 +161,7 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter):
     from trl import GRPOConfig as TRLGRPOConfig
     from trl import GRPOTrainer
 
-    from ssb.models import load_model, load_tokenizer, resolve_device
+    from ssb.models import load_model, load_tokenizer, resolve_device, resolve_mixed_precision
     from ssb.prompts import student_messages
     from ssb.stages.rollout import load_train_questions
 
@@ -173,7 +173,7 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter):
                                "gold": q["answer"], "id": q["id"]} for q in questions])
     device = resolve_device(cfg.device)
     cuda = device.startswith("cuda")
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
     out = run.grpo_dir
     args = TRLGRPOConfig(
         output_dir=str(out / "checkpoints"), num_generations=gc.num_generations, temperature=gc.temperature,
@@ -185,7 +185,8 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter):
         lr_scheduler_type=tc.lr_scheduler, max_grad_norm=tc.max_grad_norm, weight_decay=tc.weight_decay,
         logging_steps=gc.logging_steps, save_strategy="steps", save_steps=gc.save_steps,
         save_total_limit=gc.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
-        bf16=bf16, fp16=cuda and not bf16, use_cpu=not cuda, report_to="none", disable_tqdm=True,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda, report_to="none",
+        disable_tqdm=True,
         activation_checkpointing=tc.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
         use_vllm=False, log_completions=False,

@@ -10,6 +10,7 @@ from collections import Counter
 
 from ssb.config import Config
 from ssb.data import load_examples
+from ssb.models import generation_dtype_name
 from ssb.prompts import student_messages
 from ssb.rundir import JsonlWriter, RunDir, read_jsonl, stage, write_jsonl
 
@@ -25,7 +26,7 @@ def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
     from ssb.verify import Verifier
 
     questions = load_train_questions(cfg, run)
-    parts = (cfg.model, cfg.data, cfg.rollout, cfg.seed)
+    parts = (cfg.model, cfg.data, cfg.rollout, cfg.seed, generation_dtype_name(cfg))
     with stage(run, "rollout", parts, inputs=[], outputs=[run.rollouts, run.train_data], force=force) as st:
         if st is None:
             return run.stage_entry("rollout")["counts"]
@@ -36,7 +37,7 @@ def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
             st.say(f"[rollout] resuming: {len(done)} of {len(questions)} questions already done")
         rc = cfg.rollout
         if todo:
-            model, tok = load_from_config(cfg)
+            model, tok = load_from_config(cfg, generation=True)
             engine = Engine(model, tok, batch_size=rc.batch_size)
             params = SamplingParams(temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
                                     max_new_tokens=rc.max_new_tokens, seed=cfg.seed)

@@ -9,6 +9,7 @@ so later stages append them to either prompt without re-tokenising joined string
 from __future__ import annotations
 
 from ssb.config import Config
+from ssb.models import generation_dtype_name
 from ssb.rundir import JsonlWriter, RunDir, read_jsonl, stage
 
 
@@ -18,7 +19,7 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
     from ssb.verify import Verifier
 
     tc = cfg.teach
-    with stage(run, "teach", (cfg.model, tc, cfg.rollout.policy, cfg.seed), inputs=[run.curated],
+    with stage(run, "teach", (cfg.model, tc, cfg.rollout.policy, cfg.seed, generation_dtype_name(cfg)), inputs=[run.curated],
                outputs=[run.pairs, run.teach_attempts], force=force) as st:
         if st is None:
             return run.stage_entry("teach")["counts"]
@@ -39,7 +40,7 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
                 if not todo:
                     continue
                 if engine is None:
-                    model, tok = load_from_config(cfg)
+                    model, tok = load_from_config(cfg, generation=True)
                     engine = Engine(model, tok, batch_size=tc.batch_size)
                 st.say(f"[teach] attempt {round_ + 1}/{tc.attempts}: {len(todo)} questions (T={tc.temperature})")
                 params = SamplingParams(temperature=tc.temperature, top_k=tc.top_k, top_p=tc.top_p,

@@ -98,7 +98,7 @@ def build_trainer(cfg: Config, run: RunDir, say=print):
     from ssb.distill_data import DistillCollator, PairDataset, encode_pairs, read_pairs
     from ssb.distill_trainer import DistillTrainer
     from ssb.losses import DistillLoss, OutputHead, check_head
-    from ssb.models import load_model, load_tokenizer, model_fingerprint
+    from ssb.models import load_model, load_tokenizer, model_fingerprint, resolve_mixed_precision
     from ssb.teacher_store import TeacherStore
 
     tc = cfg.train
@@ -132,14 +132,15 @@ def build_trainer(cfg: Config, run: RunDir, say=print):
                       target_modules=list(tc.target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     cuda = device.startswith("cuda")
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
     args = TrainingArguments(
         output_dir=str(run.train_dir), per_device_train_batch_size=tc.batch_size,
         gradient_accumulation_steps=tc.grad_accum, num_train_epochs=tc.epochs, learning_rate=tc.learning_rate,
         lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_ratio, weight_decay=tc.weight_decay,
         max_grad_norm=tc.max_grad_norm, logging_steps=tc.logging_steps, save_strategy="steps",
         save_steps=tc.save_steps, save_total_limit=tc.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
-        bf16=bf16, fp16=cuda and not bf16, use_cpu=not cuda, report_to="none", disable_tqdm=True,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda, report_to="none",
+        disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, ddp_find_unused_parameters=False,
         activation_checkpointing=tc.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
@@ -154,9 +155,9 @@ def build_trainer(cfg: Config, run: RunDir, say=print):
     n_tok = sum(p.solution_len for p in kept)
     say(f"[train] {len(kept)} pairs ({n_tok} solution tokens), teacher: {mode}, T={tc.temperature}, "
         f"kd {tc.kd_weight} ce {tc.ce_weight}, LoRA r={tc.lora_r} alpha={tc.lora_alpha}, "
-        f"{trainer.accelerator.num_processes} process(es) on {device}")
+        f"{trainer.accelerator.num_processes} process(es) on {device}, mixed precision: {precision}")
     info = {"pairs": len(kept), "dropped_too_long": len(pairs) - len(kept), "solution_tokens": n_tok,
-            "teacher": mode, "processes": trainer.accelerator.num_processes}
+            "teacher": mode, "processes": trainer.accelerator.num_processes, "mixed_precision": precision}
     return trainer, info
 
 
