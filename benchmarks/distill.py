@@ -15,11 +15,14 @@
    scripts: dense fp32 teacher rows loaded per example from .npy files into a zero [4, S, V] tensor, full logits,
    softmax over every position, masked KL. Peak memory = the process's peak RSS over the steps (VmHWM, reset just
    before the first step) minus its RSS at that point (model weights resident, optimizer and data source set up),
-   so it covers everything the steps allocate; torch CPU allocations are invisible to tracemalloc. Both variants
-   run with MALLOC_MMAP_THRESHOLD_=131072 so that RSS follows live memory (glibc's adaptive default keeps freed
-   activations in the heap: RSS then reads several times the live size). Time = median
-   over the steps after each process's warm-up step; the full run alternates ours / reference twice so that load
-   drift on a shared machine affects both. One torch thread by default (steady timings on a busy machine).
+   so it covers everything the steps allocate; torch CPU allocations are invisible to tracemalloc. Memory is
+   measured in its own process per variant, run with MALLOC_MMAP_THRESHOLD_=131072 so that RSS follows live
+   memory (glibc's adaptive default keeps freed activations in the heap: RSS then reads several times the live
+   size). Time is measured in other processes with glibc's default allocator, as training runs: with the fixed
+   threshold every large allocation is a fresh mmap whose pages fault in again (measured: a bf16 body step took
+   33.3 s instead of 18.2 s). Time = median over the steps after each process's warm-up step; the full run
+   alternates ours / reference twice so that load drift on a shared machine affects both. One torch thread by
+   default (steady timings on a busy machine).
    Precision follows the trainer's `train.mixed_precision: auto` on this CPU (bf16 autocast where it has AMX
    units, else fp32) for both variants; --mixed-precision none|bf16 overrides.
    --quick uses the first 2 of the 30 layers (same vocabulary and head) and S = 512 so it fits in about 3
@@ -333,11 +336,13 @@ def run_variant(variant: str, work: Path, steps: int, threads: int, precision: s
             "peak_mem_bytes": peak_rss_bytes() - base_rss, "tokens": int(keep.sum()), "shape": list(keep.shape)}
 
 
-def spawn_variant(variant: str, work: Path, steps: int, threads: int, precision: str) -> dict:
-    # A fixed mmap threshold makes glibc hand every large freed block back to the OS at once; with its default
-    # (adaptive) threshold, freed activations stay in the heap and RSS reads 5-10x the live memory.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src"),
-           "MALLOC_MMAP_THRESHOLD_": "131072"}
+def spawn_variant(variant: str, work: Path, steps: int, threads: int, precision: str, memory: bool) -> dict:
+    """Run one variant in a fresh process: for peak memory (memory=True) or for step time."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
+    if memory:
+        # A fixed mmap threshold makes glibc hand every large freed block back to the OS at once; with its default
+        # (adaptive) threshold, freed activations stay in the heap and RSS reads 5-10x the live memory.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--steps", str(steps),
            "--threads", str(threads), "--mixed-precision", precision]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -346,11 +351,11 @@ def spawn_variant(variant: str, work: Path, steps: int, threads: int, precision:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def merge_runs(runs: list[dict]) -> dict:
-    """Median step time over every measured step of every process; the largest peak."""
-    measured = [t for r in runs for t in r["steps_s"][1:]]
-    return {**runs[0], "step_s": statistics.median(measured), "steps_s": [r["steps_s"] for r in runs],
-            "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs), "processes": len(runs)}
+def merge_runs(timed: list[dict], memory: dict) -> dict:
+    """Median step time over every measured step of the timing processes; the memory process's peak."""
+    measured = [t for r in timed for t in r["steps_s"][1:]]
+    return {**timed[0], "step_s": statistics.median(measured), "steps_s": [r["steps_s"] for r in timed],
+            "peak_mem_bytes": memory["peak_mem_bytes"], "processes": len(timed)}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -398,8 +403,9 @@ def main() -> int:
         runs: dict[str, list[dict]] = {"ours": [], "reference": []}
         for _ in range(1 if args.quick else 2):  # alternate, so load drift on a shared machine hits both alike
             for variant in runs:
-                runs[variant].append(spawn_variant(variant, work, steps, args.threads, precision))
-        ours, ref = (merge_runs(runs[v]) for v in ("ours", "reference"))
+                runs[variant].append(spawn_variant(variant, work, steps, args.threads, precision, memory=False))
+        mem = {v: spawn_variant(v, work, 1, args.threads, precision, memory=True) for v in runs}
+        ours, ref = (merge_runs(runs[v], mem[v]) for v in ("ours", "reference"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {

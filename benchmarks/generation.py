@@ -182,7 +182,8 @@ def main() -> None:
         "greedy_matches_generate": f"{sum(greedy_same)}/{len(greedy_same)}",
         "settings": {
             "model": model_path, "backend": engine.backend, "device": str(engine.device),
-            "dtype": str(gen_model.dtype), "reference_dtype": str(model.dtype), "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+            "dtype": str(gen_model.dtype), "reference_dtype": str(model.dtype), "batch_size": args.batch_size,
+            "threads": torch.get_num_threads(),
             "questions": n_q, "k": args.k, "max_new_tokens": max_new, "temperature": params.temperature,
             "top_k": params.top_k, "quick": args.quick, "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(),

@@ -94,6 +94,25 @@ def test_tail_bucket_when_student_mass_is_outside_teacher_top_k():
     assert (gz[:, -3:] > 0).all() and (gz[:, :k] < 0).all()  # push mass out of the tail into the teacher's top-k
 
 
+def test_float32_student_tail_mass_on_both_paths():
+    """The student's tail mass comes from 1 - its top-k mass unless the tail holds under 1% (then the exact
+    masked log-sum-exp): in float32, rows of both kinds agree with the float64 brute force."""
+    n, v, k = 8, 50, 5
+    g = torch.Generator().manual_seed(7)
+    zt = 2 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    z = torch.randn(n, v, generator=g, dtype=torch.float64)
+    top = torch.log_softmax(zt / T, -1).topk(k, -1).indices
+    z[:4] = z[:4].scatter(1, top[:4], 30.0)  # rows 0-3: the student's tail mass is far below 1%
+    teacher = sparsify(zt, k=k, temperature=T)
+    q_tail = 1 - torch.softmax(z / T, -1).gather(1, top).sum(-1)
+    assert (q_tail[:4] < 1e-2).all() and (q_tail[4:] > 1e-2).all()
+    loss_fn = DistillLoss(T, chunk_size=3)
+    ours, (gz,) = _grads(lambda x: loss_fn(x, torch.zeros(n, dtype=torch.long), teacher).loss, z.float())
+    ref, (rz,) = _grads(lambda x: _brute_bucket_kl(x, zt, k) / n, z)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(gz.double(), rz, rtol=1e-4, atol=1e-6)
+
+
 def test_fp16_stored_logprobs_are_renormalised():
     hidden, weight, _, zt, targets = _setup(seed=3)
     exact = sparsify(zt, k=8, temperature=T)

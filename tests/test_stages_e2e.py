@@ -88,7 +88,8 @@ def test_teach_keeps_only_verified_solutions(tmp_path, tiny_model_dir):
     from ssb.verify import extract_answer
 
     cfg = load_config(None, ["model=" + str(tiny_model_dir), "teach.max_new_tokens=16", "teach.batch_size=4",
-                             "teach.temperature=0", "generation_dtype=model"])  # the prediction below runs in the model's dtype
+                             "teach.temperature=0",
+                             "generation_dtype=model"])  # the prediction below runs in the model's dtype
     run = RunDir(tmp_path / "run").mkdir()
     tmpl = load_template(None)
     curated = [{"id": f"q{i}", "question": f"Question {i}?", "gold": "?", "correct": f"it is {i}", "wrong": "x 1",

@@ -136,7 +136,14 @@ def _kd_chunk(zs: Tensor, teacher: SparseTeacher | DenseTeacher, head: OutputHea
     lp, tail = teacher.logprobs.to(zs.dtype), teacher.log_tail.to(zs.dtype)
     logp = torch.log_softmax(torch.cat([lp, tail[:, None]], -1), -1)  # [C, k+1]
     logq_top = logq.gather(1, ids)  # [C, k]
-    logq_tail = torch.logsumexp(logq.scatter(1, ids, float("-inf")), dim=-1)  # [C]
+    # The student's tail mass is 1 - its top-k mass, in float64: one pass over [C, k] instead of a masked copy and
+    # a log-sum-exp over [C, V]. logq's rounding (about 1e-6 relative) makes this exact to 1e-4 relative where the
+    # tail holds at least 1% of the mass; the rows below that take the exact masked log-sum-exp.
+    tail_mass = 1.0 - logq_top.double().exp().sum(-1)  # [C]
+    logq_tail = tail_mass.clamp(min=1e-300).log().to(zs.dtype)
+    small = (tail_mass < 1e-2).nonzero()[:, 0]
+    if small.numel():
+        logq_tail[small] = torch.logsumexp(logq[small].scatter(1, ids[small], float("-inf")), dim=-1)
     logq_b = torch.cat([logq_top, logq_tail[:, None]], -1)  # [C, k+1]
     p = logp.exp()
     kl = torch.where(p > 0, p * (logp - logq_b), 0.0).sum(-1)  # [C]
@@ -164,10 +171,19 @@ class _ChunkedDistill(torch.autograd.Function):
         kd_sum = inputs.new_zeros((), dtype=cd)
         ce_sum = inputs.new_zeros((), dtype=cd)
         scale = 1.0 / float(normalizer)  # the token-level mean over the effective batch, folded into the gradients
+        # Under autocast the head's matmuls run in its dtype, as in the model's own forward; the weight is cast
+        # once here rather than by autocast at each of the 2 x chunks matmuls.
+        dev = inputs.device.type
+        mm = torch.get_autocast_dtype(dev) if head is not None and torch.is_autocast_enabled(dev) else None
+        w_mm = None if mm is None else weight.to(mm)
+        b_mm = None if mm is None or bias is None else bias.to(mm)
         for s in range(0, n, chunk):
             x = inputs[s:s + chunk]  # [C, H]
             if head is None:
                 z = x.to(cd, copy=True)
+            elif mm is not None:
+                with torch.autocast(dev, enabled=False):
+                    z = F.linear(x.to(mm), w_mm, b_mm).to(cd)  # [C, V]
             else:
                 z = F.linear(x, weight, bias).to(cd)  # [C, V]
                 if head.softcap:
@@ -196,7 +212,10 @@ class _ChunkedDistill(torch.autograd.Function):
                 if need_in:
                     grad_in[s:s + chunk] = grad.to(inputs.dtype)
                 continue
-            if need_in:
+            if need_in and mm is not None:
+                with torch.autocast(dev, enabled=False):
+                    grad_in[s:s + chunk] = grad.to(mm) @ w_mm
+            elif need_in:
                 grad_in[s:s + chunk] = grad.to(weight.dtype) @ weight
             if need_w:
                 grad_w += grad.t() @ x.to(cd)

@@ -19,7 +19,8 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
     from ssb.verify import Verifier
 
     tc = cfg.teach
-    with stage(run, "teach", (cfg.model, tc, cfg.rollout.policy, cfg.seed, generation_dtype_name(cfg)), inputs=[run.curated],
+    parts = (cfg.model, tc, cfg.rollout.policy, cfg.seed, generation_dtype_name(cfg))
+    with stage(run, "teach", parts, inputs=[run.curated],
                outputs=[run.pairs, run.teach_attempts], force=force) as st:
         if st is None:
             return run.stage_entry("teach")["counts"]
