@@ -113,6 +113,20 @@ def test_float32_student_tail_mass_on_both_paths():
     torch.testing.assert_close(gz.double(), rz, rtol=1e-4, atol=1e-6)
 
 
+def test_autocast_runs_the_head_in_bf16_with_bias_and_softcap():
+    """Under bf16 autocast (train.mixed_precision) the head's matmuls run in bf16, the softmax math in fp32:
+    loss and gradients stay within bf16 rounding of the fp32 computation, bias and softcap included."""
+    hidden, weight, bias, zt, targets = _setup(n=16, h=32, v=64, seed=5, bias=True)
+    hidden, weight, bias = hidden.float(), weight.float(), bias.float()
+    teacher = sparsify(zt.float(), k=8, temperature=T)
+    exact, (gh, gw, gb) = _ours(hidden, weight, teacher, targets, ce=0.5, bias=bias, softcap=5.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, (mh, mw, mb) = _ours(hidden, weight, teacher, targets, ce=0.5, bias=bias, softcap=5.0)
+    assert mixed.dtype == torch.float32 and mixed.item() == pytest.approx(exact.item(), rel=2e-2)
+    for a, b in ((gh, mh), (gw, mw), (gb, mb)):
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
 def test_fp16_stored_logprobs_are_renormalised():
     hidden, weight, _, zt, targets = _setup(seed=3)
     exact = sparsify(zt, k=8, temperature=T)

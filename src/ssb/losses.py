@@ -181,11 +181,12 @@ class _ChunkedDistill(torch.autograd.Function):
             x = inputs[s:s + chunk]  # [C, H]
             if head is None:
                 z = x.to(cd, copy=True)
-            elif mm is not None:
-                with torch.autocast(dev, enabled=False):
-                    z = F.linear(x.to(mm), w_mm, b_mm).to(cd)  # [C, V]
             else:
-                z = F.linear(x, weight, bias).to(cd)  # [C, V]
+                if mm is not None:
+                    with torch.autocast(dev, enabled=False):
+                        z = F.linear(x.to(mm), w_mm, b_mm).to(cd)  # [C, V]
+                else:
+                    z = F.linear(x, weight, bias).to(cd)  # [C, V]
                 if head.softcap:
                     th = torch.tanh(z / head.softcap)
                     z = th * head.softcap
