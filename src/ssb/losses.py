@@ -21,6 +21,7 @@ gradient accumulation and data parallelism give the token-level mean of the full
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -172,21 +173,21 @@ class _ChunkedDistill(torch.autograd.Function):
         ce_sum = inputs.new_zeros((), dtype=cd)
         scale = 1.0 / float(normalizer)  # the token-level mean over the effective batch, folded into the gradients
         # Under autocast the head's matmuls run in its dtype, as in the model's own forward; the weight is cast
-        # once here rather than by autocast at each of the 2 x chunks matmuls.
+        # once here (autocast would cast it again at each of the 2 x chunks matmuls), and they run with autocast off.
         dev = inputs.device.type
-        mm = torch.get_autocast_dtype(dev) if head is not None and torch.is_autocast_enabled(dev) else None
-        w_mm = None if mm is None else weight.to(mm)
-        b_mm = None if mm is None or bias is None else bias.to(mm)
+        autocast = head is not None and torch.is_autocast_enabled(dev)
+        w, b = weight, bias
+        if autocast:
+            w = weight.to(torch.get_autocast_dtype(dev))
+            b = None if bias is None else bias.to(w.dtype)
+        plain = torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext()
         for s in range(0, n, chunk):
             x = inputs[s:s + chunk]  # [C, H]
             if head is None:
                 z = x.to(cd, copy=True)
             else:
-                if mm is not None:
-                    with torch.autocast(dev, enabled=False):
-                        z = F.linear(x.to(mm), w_mm, b_mm).to(cd)  # [C, V]
-                else:
-                    z = F.linear(x, weight, bias).to(cd)  # [C, V]
+                with plain:
+                    z = F.linear(x.to(w.dtype), w, b).to(cd)  # [C, V]
                 if head.softcap:
                     th = torch.tanh(z / head.softcap)
                     z = th * head.softcap
@@ -213,11 +214,9 @@ class _ChunkedDistill(torch.autograd.Function):
                 if need_in:
                     grad_in[s:s + chunk] = grad.to(inputs.dtype)
                 continue
-            if need_in and mm is not None:
-                with torch.autocast(dev, enabled=False):
-                    grad_in[s:s + chunk] = grad.to(mm) @ w_mm
-            elif need_in:
-                grad_in[s:s + chunk] = grad.to(weight.dtype) @ weight
+            if need_in:
+                with plain:
+                    grad_in[s:s + chunk] = grad.to(w.dtype) @ w
             if need_w:
                 grad_w += grad.t() @ x.to(cd)
             if need_b:

@@ -173,10 +173,14 @@ def resolve_mixed_precision(setting: str, device: str) -> str:
     return setting
 
 
+def generation_dtype(cfg):
+    """The torch dtype cfg's generating stages decode in."""
+    return resolve_generation_dtype(cfg.generation_dtype, cfg.dtype, resolve_device(cfg.device))
+
+
 def generation_dtype_name(cfg) -> str:
-    """cfg's resolved generation dtype as a string ("bfloat16"), for stage hashes and eval settings."""
-    dt = resolve_generation_dtype(cfg.generation_dtype, cfg.dtype, resolve_device(cfg.device))
-    return str(dt).removeprefix("torch.")
+    """generation_dtype(cfg) as a string ("bfloat16"), for stage hashes and eval settings."""
+    return str(generation_dtype(cfg)).removeprefix("torch.")
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
@@ -226,7 +230,7 @@ def load_from_config(cfg, model: str | None = None, *, generation: bool = False)
     spec = model or cfg.model
     lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     if generation:
-        lm.to(resolve_generation_dtype(cfg.generation_dtype, cfg.dtype, resolve_device(cfg.device)))
+        lm.to(generation_dtype(cfg))
     return lm, load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
 
 
