@@ -19,8 +19,8 @@
    measured in its own process per variant, run with MALLOC_MMAP_THRESHOLD_=131072 so that RSS follows live
    memory (glibc's adaptive default keeps freed activations in the heap: RSS then reads several times the live
    size). Time is measured in other processes with glibc's default allocator, as training runs: with the fixed
-   threshold every large allocation is a fresh mmap whose pages fault in again (measured: a bf16 body step took
-   33.3 s instead of 18.2 s). Time = median over the steps after each process's warm-up step; the full run
+   threshold every large allocation is a fresh mmap whose pages fault in again (measured: our bf16 1-thread
+   step, 38.4 s under it, 26.9 s without). Time = median over the steps after each process's warm-up step; the full run
    alternates ours / reference twice so that load drift on a shared machine affects both. One torch thread by
    default (steady timings on a busy machine).
    Precision follows the trainer's `train.mixed_precision: auto` on this CPU (bf16 autocast where it has AMX

@@ -5,8 +5,8 @@ temperature 0.8, top-k 50. Full mode: 64 questions x K=4 x 256 new tokens; --qui
 The reference (HF `generate`, batch 1, same sampling settings) runs in the same process on a subset of the
 prompts; its tokens/s is comparable because per-token cost of batch-1 decoding does not depend on which prompt.
 The engine runs in the generating stages' default dtype (`generation_dtype: auto`: bf16 on a CPU with AMX
-units, else fp32; `--dtype` overrides); the reference runs the fp32 model, the faster choice at batch 1
-(bf16 matmuls of one row run slower than fp32 here). When the engine is not fp32, the engine's fp32 speed is
+units, else fp32; `--dtype` overrides); the reference runs the fp32 model, as the issue's one-at-a-time
+baseline does. When the engine is not fp32, the engine's fp32 speed is
 measured too (`engine_fp32_tok_per_s`), so the gain from batching and the gain from bf16 are both visible.
 The roofline is the measured matmul FLOP/s (in the engine's dtype) divided by 2 x (non-embedding + lm_head)
 parameters. Also checks on a few prompts that the fp32 engine's greedy output equals greedy `generate` token

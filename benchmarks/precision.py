@@ -1,0 +1,101 @@
+"""How far bf16 moves SmolLM2's next-token distributions from fp32 (the cost of `generation_dtype: auto`).
+
+    python benchmarks/precision.py [--model DIR] [--questions 8] [--tokens 96]
+
+Texts: the first GSM8K test questions (generated arithmetic problems without ../shared) in the rollout prompt,
+each followed by the fp32 model's own greedy answer. Over every answer position, against the fp32 model's
+distribution: the model cast to bf16 (what the generating stages decode with on AMX CPUs), the fp32 model under
+bf16 autocast (what training runs under), and the generation engine's bf16 prefill at 4 cut points per text
+(its own attention path, fp32 attention on CPU). Reports mean KL(fp32 || variant) in nats per token and the
+share of positions whose most likely token agrees. Prints one final JSON line; writes
+benchmarks/results/precision.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from generation import questions  # noqa: E402
+
+from ssb.config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
+from ssb.generation import Engine, SamplingParams  # noqa: E402
+from ssb.generation_model import SlotModel  # noqa: E402
+
+
+def kl_and_agree(ref: torch.Tensor, other: torch.Tensor) -> tuple[list[float], list[bool]]:
+    """ref/other: [N, V] logits -> per-row KL(p_ref || p_other) and top-1 agreement."""
+    lr, lo = F.log_softmax(ref.float(), -1), F.log_softmax(other.float(), -1)
+    kl = (lr.exp() * (lr - lo)).sum(-1)
+    return kl.tolist(), (ref.argmax(-1) == other.argmax(-1)).tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model directory or the embedded alias")
+    ap.add_argument("--questions", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=96, help="greedy answer length")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model == "tiny":
+        from ssb.testing import make_tiny_model
+
+        path = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
+    else:
+        from ssb.models import resolve
+
+        path = resolve(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    m32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    prompts = [[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": q}]
+               for q in questions(args.questions)]
+    engine = Engine(m32, tok, batch_size=len(prompts), progress=False)
+    answers = engine.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=args.tokens))
+    stats: dict[str, tuple[list, list]] = {"bf16_weights": ([], []), "bf16_autocast": ([], []),
+                                           "engine_bf16_prefill": ([], [])}
+    prefixes, prefix_ref = [], []
+    with torch.no_grad():
+        for p, a in zip(prompts, answers):
+            text = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+            prompt = tok(text, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + a[0].token_ids])
+            span = slice(len(prompt) - 1, ids.shape[1] - 1)  # positions predicting the answer tokens
+            ref = m32(ids).logits[0, span]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                auto = m32(ids).logits[0, span]
+            for name, other in (("bf16_weights", m16(ids).logits[0, span]), ("bf16_autocast", auto)):
+                kl, agree = kl_and_agree(ref, other)
+                stats[name][0].extend(kl)
+                stats[name][1].extend(agree)
+            n = len(a[0].token_ids)
+            for cut in sorted({n // 4, n // 2, 3 * n // 4, n - 1}):
+                prefixes.append(prompt + a[0].token_ids[:cut])
+                prefix_ref.append(ref[cut])
+        sm = SlotModel(m16, 1, len(prefixes), max(map(len, prefixes)), 1)
+        kl, agree = kl_and_agree(torch.stack(prefix_ref), sm.prefill(prefixes, list(range(len(prefixes)))))
+        stats["engine_bf16_prefill"] = (kl, agree)
+    result = {name: {"mean_kl_nats": round(sum(k) / len(k), 6), "top1_agreement": round(sum(g) / len(g), 4),
+                     "positions": len(k)} for name, (k, g) in stats.items()}
+    result["settings"] = {"model": path, "questions": args.questions, "tokens": args.tokens,
+                          "torch": torch.__version__}
+    out = ROOT / "benchmarks" / "results" / "precision.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
