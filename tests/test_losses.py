@@ -151,6 +151,55 @@ def test_ce_term_matches_cross_entropy_and_weights_combine():
     torch.testing.assert_close(mh, r2h, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("temp", [0.7, 1.0, 1.5, 3.0])
+@pytest.mark.parametrize("k", [6, None])  # None: the dense teacher
+def test_any_temperature_with_kd_and_ce_matches_brute_force(temp, k):
+    """x = exp((z - m) / T) serves both terms (sum(exp(z - m)) = ||x||_T^T): check it away from T = 2, with the
+    logged kd and ce sums as well as the loss and its gradients."""
+    hidden, weight, _, _, targets = _setup(seed=6)
+    n = hidden.shape[0]
+    t_hidden = 1.5 * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    zt = t_hidden @ weight.T
+    teacher = DenseTeacher(t_hidden) if k is None else sparsify(zt, k=k, temperature=temp)
+    head = OutputHead(weight, None, None)
+    out = DistillLoss(temp, kd_weight=0.6, ce_weight=0.4, chunk_size=5)(hidden, targets, teacher, head=head)
+    ours, (gh,) = _grads(lambda h: DistillLoss(temp, kd_weight=0.6, ce_weight=0.4, chunk_size=5)(
+        h, targets, teacher, head=OutputHead(weight, None, None)).loss, hidden)
+
+    def brute(h):
+        z = h @ weight.T
+        logq, logp = torch.log_softmax(z / temp, -1), torch.log_softmax(zt / temp, -1)
+        if k is None:
+            kl = (logp.exp() * (logp - logq)).sum(-1)
+        else:
+            top = torch.zeros_like(z, dtype=torch.bool).scatter(1, logp.topk(k, -1).indices, True)
+            p, q = logp.exp(), logq.exp()
+            p_tail, q_tail = (p * ~top).sum(-1), (q * ~top).sum(-1)
+            kl = (p * (logp - logq) * top).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+        return temp * temp * kl.sum(), F.cross_entropy(z, targets, reduction="sum")
+
+    kd_ref, ce_ref = brute(hidden)
+    assert out.kd_sum.item() == pytest.approx(kd_ref.item(), rel=1e-9)
+    assert out.ce_sum.item() == pytest.approx(ce_ref.item(), rel=1e-9)
+    ref, (rh,) = _grads(lambda h: (0.6 * brute(h)[0] + 0.4 * brute(h)[1]) / n, hidden)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(gh, rh, rtol=1e-8, atol=1e-10)
+
+
+def test_bf16_logits_are_read_without_a_float32_copy_and_give_float32_results():
+    """Bf16 student logits (the head's output under autocast) go into the loss as they are: the result equals the
+    float32 computation on the same (exactly widened) values."""
+    _, _, _, zt, targets = _setup(n=9, v=70, seed=8)
+    z = (3 * torch.randn(9, 70, generator=torch.Generator().manual_seed(1))).bfloat16()
+    teacher = sparsify(zt.float(), k=7, temperature=T)
+    loss_fn = DistillLoss(T, kd_weight=1.0, ce_weight=0.5, chunk_size=4)
+    lo, (g_lo,) = _grads(lambda x: loss_fn(x, targets, teacher).loss, z)
+    hi, (g_hi,) = _grads(lambda x: loss_fn(x, targets, teacher).loss, z.float())
+    assert lo.dtype == torch.float32 and lo.item() == pytest.approx(hi.item(), rel=1e-6)
+    assert g_lo.dtype == torch.bfloat16
+    torch.testing.assert_close(g_lo.float(), g_hi, rtol=1e-2, atol=1e-4)
+
+
 def test_normalizer_chunking_bias_and_softcap():
     hidden, weight, bias, zt, targets = _setup(seed=5, bias=True)
     teacher = sparsify(zt, k=6, temperature=T)

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Elements per [chunk, V] float32 buffer (64 MiB); a chunk holds about five of them at once.
+# Elements per [chunk, V] float32 buffer (64 MiB); a chunk holds two to four of them at once (the logits, the exp
+# buffer that becomes the gradient, with CE or softcap one more).
 CHUNK_ELEMENTS = 1 << 24
 
 
@@ -120,42 +121,63 @@ def check_head(model, head: OutputHead, input_ids: Tensor) -> None:
                          f"hidden states (max error {err:.3g}); this architecture is not supported")
 
 
-def _kd_chunk(zs: Tensor, teacher: SparseTeacher | DenseTeacher, head: OutputHead | None, T: float,
-              grad_scale: float | None) -> tuple[Tensor, Tensor | None]:
-    """T^2 * KL per row for student logits already divided by T, zs [C, V], and (unless grad_scale is None)
-    grad_scale times its gradient with respect to the undivided logits z."""
-    logq = zs - torch.logsumexp(zs, dim=-1, keepdim=True)  # [C, V] student log-probs at T
+def _chunk(z: Tensor, tgt: Tensor, teacher: SparseTeacher | DenseTeacher | None, head: OutputHead | None, T: float,
+           kd_scale: float | None, ce_scale: float | None) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """One chunk of student logits z [C, V] (any float dtype, left unchanged) and targets [C] -> per-row T^2 * KL
+    [C] (None without a teacher), per-row cross-entropy [C], and the gradient with respect to z: kd_scale times
+    that of the KL term plus ce_scale times that of the CE term (a part whose scale is None is left out).
+
+    One exp pass over [C, V] serves both terms: x = exp((z - m) / T) with m the row max, so that q = x / sum(x)
+    and sum(exp(z - m)) = sum(x^T) = ||x||_T^T. x then becomes the gradient in place. Bf16 logits are read as they
+    are (every product is promoted to float32), so no float32 copy of z is made either."""
+    cd = _compute_dtype(z)
+    t = T if teacher is not None else 1.0
+    m = z.amax(-1, keepdim=True).to(cd)  # [C, 1]
+    x = torch.add(-m / t, z, alpha=1.0 / t).exp_()  # [C, V] exp((z - m) / t), in [0, 1]
+    s_t = x.sum(-1)  # [C]
+    s_1 = s_t if t == 1 else torch.linalg.vector_norm(x, ord=t, dim=-1).pow(t)  # [C] sum(exp(z - m)) >= 1
+    m = m[:, 0]
+    ce = m + s_1.log() - z.gather(1, tgt[:, None])[:, 0].to(cd)  # [C]
+    grad_ce = None
+    if ce_scale is not None:  # ce_scale * (softmax(z) - onehot(target))
+        grad_ce = (x * (ce_scale / s_1)[:, None]) if t == 1 else x.pow(t).mul_((ce_scale / s_1)[:, None])
+        grad_ce.scatter_add_(1, tgt[:, None], torch.full_like(ce[:, None], -ce_scale))
+    if teacher is None:
+        return None, ce, grad_ce
+    log_s = s_t.log()  # [C]
     if isinstance(teacher, DenseTeacher):
         zt = teacher.states if head is None else head.logits(teacher.states.to(head.weight.dtype))
-        logp = torch.log_softmax(zt.to(zs.dtype) / T, dim=-1)  # [C, V]
+        logp = torch.log_softmax(zt.to(cd) / T, dim=-1)  # [C, V]
         p = logp.exp()
+        logq = torch.add((-m / T - log_s)[:, None], z, alpha=1.0 / T)  # [C, V]
         kl = torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)  # [C]
-        grad = None if grad_scale is None else logq.exp_().sub_(p).mul_(T * grad_scale)
-        return kl * T * T, grad
-    ids = teacher.ids.long()  # [C, k]
-    # Renormalise the stored buckets (fp16 rounding) so they sum to exactly one.
-    lp, tail = teacher.logprobs.to(zs.dtype), teacher.log_tail.to(zs.dtype)
-    logp = torch.log_softmax(torch.cat([lp, tail[:, None]], -1), -1)  # [C, k+1]
-    logq_top = logq.gather(1, ids)  # [C, k]
-    # The student's tail mass is 1 - its top-k mass, in float64: one pass over [C, k] instead of a masked copy and
-    # a log-sum-exp over [C, V]. logq's rounding (about 1e-6 relative) makes this exact to 1e-4 relative where the
-    # tail holds at least 1% of the mass; the rows below that take the exact masked log-sum-exp.
-    tail_mass = 1.0 - logq_top.double().exp().sum(-1)  # [C]
-    logq_tail = tail_mass.clamp(min=1e-300).log().to(zs.dtype)
-    small = (tail_mass < 1e-2).nonzero()[:, 0]
-    if small.numel():
-        logq_tail[small] = torch.logsumexp(logq[small].scatter(1, ids[small], float("-inf")), dim=-1)
-    logq_b = torch.cat([logq_top, logq_tail[:, None]], -1)  # [C, k+1]
-    p = logp.exp()
-    kl = torch.where(p > 0, p * (logp - logq_b), 0.0).sum(-1)  # [C]
-    if grad_scale is None:
-        return kl * T * T, None
-    # Tail tokens: q_j - p_tail * q_j / q_tail; top-k tokens: q_i - p_i; all times T (from T^2 and d/dz = 1/T d/dzs).
-    ratio = torch.where(p[:, -1] > 0, (logp[:, -1] - logq_tail).exp(), 0.0)  # [C]
-    c = T * grad_scale
-    grad = logq.exp_().mul_(((1.0 - ratio) * c)[:, None])
-    grad.scatter_(1, ids, (logq_top.exp() - p[:, :-1]) * c)
-    return kl * T * T, grad
+        grad = None if kd_scale is None else x.div_(s_t[:, None]).sub_(p).mul_(T * kd_scale)
+    else:
+        ids = teacher.ids.long()  # [C, k]
+        # Renormalise the stored buckets (fp16 rounding) so they sum to exactly one.
+        lp, tail = teacher.logprobs.to(cd), teacher.log_tail.to(cd)
+        logp = torch.log_softmax(torch.cat([lp, tail[:, None]], -1), -1)  # [C, k+1]
+        logq_top = (z.gather(1, ids).to(cd) - m[:, None]) / T - log_s[:, None]  # [C, k]
+        # The student's tail mass is 1 - its top-k mass, in float64: exact to 1e-4 relative where the tail holds at
+        # least 1% of the mass; the rows below that sum their tail terms themselves.
+        tail_mass = 1.0 - logq_top.double().exp().sum(-1)  # [C]
+        logq_tail = tail_mass.clamp(min=1e-300).log().to(cd)
+        small = (tail_mass < 1e-2).nonzero()[:, 0]
+        if small.numel():
+            logq_tail[small] = (x[small].scatter(1, ids[small], 0.0).sum(-1) / s_t[small]).log()
+        logq_b = torch.cat([logq_top, logq_tail[:, None]], -1)  # [C, k+1]
+        p = logp.exp()
+        kl = torch.where(p > 0, p * (logp - logq_b), 0.0).sum(-1)  # [C]
+        grad = None
+        if kd_scale is not None:
+            # Tail tokens: q_j - p_tail * q_j / q_tail; top-k: q_i - p_i; times T (T^2, and d/dz = 1/T d/d(z/T)).
+            ratio = torch.where(p[:, -1] > 0, (logp[:, -1] - logq_tail).exp(), 0.0)  # [C]
+            c = T * kd_scale
+            grad = x.mul_(((1.0 - ratio) * c / s_t)[:, None])
+            grad.scatter_(1, ids, (logq_top.exp() - p[:, :-1]) * c)
+    if grad_ce is not None:
+        grad = grad_ce if grad is None else grad.add_(grad_ce)
+    return kl * T * T, ce, grad
 
 
 class _ChunkedDistill(torch.autograd.Function):
@@ -172,6 +194,8 @@ class _ChunkedDistill(torch.autograd.Function):
         kd_sum = inputs.new_zeros((), dtype=cd)
         ce_sum = inputs.new_zeros((), dtype=cd)
         scale = 1.0 / float(normalizer)  # the token-level mean over the effective batch, folded into the gradients
+        kd_scale = kd_w * scale if kd_w != 0 and want and teacher is not None else None
+        ce_scale = ce_w * scale if ce_w != 0 and want else None
         # Under autocast the head's matmuls run in its dtype, as in the model's own forward; the weight is cast
         # once here (autocast would cast it again at each of the 2 x chunks matmuls), and they run with autocast off.
         dev = inputs.device.type
@@ -184,28 +208,19 @@ class _ChunkedDistill(torch.autograd.Function):
         for s in range(0, n, chunk):
             x = inputs[s:s + chunk]  # [C, H]
             if head is None:
-                z = x.to(cd, copy=True)
+                z = x
             else:
                 with plain:
-                    z = F.linear(x.to(w.dtype), w, b).to(cd)  # [C, V]
+                    z = F.linear(x.to(w.dtype), w, b)  # [C, V], in the head's (or autocast's) dtype
                 if head.softcap:
-                    th = torch.tanh(z / head.softcap)
+                    th = torch.tanh(z.to(cd) / head.softcap)
                     z = th * head.softcap
-            tgt = targets[s:s + chunk]
-            lse = torch.logsumexp(z, dim=-1)  # [C]
-            ce_sum += (lse - z.gather(1, tgt[:, None])[:, 0]).sum()
-            grad = None
-            if ce_w != 0 and want:  # ce_w * scale * (softmax(z) - onehot), in one pass over [C, V]
-                c = ce_w * scale
-                grad = (z - (lse - math.log(c))[:, None]).exp_()
-                grad.scatter_add_(1, tgt[:, None], torch.full_like(lse[:, None], -c))
-            if teacher is not None:
-                kd, g_kd = _kd_chunk(z.div_(T), teacher.rows(s, s + chunk), head, T,
-                                     kd_w * scale if kd_w != 0 and want else None)
-                kd_sum += kd.sum()
-                if g_kd is not None:
-                    grad = g_kd if grad is None else grad.add_(g_kd)
+            kd, ce, grad = _chunk(z, targets[s:s + chunk], None if teacher is None else teacher.rows(s, s + chunk),
+                                  head, T, kd_scale, ce_scale)
             del z
+            ce_sum += ce.sum()
+            if kd is not None:
+                kd_sum += kd.sum()
             if grad is None:
                 continue
             if head is not None and head.softcap:
