@@ -21,8 +21,9 @@
    size). Time is measured in other processes with glibc's default allocator, as training runs: with the fixed
    threshold every large allocation is a fresh mmap whose pages fault in again (measured: our bf16 1-thread
    step, 38.4 s under it, 26.9 s without). Time = median over the steps after each process's warm-up step; the full run
-   alternates ours / reference twice so that load drift on a shared machine affects both. One torch thread by
-   default (steady timings on a busy machine).
+   alternates ours / reference twice so that load drift on a shared machine affects both. Torch's default thread
+   count (all cores) unless --threads says otherwise, as `ssb train` runs; --threads 1 gives steadier timings on
+   a busy machine.
    Precision follows the trainer's `train.mixed_precision: auto` on this CPU (bf16 autocast where it has AMX
    units, else fp32) for both variants; --mixed-precision none|bf16 overrides.
    --quick uses the first 2 of the 30 layers (same vocabulary and head) and S = 512 so it fits in about 3
@@ -366,7 +367,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer examples, 2-layer model for the step (< 3 min)")
     ap.add_argument("--model", default="smollm2-135m-instruct",
                     help="model directory, or the embedded alias (default); 'tiny' builds a tiny random model")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default, all cores, as training; 1: steadier on a busy machine)")
     ap.add_argument("--k", type=int, default=0, help="top-k for the storage and step measurements "
                     "(0: logits.top_k's automatic choice, the largest k within 1 KB/token)")
     ap.add_argument("--mixed-precision", default="auto", choices=["auto", "none", "bf16"],
@@ -375,6 +377,7 @@ def main() -> int:
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.threads = args.threads or torch.get_num_threads()
     if args.variant:
         print(json.dumps(run_variant(args.variant, Path(args.work), args.steps, args.threads,
                                      args.mixed_precision)))

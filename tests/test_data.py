@@ -28,6 +28,24 @@ def test_arith_answers_are_right(level):
             assert p.answer == expect, p
 
 
+def test_arith_level1_repeats_a_calculation_within_its_split_only():
+    train, test = arith.generate("train", 1, 400), arith.generate("test", 1, 400)
+    assert not {p.key for p in train} & {p.key for p in test}
+    assert len({p.id for p in train}) == 400 and len({p.key for p in train}) < 400  # new wording or item
+    nameless = {" ".join(w for w in p.question.split() if w.strip(".,?") not in arith.NAMES) for p in train}
+    assert len(nameless) == 400  # a new name alone never makes a new problem
+    # + and x count one key for both operand orders: 3 + 5 and 5 + 3 never land in different splits.
+    assert all(p.key[1] not in "+*" or int(p.key[2:].split(",")[0]) <= int(p.key.split(",")[1]) for p in train)
+
+
+def test_arith_asking_for_more_problems_than_a_split_holds_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(arith, "_level1", lambda rng: ("Q", "1+2,2", 4, ""))  # a pool of one problem
+    split = arith._split_of("1+2,2")
+    assert len(arith.generate(split, 1, 1)) == 1
+    with pytest.raises(ValueError, match=f"holds only 1 distinct {split} problems, 2 were asked"):
+        arith.generate(split, 1, 1, offset=1)
+
+
 def test_arith_offset_gives_fresh_questions():
     first = arith.generate("train", 1, 20)
     later = arith.generate("train", 1, 20, offset=20)

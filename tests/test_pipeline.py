@@ -70,3 +70,16 @@ eval: {{data: {{source: {data}, limit: 4}}, max_new_tokens: 16}}
     assert (r2.adapter_dir / "adapter_config.json").exists()
     for tag in ("base", "ssb", "ssb-round2"):  # every round evaluated
         assert json.loads((run.eval_dir(tag, "q") / "summary.json").read_text())["problems"] == 4
+
+
+def test_rounds_beyond_the_arith_pool_fail_before_any_stage_runs(tmp_path, capsys, monkeypatch):
+    from ssb import arith
+
+    monkeypatch.setattr(arith, "_level1", lambda rng: ("Q", "1+2,2", 4, ""))  # a pool of one problem
+    monkeypatch.setattr(arith, "_split_of", lambda key: "train")
+    run = RunDir(tmp_path / "run")
+    args = ["run", "--run-dir", str(run.root), "--set", "rounds=2", "--set", "data.train.limit=1"]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "rounds=2 x data.train.limit=1" in err and "holds only 1 distinct train problems" in err
+    assert not run.rollouts.exists()

@@ -1,9 +1,12 @@
 """Built-in generator of arithmetic word problems: the embedded default dataset.
 
-Level 1 problems take one operation (+, -, x, /), level 2 two chained steps, level 3 three. Train and test
-sets are disjoint by construction: a problem's split is decided by a hash of its template and numbers, so no
-test problem shares its arithmetic with a training problem, whatever the seeds or sizes. Generation is seeded
-and deterministic; ids are content hashes, stable across runs.
+Level 1 problems take one operation (+, -, x, /) on small numbers, level 2 two chained steps, level 3 three.
+Train and test sets are disjoint by construction: a problem's split is decided by a hash of its operations and
+numbers (operands of + and x in either order count as one), so no test problem shares its arithmetic with a
+training problem, whatever the seeds or sizes. Within a split, the same arithmetic can come back in another
+wording or with another item (level 1 has 215 such calculations, 118 of them in training and 97 in test, which
+make 3,376 and 2,784 distinct problems); names alone never make a problem new.
+Generation is seeded and deterministic; ids are content hashes, stable across runs.
 
     >>> [p.answer for p in generate("train", level=1, n=2, seed=0)] == [p.answer for p in generate("train", 1, 2, 0)]
     True
@@ -20,7 +23,7 @@ NAMES = ["Ava", "Ben", "Carla", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines"
 ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "stamps", "shells", "cards", "coins",
          "balloons", "crayons", "eggs", "flowers", "toy cars", "beads"]
 CONTAINERS = ["boxes", "bags", "baskets", "jars", "packs", "crates"]
-TEST_SHARE = 5  # one key in five belongs to the test split
+TEST_SHARE = 2  # one calculation in two belongs to the test split
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class ArithProblem:
     question: str
     answer: int
     level: int
-    key: str  # template + numbers: decides the split
+    key: str  # operations and numbers: decides the split
 
 
 def _split_of(key: str) -> str:
@@ -72,31 +75,41 @@ def _div(rng, name, item, v):
     return f"Then {name} shares them equally among {b} friends and keeps none.", f"div{b}", v // b
 
 
-def _level1(rng: random.Random) -> tuple[str, str, int]:
-    # Small numbers: SmolLM2-135M solves these about one time in eight at T=0.8, so many questions are "mixed".
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    op = rng.choice("+-*/")
+def _level1(rng: random.Random) -> tuple[str, str, int, str]:
+    # One operation on numbers up to 5 or 10, in two wordings for +, - and x, chosen so that SmolLM2-135M-Instruct
+    # at T=0.8, K=4 is right on roughly one rollout in eight and over a third of the questions are mixed (full run:
+    # 14.7% and 110 of 256; README, "Results on this machine"; `benchmarks/arith_regime.py RUN` breaks a run down
+    # by operation and size). An earlier version that also drew numbers up to 20 got 4.3% right on those (138
+    # questions). Operands start at 2 so that every item stays plural.
+    name, other = rng.sample(NAMES, 2)
+    item, box = rng.choice(ITEMS), rng.choice(CONTAINERS)
+    hi = rng.choice((5, 10))
+    op, first = rng.choice("+-*/"), rng.random() < 0.5
+    variant = f"{'ab'[first]}:{item}"
     if op == "+":
-        a, b = rng.randint(3, 40), rng.randint(2, 25)
-        q = f"{name} has {a} {item}. {name} buys {b} more {item}. How many {item} does {name} have now?"
-        return q, f"1+{a},{b}", a + b
+        a, b = rng.randint(2, hi), rng.randint(2, hi)
+        q = (f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have in total?" if first
+             else f"{name} has {a} {item} and {other} has {b} {item}. How many {item} do they have altogether?")
+        return q, f"1+{min(a, b)},{max(a, b)}", a + b, variant
     if op == "-":
-        a = rng.randint(8, 50)
-        b = rng.randint(2, a - 3)
-        q = f"{name} had {a} {item} and gave {b} of them to a friend. How many {item} does {name} have left?"
-        return q, f"1-{a},{b}", a - b
+        b, left = rng.randint(2, hi), rng.randint(2, hi)
+        a = b + left
+        q = (f"{name} has {a} {item}. {name} gives {b} {item} away. How many {item} are left?" if first
+             else f"{name} had {a} {item} and lost {b} of them. How many {item} does {name} have left?")
+        return q, f"1-{a},{b}", left, variant
     if op == "*":
-        a, b = rng.randint(2, 9), rng.randint(2, 12)
-        box = rng.choice(CONTAINERS)
-        q = f"{name} buys {a} {box} of {item}. Each of the {box} holds {b} {item}. How many {item} does {name} buy?"
-        return q, f"1*{a},{b}", a * b
-    b, ans = rng.randint(2, 6), rng.randint(2, 12)
-    q = (f"{name} has {ans * b} {item} and shares them equally among {b} friends. "
-         f"How many {item} does each friend get?")
-    return q, f"1/{ans * b},{b}", ans
+        a, b = rng.randint(2, min(hi, 9)), rng.randint(2, hi)
+        q = (f"{name} buys {a} {box} of {item}. Each of the {box} holds {b} {item}. How many {item} does {name} buy?"
+             if first else f"There are {a} {box} with {b} {item} in each. How many {item} are there in total?")
+        return q, f"1*{min(a, b)},{max(a, b)}", a * b, variant
+    # Division in one wording: the other one tried ("shares them equally among b friends") was solved less than half
+    # as often in an exploratory run.
+    b, ans = rng.randint(2, min(hi, 6)), rng.randint(2, hi)
+    q = f"{name} puts {ans * b} {item} into {b} equal groups. How many {item} are in each group?"
+    return q, f"1/{ans * b},{b}", ans, f"a:{item}"
 
 
-def _chain(rng: random.Random, steps: int) -> tuple[str, str, int] | None:
+def _chain(rng: random.Random, steps: int) -> tuple[str, str, int, str] | None:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     text, key, v = _start(rng, name, item)
     parts, keys = [text], [key]
@@ -114,7 +127,7 @@ def _chain(rng: random.Random, steps: int) -> tuple[str, str, int] | None:
         return None
     ask = f"How many {item} does each friend get?" if keys[-1].startswith("div") else \
         f"How many {item} does {name} have now?"
-    return " ".join(parts + [ask]), f"{steps}:" + ",".join(keys), v
+    return " ".join(parts + [ask]), f"{steps}:" + ",".join(keys), v, ""
 
 
 def generate(split: str, level: int = 1, n: int = 100, seed: int = 0, offset: int = 0) -> list[ArithProblem]:
@@ -130,14 +143,16 @@ def generate(split: str, level: int = 1, n: int = 100, seed: int = 0, offset: in
     while len(out) < offset + n:
         tries += 1
         if tries > 200 * (offset + n) + 10_000:
-            raise ValueError(f"arith level {level} cannot supply {offset + n} distinct {split} problems")
+            raise ValueError(f"arith level {level} holds only {len(out)} distinct {split} problems, {offset + n} were "
+                             f"asked for (offset + limit): lower the dataset's limit")
         made = _level1(rng) if level == 1 else _chain(rng, level)
         if made is None:
             continue
-        question, key, answer = made
-        if key in seen or _split_of(key) != split:
+        question, key, answer, variant = made
+        identity = f"{key}|{variant}" if variant else key  # what makes two problems the same, names aside
+        if identity in seen or _split_of(key) != split:
             continue
-        seen.add(key)
-        pid = f"arith-l{level}-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+        seen.add(identity)
+        pid = f"arith-l{level}-" + hashlib.sha256(identity.encode()).hexdigest()[:10]
         out.append(ArithProblem(pid, question, answer, level, key))
     return out[offset:]

@@ -50,7 +50,7 @@ class DatasetSpec:
     split: str = opt("train", "Split: 'train' or 'test' for arith and benchmarks, any split name for Hub datasets")
     subset: str | None = opt(None, "Hub dataset config name (e.g. 'main' for openai/gsm8k)")
     level: int = opt(1, "arith only: difficulty 1 (one operation), 2 (two steps) or 3 (three steps)")
-    limit: int | None = opt(None, "Use at most this many examples (after offset)")
+    limit: int | None = opt(None, "Use at most this many examples (after offset; arith: 500 when unset)")
     offset: int = opt(0, "Skip this many examples first (take fresh questions in later rounds)")
     question_field: str | None = opt(None, "Field holding the question (auto: question, problem, prompt)")
     answer_field: str | None = opt(None, "Field holding the gold answer (auto: answer, final_answer, solution)")

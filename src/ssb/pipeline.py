@@ -13,7 +13,7 @@ import importlib.util
 import time
 from pathlib import Path
 
-from ssb.config import Config
+from ssb.config import Config, ConfigError
 from ssb.rundir import RunDir, read_jsonl, write_jsonl
 
 PIPELINE = ("rollout", "curate", "teach", "logits", "train")
@@ -70,6 +70,13 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
     missing = missing_stages()
     if missing:
         print(f"[run] not implemented yet: {', '.join(missing)}; running what exists", flush=True)
+    if cfg.rounds > 1 and cfg.data.train.source == "arith":  # a finite pool at level 1: fail now, not rounds later
+        from ssb.data import load_examples
+
+        try:
+            load_examples(round_config(cfg, cfg.rounds, cfg.model).data.train)
+        except ValueError as e:
+            raise ConfigError(f"rounds={cfg.rounds} x data.train.limit={cfg.data.train.limit}: {e}") from None
     t0 = time.time()
     results: dict = {}
     models: list[tuple[str, str]] = [("base", cfg.model)]

@@ -1,0 +1,83 @@
+"""Where the built-in arithmetic problems sit for a model: per operation and operand size, the share of correct
+rollouts and of "mixed" questions (at least one right and one wrong answer: the ones SSB can learn from).
+
+    python benchmarks/arith_regime.py RUN_DIR
+
+Reads RUN_DIR/config.yaml and RUN_DIR/rollouts.jsonl from an `ssb rollout` (or `ssb run`) on `source: arith`, and
+regenerates the questions to recover each one's operation and operands (level 1; deeper levels are reported by
+level only). Prints a table; writes benchmarks/results/arith_regime.json. No model is run: the rollouts are the
+measurement, so the numbers are those of the run named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ssb import arith  # noqa: E402
+from ssb.config import load_config  # noqa: E402
+from ssb.rundir import RunDir, read_jsonl  # noqa: E402
+
+OPS = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}
+
+
+def operands(key: str) -> tuple[str, int]:
+    """A level-1 key ('1-15,7') -> (operation, largest number the solver meets among operands and result)."""
+    op, (a, b) = key[1], (int(x) for x in key[2:].split(","))
+    numbers = {"+": (a, b), "-": (b, a - b), "*": (a, b), "/": (b, a // b)}[op]
+    return op, max(numbers)
+
+
+def size_bucket(n: int) -> str:
+    return "<=5" if n <= 5 else "<=10" if n <= 10 else "<=20" if n <= 20 else ">20"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", help="a run directory holding config.yaml and rollouts.jsonl")
+    args = ap.parse_args()
+    run = RunDir(args.run_dir)
+    if not run.rollouts.exists():
+        ap.error(f"{run.rollouts} does not exist: run `ssb rollout --run-dir {args.run_dir}` first")
+    spec = load_config(run.config).data.train
+    if spec.source != "arith":
+        ap.error(f"{run.config}: data.train.source is {spec.source!r}, not 'arith'")
+    records = read_jsonl(run.rollouts)
+    keys = {p.id: p.key for p in arith.generate(spec.split, spec.level, len(records) + spec.offset)}
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # correct, rollouts, mixed, questions
+    for r in records:
+        if r["id"] not in keys:
+            raise SystemExit(f"{run.rollouts}: question {r['id']} is not among the regenerated arith problems "
+                             f"(was the run made with another version of the generator?)")
+        right = sum(x["correct"] is True for x in r["rollouts"])
+        if spec.level == 1:
+            op, biggest = operands(keys[r["id"]])
+            names = ("all", OPS[op], f"numbers {size_bucket(biggest)}", f"{OPS[op]}, numbers {size_bucket(biggest)}")
+        else:
+            names = ("all",)
+        for name in names:
+            g = groups[name]
+            g[0] += right
+            g[1] += len(r["rollouts"])
+            g[2] += 0 < right < len(r["rollouts"])
+            g[3] += 1
+    rows = [{"group": k, "questions": g[3], "rollouts": g[1], "correct_rollouts": g[0], "mixed_questions": g[2]}
+            for k, g in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0]))]
+    print(f"{'group':34s} {'questions':>9s} {'correct':>8s} {'mixed':>7s}")
+    for row in rows:
+        print(f"{row['group']:34s} {row['questions']:9d} {row['correct_rollouts'] / row['rollouts']:8.1%} "
+              f"{row['mixed_questions'] / row['questions']:7.1%}")
+    out = ROOT / "benchmarks" / "results" / "arith_regime.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"run_dir": str(run.root), "level": spec.level, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
