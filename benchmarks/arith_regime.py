@@ -4,8 +4,8 @@ rollouts and of "mixed" questions (at least one right and one wrong answer: the 
     python benchmarks/arith_regime.py RUN_DIR
 
 Reads RUN_DIR/config.yaml and RUN_DIR/rollouts.jsonl from an `ssb rollout` (or `ssb run`) on `source: arith`, and
-regenerates the questions to recover each one's operation and operands (level 1; deeper levels are reported by
-level only). Prints a table; writes benchmarks/results/arith_regime.json. No model is run: the rollouts are the
+regenerates the questions to recover each one's operation and operands (level 1; deeper levels get the overall
+row only). Prints a table; writes benchmarks/results/arith_regime.json. No model is run: the rollouts are the
 measurement, so the numbers are those of the run named.
 """
 
@@ -28,7 +28,8 @@ OPS = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "divisio
 
 
 def operands(key: str) -> tuple[str, int]:
-    """A level-1 key ('1-15,7') -> (operation, largest number the solver meets among operands and result)."""
+    """A level-1 key ('1-15,7') -> (operation, the larger of the two numbers the generator drew: the operands of +
+    and x, the amount taken and the result of -, the divisor and the quotient of /)."""
     op, (a, b) = key[1], (int(x) for x in key[2:].split(","))
     numbers = {"+": (a, b), "-": (b, a - b), "*": (a, b), "/": (b, a // b)}[op]
     return op, max(numbers)
