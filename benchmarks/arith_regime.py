@@ -12,13 +12,14 @@ measurement, so the numbers are those of the run named.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from bench_common import save_result  # noqa: E402
 
 from ssb import arith  # noqa: E402
 from ssb.config import load_config  # noqa: E402
@@ -39,22 +40,21 @@ def size_bucket(n: int) -> str:
     return "<=5" if n <= 5 else "<=10" if n <= 10 else "<=20" if n <= 20 else ">20"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("run_dir", help="a run directory holding config.yaml and rollouts.jsonl")
-    args = ap.parse_args()
-    run = RunDir(args.run_dir)
+def regime(run: RunDir) -> tuple[int, list[dict]]:
+    """A run directory -> (arith level, rows of group, questions, rollouts, correct_rollouts, mixed_questions).
+    Raises ValueError, naming the file, when the run is not an arith rollout this generator can reproduce."""
     if not run.rollouts.exists():
-        ap.error(f"{run.rollouts} does not exist: run `ssb rollout --run-dir {args.run_dir}` first")
+        raise ValueError(f"{run.rollouts} does not exist: run `ssb rollout --run-dir {run.root}` first")
     spec = load_config(run.config).data.train
     if spec.source != "arith":
-        ap.error(f"{run.config}: data.train.source is {spec.source!r}, not 'arith'")
-    records = read_jsonl(run.rollouts)
-    keys = {p.id: p.key for p in arith.generate(spec.split, spec.level, len(records) + spec.offset)}
+        raise ValueError(f"{run.config}: data.train.source is {spec.source!r}, not 'arith'")
+    records = read_jsonl(run.rollouts)  # in completion order, so a partial file is not a prefix of the questions
+    n_questions = len(read_jsonl(run.train_data))
+    keys = {p.id: p.key for p in arith.generate(spec.split, spec.level, n_questions, offset=spec.offset)}
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # correct, rollouts, mixed, questions
     for r in records:
         if r["id"] not in keys:
-            raise SystemExit(f"{run.rollouts}: question {r['id']} is not among the regenerated arith problems "
+            raise ValueError(f"{run.rollouts}: question {r['id']} is not among the regenerated arith problems "
                              f"(was the run made with another version of the generator?)")
         right = sum(x["correct"] is True for x in r["rollouts"])
         if spec.level == 1:
@@ -70,13 +70,23 @@ def main() -> int:
             g[3] += 1
     rows = [{"group": k, "questions": g[3], "rollouts": g[1], "correct_rollouts": g[0], "mixed_questions": g[2]}
             for k, g in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0]))]
+    return spec.level, rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", help="a run directory holding config.yaml and rollouts.jsonl")
+    args = ap.parse_args()
+    run = RunDir(args.run_dir)
+    try:
+        level, rows = regime(run)
+    except ValueError as e:
+        ap.error(str(e))
     print(f"{'group':34s} {'questions':>9s} {'correct':>8s} {'mixed':>7s}")
     for row in rows:
         print(f"{row['group']:34s} {row['questions']:9d} {row['correct_rollouts'] / row['rollouts']:8.1%} "
               f"{row['mixed_questions'] / row['questions']:7.1%}")
-    out = ROOT / "benchmarks" / "results" / "arith_regime.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run_dir": str(run.root), "level": spec.level, "rows": rows}, indent=2) + "\n")
+    save_result("arith_regime", {"run_dir": str(run.root), "level": level, "rows": rows})
     return 0
 
 

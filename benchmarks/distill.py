@@ -51,6 +51,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from bench_common import model_dir, save_result  # noqa: E402
+
 from ssb.losses import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden  # noqa: E402
 from ssb.teacher_store import (DTYPES, HIDDEN_DTYPE, TeacherStore, TeacherStoreWriter,  # noqa: E402
                                auto_top_k, bytes_per_token, sparsify)
@@ -93,14 +95,7 @@ def load_model(spec: str):
     """Model spec ('tiny', the embedded alias, a directory) -> (directory, fp32 model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec == "tiny":
-        from ssb.testing import make_tiny_model
-
-        path = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
-    else:
-        from ssb.models import resolve
-
-        path = Path(resolve(spec))
+    path = Path(model_dir(spec))
     tok = AutoTokenizer.from_pretrained(path)
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tok
 
@@ -427,9 +422,7 @@ def main() -> int:
         "step_speedup": round(ref["step_s"] / ours["step_s"], 3),
         "seconds": round(time.time() - t_start, 1),
     }
-    out = ROOT / "benchmarks" / "results" / "distill.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save_result("distill", result)
     print(f"ours: {ours['step_s']:.2f} s/step, +{ours['peak_mem_bytes'] / 2**20:.0f} MiB peak; reference: "
           f"{ref['step_s']:.2f} s/step, +{ref['peak_mem_bytes'] / 2**20:.0f} MiB peak")
     print(json.dumps({**{k: result[k] for k in ("bytes_per_token", "grad_cosine", "peak_mem_ratio", "step_speedup",

@@ -24,7 +24,6 @@ import json
 import platform
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from bench_common import model_dir, save_result  # noqa: E402
 
 from ssb.generation import Engine, SamplingParams  # noqa: E402
 
@@ -123,15 +124,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_path = args.model
-    if model_path == "tiny":
-        from ssb.testing import make_tiny_model
-
-        model_path = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
-    else:
-        from ssb.models import resolve
-
-        model_path = resolve(model_path)
+    model_path = model_dir(args.model)
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in questions(n_q)]
@@ -189,9 +182,7 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
         },
     }
-    out = ROOT / "benchmarks" / "results" / "generation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save_result("generation", result)
     print(json.dumps(result))
 
 

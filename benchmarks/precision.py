@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_common import model_dir, save_result  # noqa: E402
 
 from generation import questions  # noqa: E402
 
@@ -49,14 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if args.model == "tiny":
-        from ssb.testing import make_tiny_model
-
-        path = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
-    else:
-        from ssb.models import resolve
-
-        path = resolve(args.model)
+    path = model_dir(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     m32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     m16 = copy.deepcopy(m32).to(torch.bfloat16)
@@ -91,9 +85,7 @@ def main() -> None:
                      "positions": len(k)} for name, (k, g) in stats.items()}
     result["settings"] = {"model": path, "questions": args.questions, "tokens": args.tokens,
                           "torch": torch.__version__}
-    out = ROOT / "benchmarks" / "results" / "precision.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save_result("precision", result)
     print(json.dumps(result))
 
 

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from bench_common import save_result  # noqa: E402
+
 DATA = Path("/work/shared/data")
 SYNTHETIC_MATH = ["\\frac{3}{4}", "2\\sqrt{5}", "(3,4]", "\\{1\\pm\\sqrt{5},-2\\}", "x=5", "\\text{(C)}", "90^\\circ",
                   "\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", "\\frac{\\pi}{6}", "1,-2", "3 \\pm 2\\sqrt{2}",
@@ -141,10 +144,8 @@ def main() -> int:
         "baseline": "math_verify parse+verify, one process", "baseline_lines": len(sample),
         "baseline_lines_per_minute": round(base_rate), "speedup": round(rate / base_rate, 2),
     }
-    results_dir = ROOT / "benchmarks" / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
     wrong = [o for o in out if o["correct"] != o["expect"]][:20]
-    (results_dir / "verify.json").write_text(json.dumps({**result, "disagreement_examples": wrong}, indent=1))
+    save_result("verify", {**result, "disagreement_examples": wrong})
     print(json.dumps(result))
     return 0
 

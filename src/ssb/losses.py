@@ -22,7 +22,6 @@ gradient accumulation and data parallelism give the token-level mean of the full
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
