@@ -38,6 +38,17 @@ def test_arith_level1_repeats_a_calculation_within_its_split_only():
     assert all(p.key[1] not in "+*" or int(p.key[2:].split(",")[0]) <= int(p.key.split(",")[1]) for p in train)
 
 
+def test_arith_level1_pool_sizes_stated_in_the_docs():
+    """src/ssb/arith.py and the README: 118 training and 97 test calculations, 3,376 and 2,784 problems (two
+    wordings x 16 items for +, - and x, one wording for /), and the presets' 300 held-out problems cover 81."""
+    sizes = {}
+    for split in ("train", "test"):
+        keys = {p.key for p in arith.generate(split, 1, 1500)}
+        sizes[split] = (len(keys), sum(len(arith.ITEMS) * (1 if k[1] == "/" else 2) for k in keys))
+    assert sizes == {"train": (118, 3376), "test": (97, 2784)}
+    assert len({p.key for p in arith.generate("test", 1, 300)}) == 81
+
+
 def test_arith_asking_for_more_problems_than_a_split_holds_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(arith, "_level1", lambda rng: ("Q", "1+2,2", 4, ""))  # a pool of one problem
     split = arith._split_of("1+2,2")

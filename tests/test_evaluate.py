@@ -51,9 +51,17 @@ def test_summary_on_handmade_samples():
     assert s["pass@1_ci"]["method"].startswith("normal")
     assert s["verdicts"] == {"correct": 8, "incorrect": 3, "unparsed": 5, "timeout": 0}
     assert s["mean_tokens"] == pytest.approx((12 * 10 + 4 * 100) / 16)
-    assert s["truncated_share"] == 0.25
+    assert s["truncated_share"] == 0.25 and s["truncated_correct_share"] == 0.0
     assert (s["wall_seconds"], s["sessions"]) == (7.0, 2)  # max t per session, summed over sessions
     assert s["tokens_per_second"] == pytest.approx(520 / 7, abs=0.05)
+
+
+def test_summary_counts_truncated_answers_that_were_judged_correct(tmp_path):
+    records = [_rec("p1", [("4", True, 256, "length")]), _rec("p2", [("4", False, 256, "length")]),
+               _rec("p3", [("4", True, 20, "stop")]), _rec("p4", [(None, False, 256, "length")])]
+    s = build_summary(records, {"model": "m", "benchmark": "b", "n": 1, "temperature": 0.0})
+    assert (s["truncated_share"], s["truncated_correct_share"]) == (0.75, 0.25)
+    assert "75.0% truncated (25.0% truncated yet correct)" in ev.detail_line(s, tmp_path)
 
 
 def test_summary_n1_uses_wilson_and_result_line():

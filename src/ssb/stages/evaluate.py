@@ -200,7 +200,8 @@ def build_summary(records: list[dict], settings: dict, level: float = 0.95) -> d
 
     Keys: pass@1 and pass@1_ci {low, high, level, method}; pass@k {"1".."n"} (unbiased estimator, averaged over
     problems); maj@n (share of problems whose most common extracted answer, ties to the first seen, was judged
-    correct); mean_tokens and truncated_share over all samples; verdicts (sample counts); wall_seconds (generation
+    correct); mean_tokens, truncated_share and truncated_correct_share (cut off at the token limit yet judged
+    correct: an answer stated before the model ran on, often in a loop) over all samples; verdicts (sample counts); wall_seconds (generation
     + verification time, model loading excluded, summed over resumed sessions) and tokens_per_second.
     """
     if not records:
@@ -237,6 +238,8 @@ def build_summary(records: list[dict], settings: dict, level: float = 0.95) -> d
         "maj@n": maj / m,
         "mean_tokens": tokens / len(samples),
         "truncated_share": sum(s["finish_reason"] == "length" for s in samples) / len(samples),
+        "truncated_correct_share": sum(s["finish_reason"] == "length" and bool(s["correct"]) for s in samples)
+        / len(samples),
         "verdicts": {v: verdicts.get(v, 0) for v in ("correct", "incorrect", "unparsed", "timeout")},
         "wall_seconds": round(wall, 2), "sessions": len(sessions),
         "tokens_per_second": round(tokens / wall, 1) if wall > 0 else None,
@@ -259,8 +262,9 @@ def result_line(s: dict) -> str:
 def detail_line(s: dict, out: Path) -> str:
     v, tps = s["verdicts"], s["tokens_per_second"]
     speed = f" ({tps:.0f} tokens/s, {s['backend']})" if tps else ""
-    return (f"[eval] mean {s['mean_tokens']:.0f} tokens, {_pct(s['truncated_share'])}% truncated, {v['unparsed']} "
-            f"unparsed, {v['timeout']} verifier timeouts; {s['wall_seconds']:.0f} s generating{speed} -> {out}")
+    return (f"[eval] mean {s['mean_tokens']:.0f} tokens, {_pct(s['truncated_share'])}% truncated "
+            f"({_pct(s['truncated_correct_share'])}% truncated yet correct), {v['unparsed']} unparsed, "
+            f"{v['timeout']} verifier timeouts; {s['wall_seconds']:.0f} s generating{speed} -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------- compare
