@@ -201,8 +201,9 @@ def build_summary(records: list[dict], settings: dict, level: float = 0.95) -> d
     Keys: pass@1 and pass@1_ci {low, high, level, method}; pass@k {"1".."n"} (unbiased estimator, averaged over
     problems); maj@n (share of problems whose most common extracted answer, ties to the first seen, was judged
     correct); mean_tokens, truncated_share and truncated_correct_share (cut off at the token limit yet judged
-    correct: an answer stated before the model ran on, often in a loop) over all samples; verdicts (sample counts); wall_seconds (generation
-    + verification time, model loading excluded, summed over resumed sessions) and tokens_per_second.
+    correct: an answer stated before the model ran on, often in a loop) over all samples; verdicts (sample
+    counts); wall_seconds (generation + verification time, model loading excluded, summed over resumed sessions)
+    and tokens_per_second.
     """
     if not records:
         raise EvalError("no finished problems to summarise")
