@@ -21,9 +21,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench_common import save_result  # noqa: E402
 
-from ssb import arith  # noqa: E402
+from ssb.data import arith  # noqa: E402
 from ssb.config import load_config  # noqa: E402
-from ssb.rundir import RunDir, read_jsonl  # noqa: E402
+from ssb.files import read_jsonl  # noqa: E402
+from ssb.rundir import RunDir  # noqa: E402
 
 OPS = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}
 

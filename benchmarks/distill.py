@@ -53,8 +53,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench_common import model_dir, save_result  # noqa: E402
 
-from ssb.losses import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden  # noqa: E402
-from ssb.teacher_store import (DTYPES, HIDDEN_DTYPE, TeacherStore, TeacherStoreWriter,  # noqa: E402
+from ssb.distill.loss import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden  # noqa: E402
+from ssb.distill.store import (DTYPES, HIDDEN_DTYPE, TeacherStore, TeacherStoreWriter,  # noqa: E402
                                auto_top_k, bytes_per_token, sparsify)
 
 T = 2.0
@@ -103,7 +103,7 @@ def load_model(spec: str):
 def make_pairs(model, tok, n: int, max_new: int, seed: int = 0) -> list[dict]:
     """n questions -> teacher/student prompt ids and a solution the model wrote from the hinted prompt."""
     from ssb.config import DEFAULT_SYSTEM_PROMPT
-    from ssb.distill_data import encode_pairs
+    from ssb.distill.pairs import encode_pairs
     from ssb.prompts import load_template, student_messages, teacher_messages
 
     if GSM8K.exists():
@@ -281,7 +281,7 @@ def run_variant(variant: str, work: Path, steps: int, threads: int, precision: s
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ssb.distill_data import DistillCollator, Pair
+    from ssb.distill.pairs import DistillCollator, Pair
 
     torch.set_num_threads(threads)
     spec = json.loads((work / "batch.json").read_text())

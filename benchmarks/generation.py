@@ -1,4 +1,4 @@
-"""Benchmark: ssb.generation.Engine vs one-sequence-at-a-time `model.generate`, and the matmul roofline.
+"""Benchmark: ssb.engine.Engine vs one-sequence-at-a-time `model.generate`, and the matmul roofline.
 
 Workload (the rollout stage): GSM8K-style questions with a math-tutor system prompt, K samples each,
 temperature 0.8, top-k 50. Full mode: 64 questions x K=4 x 256 new tokens; --quick: 16 x 4 x 64.
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench_common import model_dir, save_result  # noqa: E402
 
-from ssb.generation import Engine, SamplingParams  # noqa: E402
+from ssb.engine.engine import Engine, SamplingParams  # noqa: E402
 
 SYSTEM = "You are a helpful math tutor. Solve the problem step by step and give the final answer as \\boxed{}."
 GSM8K = Path("/work/shared/data/gsm8k_test.jsonl")

@@ -31,8 +31,8 @@ from bench_common import model_dir, save_result  # noqa: E402
 from generation import questions  # noqa: E402
 
 from ssb.config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from ssb.generation import Engine, SamplingParams  # noqa: E402
-from ssb.generation_model import SlotModel  # noqa: E402
+from ssb.engine.engine import Engine, SamplingParams  # noqa: E402
+from ssb.engine.cache import SlotModel  # noqa: E402
 
 
 def kl_and_agree(ref: torch.Tensor, other: torch.Tensor) -> tuple[list[float], list[bool]]:

@@ -120,7 +120,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         inp, outp = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
         inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-        cmd = [sys.executable, "-c", "import sys; from ssb.verify import verify_main; sys.exit(verify_main())",
+        cmd = [sys.executable, "-c", "import sys; from ssb.verify.cli import verify_main; sys.exit(verify_main())",
                "--input", str(inp), "--output", str(outp), "--timeout", str(args.timeout)]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ssb import arith
+from ssb.data import arith
 from ssb.config import load_config, save_config
-from ssb.rundir import RunDir, write_jsonl
+from ssb.files import write_jsonl
+from ssb.rundir import RunDir
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "arith_regime.py"
 

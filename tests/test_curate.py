@@ -4,7 +4,8 @@ import pytest
 
 from ssb.config import load_config
 from ssb.prompts import hinted_user_prompt, load_template, student_messages, teacher_messages
-from ssb.rundir import RunDir, read_jsonl, write_jsonl
+from ssb.files import read_jsonl, write_jsonl
+from ssb.rundir import RunDir
 from ssb.stages.curate import choose_pair, classify, curate
 
 

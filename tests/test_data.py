@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ssb import arith
+from ssb.data import arith
 from ssb.config import DatasetSpec
 from ssb.data import DataError, load_examples
 

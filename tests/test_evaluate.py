@@ -13,9 +13,10 @@ import pytest
 
 from ssb.config import EMBEDDED_MODEL, Config
 from ssb.metrics import wilson_ci
-from ssb.rundir import read_jsonl, write_jsonl
+from ssb.files import read_jsonl, write_jsonl
 from ssb.stages import evaluate as ev
-from ssb.stages.evaluate import EvalError, build_summary, compare, compare_main, evaluate
+from ssb.stages.compare import compare, compare_main
+from ssb.stages.evaluate import EvalError, build_summary, evaluate
 
 Z95 = 1.959963984540054
 
@@ -134,7 +135,7 @@ def _cfg(n=2, temperature=1.0, max_new_tokens=6) -> Config:
 
 
 def _count_prompts(monkeypatch) -> list[int]:
-    from ssb.generation import Engine
+    from ssb.engine.engine import Engine
 
     calls, original = [], Engine.generate
 
@@ -188,7 +189,7 @@ def test_end_to_end_and_resume(tiny, bench, tmp_path, monkeypatch, capsys):
 
 def test_correctness_counting_through_verifier(tiny, bench, tmp_path, monkeypatch):
     """A scripted engine (fixed completions) checks verdicts, maj@n and the prompt the model is shown."""
-    import ssb.generation as gen
+    import ssb.engine.engine as gen
 
     answers = {"What is 3 + 4?": ["So \\boxed{7}", "So \\boxed{7}"],  # both right
                "What is 2 * 3?": ["So \\boxed{5}", "So \\boxed{6}"],  # one right; tie -> 5 wins the vote

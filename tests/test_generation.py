@@ -1,4 +1,4 @@
-"""Tests for the batched generation engine (ssb.generation) on the tiny random chat model."""
+"""Tests for the batched generation engine (ssb.engine) on the tiny random chat model."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssb.generation import Completion, Engine, SamplingParams, _ThreadTuner
-from ssb.generation_sampling import sample_next
+from ssb.engine.engine import Completion, Engine, SamplingParams, _ThreadTuner
+from ssb.engine.sampling import sample_next
 from ssb.testing import make_tiny_model
 
 # Prompts of very different lengths (the long one is ~10x the short one in tokens).
@@ -153,7 +153,7 @@ def test_scheduling_with_early_stops_matches_one_big_batch(tiny):
 
 
 def test_attention_chunks():
-    from ssb.generation import _chunks
+    from ssb.engine.engine import _chunks
 
     assert _chunks([9, 9, 9, 9, 9]) == [(0, 5, 10)]
     # ages 100.., then 10..: a new chunk once padding would waste > 1/8, at least 4 rows per chunk
@@ -212,7 +212,7 @@ def test_bf16_weights_keep_fp32_attention_and_track_the_fp32_model(tiny):
     on the batch, the backend names the dtype, and nearly every greedy token is the fp32 model's argmax."""
     import copy
 
-    from ssb.generation_model import SlotModel
+    from ssb.engine.cache import SlotModel
 
     model, tok = tiny
     m16 = copy.deepcopy(model).to(torch.bfloat16)

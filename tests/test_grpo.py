@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from ssb.config import ConfigError, load_config
-from ssb.rundir import RunDir, read_jsonl
+from ssb.files import read_jsonl
+from ssb.rundir import RunDir
 from ssb.stages import grpo as grpo_mod
 from ssb.stages.grpo import completion_text, grpo, verifier_reward
 

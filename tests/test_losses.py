@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssb.losses import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden
-from ssb.teacher_store import sparsify
+from ssb.distill.loss import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden
+from ssb.distill.store import sparsify
 
 T = 2.0
 

@@ -3,7 +3,8 @@
 import json
 
 from ssb.cli import main
-from ssb.rundir import RunDir, read_jsonl
+from ssb.files import read_jsonl
+from ssb.rundir import RunDir
 
 
 def test_ssb_run_end_to_end_and_rerun_skips(tmp_path, answering_model_dir, capsys):
@@ -73,7 +74,7 @@ eval: {{data: {{source: {data}, limit: 4}}, max_new_tokens: 16}}
 
 
 def test_rounds_beyond_the_arith_pool_fail_before_any_stage_runs(tmp_path, capsys, monkeypatch):
-    from ssb import arith
+    from ssb.data import arith
 
     monkeypatch.setattr(arith, "_level1", lambda rng: ("Q", "1+2,2", 4, ""))  # a pool of one problem
     monkeypatch.setattr(arith, "_split_of", lambda key: "train")

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from ssb.rundir import RunDir, atomic_write_json, write_jsonl
+from ssb.files import atomic_write_json, write_jsonl
+from ssb.rundir import RunDir
 from ssb.stages.evaluate import build_summary
 from ssb.stages.report import report
 

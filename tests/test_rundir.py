@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from ssb.rundir import JsonlWriter, RunDir, atomic_write_json, read_jsonl, stage
+from ssb.files import JsonlWriter, atomic_write_json, read_jsonl
+from ssb.rundir import RunDir, stage
 
 
 def test_torn_last_line_is_dropped_and_repaired(tmp_path):

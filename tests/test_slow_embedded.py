@@ -3,7 +3,8 @@
 import pytest
 
 from ssb.config import EMBEDDED_MODEL, load_config
-from ssb.rundir import RunDir, read_jsonl
+from ssb.files import read_jsonl
+from ssb.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ import pytest
 
 from ssb.cli import main
 from ssb.config import load_config
-from ssb.rundir import RunDir, read_jsonl, write_jsonl
+from ssb.files import read_jsonl, write_jsonl
+from ssb.rundir import RunDir
 
 
 def _data(tmp_path, n=6):
@@ -81,7 +82,7 @@ def test_killed_rollout_resumes_without_duplicates(tmp_path, tiny_model_dir):
 def test_teach_keeps_only_verified_solutions(tmp_path, tiny_model_dir):
     """Curated records are written by hand; golds are set to what the (deterministic, seeded) teacher will
     answer for half the questions, so exactly those become pairs."""
-    from ssb.generation import Engine, SamplingParams
+    from ssb.engine.engine import Engine, SamplingParams
     from ssb.models import load_model, load_tokenizer
     from ssb.prompts import load_template, student_messages, teacher_messages
     from ssb.stages.teach import teach

@@ -9,8 +9,8 @@ from ssb.config import load_config
 from ssb.rundir import RunDir
 from safetensors.torch import load_file
 
-from ssb.losses import SparseTeacher
-from ssb.teacher_store import (TeacherStore, TeacherStoreError, TeacherStoreWriter, auto_top_k, bytes_per_token,
+from ssb.distill.loss import SparseTeacher
+from ssb.distill.store import (TeacherStore, TeacherStoreError, TeacherStoreWriter, auto_top_k, bytes_per_token,
                                sparsify)
 
 META = dict(temperature=2.0, top_k=4, vocab_size=50, fingerprint="abc", model="m")
@@ -51,7 +51,7 @@ def test_round_trip_across_shards(tmp_path):
 
 
 def test_hidden_state_store_round_trip_and_any_temperature(tmp_path):
-    from ssb.losses import DenseTeacher
+    from ssb.distill.loss import DenseTeacher
 
     w = TeacherStoreWriter(tmp_path, kind="hidden", hidden_size=6, shard_size=1, **META)
     h = torch.randn(3, 6)
@@ -182,7 +182,7 @@ def _run(tmp_path, tiny, n=5, **sets):
 
 
 def test_logits_stage_stores_the_teacher_distribution_over_solution_tokens(tmp_path, tiny):
-    from ssb.distill_data import encode_pairs, read_pairs
+    from ssb.distill.pairs import encode_pairs, read_pairs
     from ssb.stages.logits import logits
 
     run, cfg = _run(tmp_path, tiny)
@@ -219,8 +219,8 @@ def test_logits_stage_auto_top_k_fills_a_kilobyte(tmp_path, tiny):
 
 
 def test_hidden_store_reproduces_the_full_teacher_logits(tmp_path, tiny):
-    from ssb.distill_data import encode_pairs, read_pairs
-    from ssb.losses import OutputHead
+    from ssb.distill.pairs import encode_pairs, read_pairs
+    from ssb.distill.loss import OutputHead
     from ssb.stages.logits import logits
 
     run, cfg = _run(tmp_path, tiny, n=3, **{"logits.store": "hidden"})
@@ -277,7 +277,7 @@ def test_online_and_sft_store_nothing(tmp_path, tiny, sets):
 
 
 def test_bad_pairs_are_named_by_line_and_field(tmp_path, tiny):
-    from ssb.distill_data import read_pairs
+    from ssb.distill.pairs import read_pairs
 
     run, _ = _run(tmp_path, tiny, n=2)
     lines = run.pairs.read_text().splitlines()

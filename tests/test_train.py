@@ -92,7 +92,7 @@ def test_offline_distillation_end_to_end(tmp_path, tiny):
     from ssb.stages.logits import logits
     from ssb.stages.train import train
 
-    run, cfg = _setup(tmp_path / "run", tiny, **{"train.epochs": 4, "train.merge": True})
+    run, cfg = _setup(tmp_path / "run", tiny, **{"train.epochs": 4, "train.merge": True, "train.report_to": "[tensorboard]"})
     logits(cfg, run)
     counts = train(cfg, run)
     assert counts["teacher"] == "stored" and counts["pairs"] == 6 and counts["steps"] == 12
@@ -199,7 +199,7 @@ def test_gradient_accumulation_is_a_token_level_mean_over_the_effective_batch(tm
 
 
 def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny, monkeypatch):
-    from ssb.distill_trainer import DistillTrainer
+    from ssb.distill.trainer import DistillTrainer
     from ssb.stages.train import train
 
     sets = {"train.save_steps": 2, "train.kd_weight": 0, "train.ce_weight": 1}
@@ -226,7 +226,7 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny, monk
 def test_logits_from_another_temperature_or_model_are_refused(tmp_path, tiny):
     from ssb.stages.logits import logits
     from ssb.stages.train import train
-    from ssb.teacher_store import TeacherStoreError
+    from ssb.distill.store import TeacherStoreError
 
     run, cfg = _setup(tmp_path / "run", tiny)
     logits(cfg, run)

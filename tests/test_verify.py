@@ -11,8 +11,9 @@ import threading
 
 import pytest
 
-import ssb.verify as V
-from ssb.verify import Verdict, Verifier, check, is_equivalent, normalize_gold, verify_main
+import ssb.verify.verifier as V
+from ssb.verify import Verdict, Verifier, check, is_equivalent, normalize_gold
+from ssb.verify.cli import verify_main
 
 GSM8K_2125 = ("Johnny picked up 500 + 1500+ 125= <<500+1500+125=2125>>2125 blocks\n#### 2,125")
 

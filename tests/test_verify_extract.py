@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ssb.verify import Extraction, extract_answer
-from ssb.verify_extract import as_fraction, clean_answer, extract_or_whole
+from ssb.verify.extract import as_fraction, clean_answer, extract_or_whole
 
 SMOL_HASH = """Janet's ducks lay 16 eggs per day.
 She eats 3 for breakfast and uses 4 for muffins, so 16 - 3 - 4 = 9 eggs are left.

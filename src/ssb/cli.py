@@ -1,8 +1,11 @@
-"""The `ssb` command line: one verb per stage, each a thin wrapper over the stage's Python function.
+"""The `ssb` command line: one verb per stage (registered in `ssb.stages.VERBS`), each a thin wrapper over the
+stage's Python function.
 
-Every stage verb takes `--config FILE.yaml`, repeated `--set key.sub=value`, `--run-dir DIR` and `--force`.
-Without `--config`, a stage reuses the config saved in the run directory (so `ssb curate --run-dir D` continues
-what `ssb rollout --run-dir D` started); `ssb run` with no arguments runs the embedded quick preset.
+Every stage verb takes `--config FILE.yaml`, `--preset NAME`, repeated `--set key.sub=value`, `--run-dir DIR`
+and `--force`. The config is built from, in order: the defaults, a preset (`--preset`, or `preset:` inside the
+`--config` file) or else the config saved in the run directory, the `--config` file, then each `--set`. With
+none of `--config`, `--preset` or a saved config, the embedded quick preset applies, so `ssb run` and
+`ssb run --set seed=1` differ only in the seed. The config in force is named at start.
 """
 
 from __future__ import annotations
@@ -12,33 +15,21 @@ import sys
 import warnings
 from pathlib import Path
 
-from ssb.config import Config, ConfigError, describe, load_config, preset_path, save_config
+from ssb.config import Config, ConfigError, describe, load_config, preset_names, preset_path, read_yaml, save_config
 from ssb.rundir import RunDir
+from ssb.stages import VERBS, load
 
-STAGES = ("rollout", "curate", "teach", "logits", "train")
 DEFAULT_PRESET = "quick"
 
-HELP = {
-    "rollout": "sample K answers per training question and verify them",
-    "curate": "keep mixed questions; build hinted teacher prompts",
-    "teach": "teacher writes a verified solution from the hinted prompt",
-    "logits": "store the teacher's sparse distribution over each solution",
-    "train": "distil into a LoRA student (KL at temperature T)",
-    "eval": "pass@1 / pass@k / maj@k of a model on a benchmark",
-    "report": "HTML + markdown report of one or more runs",
-    "verify": "check answers against gold answers",
-    "run": "all stages in order, then base vs student evaluation",
-    "compare": "table of eval summaries with paired significance tests",
-    "grpo": "GRPO baseline (TRL) on the same questions and reward",
-}
 
-
-def _add_common(p: argparse.ArgumentParser, run_dir_required: bool = False) -> None:
+def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (may start from a shipped preset with `preset: NAME`)")
-    p.add_argument("--preset", help="start from a shipped preset (quick, full, ...)")
+    p.add_argument("--preset", choices=preset_names(),
+                   help=f"start from a shipped preset (default: {DEFAULT_PRESET}, unless --config is given or the "
+                        "run directory has a saved config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set rollout.k=8 (repeatable)")
-    p.add_argument("--run-dir", required=run_dir_required, help="run directory (default: runs/<preset>)")
+    p.add_argument("--run-dir", help="run directory (default: runs/<preset or config file name>)")
     p.add_argument("--force", action="store_true", help="rerun stages even if finished with the same inputs")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
 
@@ -47,43 +38,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssb", description="Semantic Soft Bootstrapping: RL-free self-distillation for math reasoning.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb in STAGES + ("run", "grpo"):
-        _add_common(sub.add_parser(verb, help=HELP[verb], description=HELP[verb]))
-    p = sub.add_parser("eval", help=HELP["eval"], description=HELP["eval"])
-    _add_common(p)
-    try:
-        from ssb.stages.evaluate import add_eval_args
-    except ImportError:
-        pass
-    else:
-        add_eval_args(p)
-    p = sub.add_parser("report", help=HELP["report"], description=HELP["report"])
-    p.add_argument("run_dirs", nargs="+", help="run directories")
-    p.add_argument("--output", help="output directory (default: the first run's report/)")
-    p = sub.add_parser("verify", help=HELP["verify"], add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p = sub.add_parser("compare", help=HELP["compare"], add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    for verb in VERBS.values():
+        if verb.own_args:
+            p = sub.add_parser(verb.name, help=verb.help, add_help=False)
+            p.add_argument("args", nargs=argparse.REMAINDER)
+            continue
+        p = sub.add_parser(verb.name, help=verb.help, description=verb.help)
+        _add_common(p)
+        if verb.name == "eval":
+            from ssb.stages.evaluate import add_eval_args
+
+            add_eval_args(p)
     return parser
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir]:
-    """Config from (in order) defaults, preset, the run dir's saved config, --config, --set; and the run dir."""
+def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str]:
+    """The config, the run directory, and a line naming where the config came from."""
     preset = args.preset
-    if preset is None and args.config is None and args.run_dir is None:
+    run_dir = args.run_dir
+    saved = RunDir(run_dir).config if run_dir else None
+    if preset is None and args.config is None and not (saved and saved.exists()):
         preset = DEFAULT_PRESET
-    run = RunDir(args.run_dir or Path("runs") / (preset or Path(args.config).stem))
+    if run_dir is None:
+        run_dir = Path("runs") / (preset or Path(args.config).stem)
+    run = RunDir(run_dir)
     base: dict = {}
     if preset:
-        from ssb.config import read_yaml
-
-        base = read_yaml(preset_path(preset))
-    elif args.config is None and run.config.exists():
-        from ssb.config import read_yaml
-
-        base = read_yaml(run.config)
+        base, origin = read_yaml(preset_path(preset)), f"preset {preset!r}"
+    elif args.config is None:
+        base, origin = read_yaml(run.config), f"the config saved in {run.config}"
+    else:
+        origin = "defaults"
+    if args.config:
+        origin += f" + {args.config}"
     cfg = load_config(args.config, args.overrides, base=base)
-    return cfg, run
+    if args.overrides:
+        origin += " + " + " ".join(f"--set {o}" for o in args.overrides)
+    return cfg, run, origin
 
 
 def _print_config_help() -> None:
@@ -99,14 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 0
-    if argv[0] == "verify":
-        from ssb.verify import verify_main
-
-        return verify_main(argv[1:])
-    if argv[0] == "compare":
-        from ssb.stages.evaluate import compare_main
-
-        return compare_main(argv[1:])
+    if argv[0] in VERBS and VERBS[argv[0]].own_args:
+        return load(argv[0])(argv[1:])
     args = parser.parse_args(argv)
     if getattr(args, "help_config", False):
         _print_config_help()
@@ -126,39 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.verb == "report":
-        from ssb.stages.report import report
-
-        report([Path(d) for d in args.run_dirs], output=Path(args.output) if args.output else None)
-        return 0
-    cfg, run = resolve_config(args)
+    cfg, run, origin = resolve_config(args)
+    print(f"[ssb {args.verb}] config: {origin}; run directory: {run.root}", flush=True)
     if args.verb == "eval":
-        from ssb.stages.evaluate import eval_from_args
-
-        return eval_from_args(cfg, args)
+        return load("eval")(cfg, args)
     run.mkdir()
     save_config(cfg, run.config)
-    if args.verb == "run":
-        from ssb.pipeline import run_all
-
-        run_all(cfg, run, force=args.force)
-        return 0
-    if args.verb == "grpo":
-        from ssb.stages.grpo import grpo
-
-        grpo(cfg, run, force=args.force)
-        return 0
-    stage_fn = load_stage(args.verb)
-    stage_fn(cfg, run, force=args.force)
+    load(args.verb)(cfg, run, force=args.force)
     return 0
-
-
-def load_stage(name: str):
-    """The stage function for a verb (imported lazily: `ssb --help` stays fast)."""
-    import importlib
-
-    module = importlib.import_module(f"ssb.stages.{name}")
-    return getattr(module, name)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,8 @@ from collections import Counter
 
 from ssb.config import Config
 from ssb.prompts import load_template, student_messages, teacher_messages
-from ssb.rundir import RunDir, read_jsonl, stage, write_jsonl
+from ssb.files import read_jsonl, write_jsonl
+from ssb.rundir import RunDir, stage
 
 
 def answer_key(answer: str) -> str:

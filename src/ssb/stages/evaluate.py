@@ -1,5 +1,4 @@
-"""Stage 6, `ssb eval` and `ssb compare`: pass@1 (with a confidence interval), pass@k and maj@n of a model on a
-benchmark, and paired significance tests between evaluated models.
+"""Stage 6, `ssb eval`: pass@1 (with a confidence interval), pass@k and maj@n of a model on a benchmark.
 
 `evaluate` prompts the model exactly as training does (cfg.rollout.system_prompt + the question, rendered with
 the model's chat template), generates cfg.eval.n samples per problem (greedy when cfg.eval.temperature is 0),
@@ -15,9 +14,7 @@ verifies each with the cfg.eval.policy extraction policy and writes, in the outp
 Statistics (see ssb.metrics): pass@1 is the mean over problems of each problem's share of correct samples. Its
 95% CI is the Wilson score interval when n = 1 (one Bernoulli trial per problem), and for n > 1 the normal
 approximation mean +- 1.96 s/sqrt(m) over the m per-problem shares (falling back to Wilson when all shares are
-equal, where the normal interval has zero width). `compare` pairs runs on identical problem sets and reports a
-paired bootstrap CI of the pass@1 difference (10,000 resamples of problems) and, when both runs have n = 1, the
-exact McNemar p-value (else the bootstrap p-value).
+equal, where the normal interval has zero width). Paired tests between models are `ssb compare` (stages/compare).
 """
 
 from __future__ import annotations
@@ -33,11 +30,11 @@ from pathlib import Path
 
 from ssb.config import Config, DatasetSpec, validate
 from ssb.data import BENCHMARKS, Example, load_examples
-from ssb.metrics import majority_vote, mcnemar_exact, mean_ci, paired_bootstrap, pass_at_k, wilson_ci
+from ssb.metrics import majority_vote, mean_ci, pass_at_k, wilson_ci
 from ssb.models import generation_dtype_name
-from ssb.rundir import JsonlWriter, RunDir, atomic_write_json, file_digest, read_jsonl
+from ssb.files import JsonlWriter, atomic_write_json, file_digest, read_jsonl
+from ssb.rundir import EVAL_CONFIG, SAMPLES, SUMMARY, RunDir
 
-SAMPLES, SUMMARY, EVAL_CONFIG = "samples.jsonl", "summary.json", "eval_config.json"
 BENCHMARK_CHOICES = ("gsm8k", "math500", "aime24", "amc23", "arith")
 
 
@@ -164,7 +161,7 @@ def evaluate(cfg: Config, model: str, benchmark: str | None, output_dir: Path, *
 
 
 def _generate(cfg: Config, model: str, todo: list[Example], samples_path: Path, session: int) -> None:
-    from ssb.generation import Engine, SamplingParams
+    from ssb.engine.engine import Engine, SamplingParams
     from ssb.models import load_from_config
     from ssb.prompts import student_messages
     from ssb.verify import Verifier
@@ -248,74 +245,25 @@ def build_summary(records: list[dict], settings: dict, level: float = 0.95) -> d
     }
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
+    """A share as a percentage with one decimal: 0.1234 -> '12.3'."""
     return f"{100 * x:.1f}"
 
 
 def result_line(s: dict) -> str:
     """`pass@1 = 12.5% [95% CI 8.1–17.0] on 200 arith problems`"""
     ci = s["pass@1_ci"]
-    line = (f"pass@1 = {_pct(s['pass@1'])}% [{round(100 * ci['level'])}% CI {_pct(ci['low'])}–{_pct(ci['high'])}] "
+    line = (f"pass@1 = {pct(s['pass@1'])}% [{round(100 * ci['level'])}% CI {pct(ci['low'])}–{pct(ci['high'])}] "
             f"on {s['problems']} {s['benchmark']} problems")
-    return line + (f" (n={s['n']}, T={s['temperature']}; maj@{s['n']} = {_pct(s['maj@n'])}%)" if s["n"] > 1 else "")
+    return line + (f" (n={s['n']}, T={s['temperature']}; maj@{s['n']} = {pct(s['maj@n'])}%)" if s["n"] > 1 else "")
 
 
 def detail_line(s: dict, out: Path) -> str:
     v, tps = s["verdicts"], s["tokens_per_second"]
     speed = f" ({tps:.0f} tokens/s, {s['backend']})" if tps else ""
-    return (f"[eval] mean {s['mean_tokens']:.0f} tokens, {_pct(s['truncated_share'])}% truncated "
-            f"({_pct(s['truncated_correct_share'])}% truncated yet correct), {v['unparsed']} unparsed, "
+    return (f"[eval] mean {s['mean_tokens']:.0f} tokens, {pct(s['truncated_share'])}% truncated "
+            f"({pct(s['truncated_correct_share'])}% truncated yet correct), {v['unparsed']} unparsed, "
             f"{v['timeout']} verifier timeouts; {s['wall_seconds']:.0f} s generating{speed} -> {out}")
-
-
-# ---------------------------------------------------------------------------------------------- compare
-
-
-def _load_run(d: Path) -> tuple[dict, dict[str, float]]:
-    path = Path(d) / SUMMARY
-    if not path.exists():
-        raise EvalError(f"{path}: not found (is {d} an eval output directory, and did the evaluation finish?)")
-    summary = json.loads(path.read_text())
-    scores = {r["id"]: r["correct"] / len(r["samples"]) for r in read_jsonl(Path(d) / SAMPLES, repair=False)}
-    return summary, scores
-
-
-def compare(dirs: list[Path], *, iters: int = 10000, seed: int = 0) -> str:
-    """Markdown: one row per eval output directory, then a paired test for every two runs on the same problems."""
-    runs = [_load_run(Path(d)) for d in dirs]
-    lines = ["| # | run | model | benchmark | n | pass@1 [95% CI] | maj@n | mean tokens | truncated |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for i, (d, (s, _)) in enumerate(zip(dirs, runs), 1):
-        ci = s["pass@1_ci"]
-        lines.append(f"| {i} | {d} | {s['model']} | {s['benchmark']} | {s['n']} | {_pct(s['pass@1'])}% "
-                     f"[{_pct(ci['low'])}–{_pct(ci['high'])}] | {_pct(s['maj@n'])}% | {s['mean_tokens']:.0f} | "
-                     f"{_pct(s['truncated_share'])}% |")
-    if len(runs) < 2:
-        return "\n".join(lines)
-    paired = ["", f"Paired differences of pass@1 (A − B) over the same problems: 95% CI from a paired bootstrap "
-              f"({iters} resamples of problems, seed {seed}); p is exact McNemar when both runs have n = 1, "
-              f"else the bootstrap p-value.", "",
-              "| A | B | problems | Δ pass@1 | 95% CI | p | test |", "|---|---|---|---|---|---|---|"]
-    unpaired: list[str] = []
-    for i in range(len(runs)):
-        for j in range(i + 1, len(runs)):
-            (sa, a), (sb, b) = runs[i], runs[j]
-            if set(a) != set(b):
-                unpaired.append(f"- {i + 1} vs {j + 1}: not paired (different problem sets: {len(a)} and {len(b)} "
-                                f"problems, {len(set(a) & set(b))} shared)")
-                continue
-            ids = sorted(a)
-            boot = paired_bootstrap([a[k] for k in ids], [b[k] for k in ids], iters=iters, seed=seed)
-            if sa["n"] == 1 and sb["n"] == 1:
-                p = mcnemar_exact(sum(a[k] > b[k] for k in ids), sum(a[k] < b[k] for k in ids))
-                test = "McNemar exact"
-            else:
-                p, test = boot["p"], "bootstrap"
-            paired.append(f"| {i + 1} | {j + 1} | {len(ids)} | {100 * boot['diff']:+.1f} pts | "
-                         f"[{100 * boot['low']:+.1f}, {100 * boot['high']:+.1f}] | {p:.3g} | {test} |")
-    if len(paired) > 5:  # at least one pair of runs on the same problems
-        lines += paired
-    return "\n".join(lines + ([""] + unpaired if unpaired else []))
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -381,23 +329,4 @@ def eval_from_args(cfg: Config, args: argparse.Namespace) -> int:
         bench = args.benchmark or (Path(args.data).stem if args.data else data.source)
         out = RunDir(run_dir).eval_dir(tag, bench)
     evaluate(cfg, model, args.benchmark, Path(out), data_file=args.data, force=getattr(args, "force", False))
-    return 0
-
-
-def compare_main(argv: list[str]) -> int:
-    """`ssb compare DIR [DIR ...] [--iters N] [--seed S] [--output FILE.md]`: print the comparison table."""
-    p = argparse.ArgumentParser(prog="ssb compare", description="Table of eval summaries with paired tests")
-    p.add_argument("dirs", nargs="+", help="eval output directories (each with summary.json + samples.jsonl)")
-    p.add_argument("--iters", type=int, default=10000, help="paired bootstrap resamples (default 10000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--output", help="also write the markdown table to this file")
-    args = p.parse_args(argv)
-    try:
-        table = compare([Path(d) for d in args.dirs], iters=args.iters, seed=args.seed)
-    except (EvalError, ValueError) as e:
-        print(f"ssb compare: error: {e}", file=sys.stderr)
-        return 2
-    print(table)
-    if args.output:
-        Path(args.output).write_text(table + "\n")
     return 0

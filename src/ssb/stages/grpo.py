@@ -19,17 +19,24 @@ resumed sessions) for a compute comparison with SSB's rollout + teach + train st
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import os
-import shutil
 import time
-import warnings
 from pathlib import Path
 
 from ssb.config import Config
-from ssb.rundir import RunDir, atomic_write_json, read_jsonl, stage
+from ssb.files import atomic_write_json, read_jsonl
+from ssb.rundir import RunDir, stage
+from ssb.training import (
+    last_checkpoint,
+    lora_config,
+    metrics_line,
+    place_tensorboard_logs,
+    quiet_trainer_warnings,
+    save_adapter,
+    train_device,
+    trainer_arguments,
+    trim_metrics,
+)
 
 METER_FILE = "ssb_grpo_meter.json"
 
@@ -104,11 +111,7 @@ def _callback(meter: Meter, metrics_path: Path):
                    "lr": logs.get("learning_rate"), "completion_len": logs.get("completions/mean_length"),
                    "clipped_ratio": logs.get("completions/clipped_ratio"),
                    "generated_tokens": meter.generated_tokens}
-            rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
-            parts = [f"{k} {v:.4g}" for k, v in rec.items() if k not in ("step", "epoch") and isinstance(v, float)]
-            print(f"[grpo] step {rec['step']}/{state.max_steps} " + " ".join(parts), flush=True)
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+            metrics_line(metrics_path, "grpo", rec, state.max_steps)
 
         def on_train_end(self, args, state, control, **kw):
             meter.seconds, meter._t0 = meter.elapsed(), None
@@ -129,7 +132,7 @@ def engine_rollout(cfg: Config, batch_size: int = 128):
     TRL passes the step's prompts with each repeated `num_generations` times in a row; the engine generates each
     group's samples from one prompt. Same temperature / top-k / top-p / length as TRL would use; the seed moves
     with the optimizer step, so a question seen again in a later epoch gets fresh samples."""
-    from ssb.generation import Engine, SamplingParams, tokenize_prompts
+    from ssb.engine.engine import Engine, SamplingParams, tokenize_prompts
 
     gc = cfg.grpo
 
@@ -154,47 +157,33 @@ def engine_rollout(cfg: Config, batch_size: int = 128):
 
 def build_trainer(cfg: Config, run: RunDir, meter: Meter):
     """TRL's GRPOTrainer for this config: the base model, LoRA from cfg.train, the verifier reward."""
-    import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import PrinterCallback
     from trl import GRPOConfig as TRLGRPOConfig
     from trl import GRPOTrainer
 
-    from ssb.models import load_model, load_tokenizer, resolve_device, resolve_mixed_precision
+    from ssb.data import question_records
+    from ssb.models import load_model, load_tokenizer
     from ssb.prompts import student_messages
-    from ssb.stages.rollout import load_train_questions
 
     gc, tc = cfg.grpo, cfg.train
-    questions = load_train_questions(cfg, run)
+    questions = question_records(cfg.data.train)
     if not questions:
         raise ValueError(f"no training questions from data.train ({cfg.data.train.source})")
     data = Dataset.from_list([{"prompt": student_messages(q["question"], cfg.rollout.system_prompt),
                                "gold": q["answer"], "id": q["id"]} for q in questions])
-    device = resolve_device(cfg.device)
-    cuda = device.startswith("cuda")
-    precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
-    out = run.grpo_dir
+    device = train_device(cfg)
+    common = trainer_arguments(cfg, device, run.grpo_checkpoints, learning_rate=gc.learning_rate,
+                               logging_steps=gc.logging_steps, save_steps=gc.save_steps,
+                               save_total_limit=gc.save_total_limit)
     args = TRLGRPOConfig(
-        output_dir=str(out / "checkpoints"), num_generations=gc.num_generations, temperature=gc.temperature,
-        top_k=gc.top_k, top_p=gc.top_p, max_completion_length=gc.max_completion_length,
-        learning_rate=gc.learning_rate, beta=gc.beta, loss_type=gc.loss_type,
+        **common, num_generations=gc.num_generations, temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p,
+        max_completion_length=gc.max_completion_length, beta=gc.beta, loss_type=gc.loss_type,
         # TRL counts completions, not questions, in its batch size
         per_device_train_batch_size=gc.batch_size * gc.num_generations, gradient_accumulation_steps=gc.grad_accum,
-        num_train_epochs=gc.epochs, max_steps=gc.max_steps or -1,
-        lr_scheduler_type=tc.lr_scheduler, max_grad_norm=tc.max_grad_norm, weight_decay=tc.weight_decay,
-        logging_steps=gc.logging_steps, save_strategy="steps", save_steps=gc.save_steps,
-        save_total_limit=gc.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
-        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda, report_to="none",
-        disable_tqdm=True,
-        activation_checkpointing=tc.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
-        use_vllm=False, log_completions=False,
-    )
+        num_train_epochs=gc.epochs, max_steps=gc.max_steps or -1, use_vllm=False, log_completions=False)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    lora = LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
-                      target_modules=list(tc.target_modules), task_type="CAUSAL_LM")
     policy = cfg.rollout.policy
 
     def correctness(prompts, completions, completion_ids, gold, **kw) -> list[float]:
@@ -202,20 +191,16 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter):
         return verifier_reward(completions, gold, policy)
 
     trainer = GRPOTrainer(model=model, reward_funcs=correctness, args=args, train_dataset=data,
-                          processing_class=tok, peft_config=lora,
-                          callbacks=[_callback(meter, out / "metrics.jsonl")],
+                          processing_class=tok, peft_config=lora_config(cfg),
+                          callbacks=[_callback(meter, run.grpo_metrics)],
                           rollout_func=engine_rollout(cfg) if gc.generation == "ssb" else None)
+    place_tensorboard_logs(trainer, run.grpo_dir / "tb")
     trainer.remove_callback(PrinterCallback)  # our callback prints one line per step; TRL's raw dict is noise
     return trainer, tok, len(questions)
 
 
 def grpo(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from ssb.distill_trainer import trim_metrics
-
-    out = run.grpo_dir
-    ckpts, metrics = out / "checkpoints", out / "metrics.jsonl"
+    out, ckpts, metrics = run.grpo_dir, run.grpo_checkpoints, run.grpo_metrics
     tc = cfg.train  # the LoRA and optimizer settings shared with SSB
     parts = (cfg.model, cfg.data, cfg.grpo, tc.lora_r, tc.lora_alpha, tc.lora_dropout, tc.target_modules,
              tc.lr_scheduler, tc.max_grad_norm, tc.weight_decay, tc.gradient_checkpointing,
@@ -225,21 +210,21 @@ def grpo(cfg: Config, run: RunDir, force: bool = False) -> dict:
             return (run.stage_entry("grpo") or {}).get("counts", {})
         out.mkdir(parents=True, exist_ok=True)
         meter = Meter()
-        with _quiet_trl():
+        with quiet_trainer_warnings():
             trainer, tok, n_questions = build_trainer(cfg, run, meter)
         gc = cfg.grpo
         st.say(f"[grpo] {n_questions} questions x {gc.num_generations} completions, {gc.batch_size} questions "
                f"per step, lr {gc.learning_rate}, beta {gc.beta}, LoRA r={cfg.train.lora_r}")
-        resume = get_last_checkpoint(str(ckpts)) if st.resumed and ckpts.exists() else None
+        resume = last_checkpoint(ckpts, st.resumed)
         if resume:
             st.say(f"[grpo] resuming from {resume}")
             meter.restore(resume)
             trim_metrics(metrics, int(resume.rsplit("-", 1)[-1]))
         elif metrics.exists():
             metrics.unlink()
-        with _quiet_trl():
+        with quiet_trainer_warnings():
             result = trainer.train(resume_from_checkpoint=resume)
-        _save_adapter(cfg, trainer, tok, out / "adapter")
+        save_adapter(cfg, trainer, run.grpo_adapter)
         rows = read_jsonl(metrics)
         rewards = [r["reward"] for r in rows if r.get("reward") is not None]
         st.counts.update(questions=n_questions, steps=trainer.state.global_step, completions=meter.completions,
@@ -247,25 +232,5 @@ def grpo(cfg: Config, run: RunDir, force: bool = False) -> dict:
                          train_loss=round(result.training_loss, 6),
                          reward_first=rewards[0] if rewards else None, reward_last=rewards[-1] if rewards else None)
         st.say(f"[grpo] done: {trainer.state.global_step} steps, {meter.generated_tokens} tokens generated in "
-               f"{meter.completions} completions; adapter -> {out / 'adapter'}")
+               f"{meter.completions} completions; adapter -> {run.grpo_adapter}")
         return dict(st.counts)
-
-
-@contextlib.contextmanager
-def _quiet_trl():
-    """TRL 1.16 still calls transformers' renamed gradient_checkpointing_* methods: one warning per call."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing\w*` is deprecated", FutureWarning)
-        warnings.filterwarnings("ignore", "You are using 'rollout_func'", UserWarning)  # we pin TRL's version
-        yield
-
-
-def _save_adapter(cfg: Config, trainer, tok, target: Path) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
-    tok.save_pretrained(tmp)
-    atomic_write_json(tmp / "ssb_base.json", {"model": cfg.model, "trust_remote_code": cfg.trust_remote_code})
-    (tmp / "training_args.bin").unlink(missing_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)

@@ -3,7 +3,7 @@
 The teacher input is the hinted prompt + the solution ids; the distribution over solution token j is read at
 position prompt_len - 1 + j (so it includes the end-of-turn token: the student learns to stop), at the training
 temperature T = train.temperature, and kept as the top-k ids and log-probabilities plus the tail mass
-(`teacher_store`). Sequences run in length-sorted batches (right padding); only hidden states at solution
+(`ssb.distill.store`). Sequences run in length-sorted batches (right padding); only hidden states at solution
 positions go through the output head, a chunk at a time. Finished shards survive a kill; a rerun continues with
 the examples not yet stored.
 
@@ -42,10 +42,10 @@ def logits(cfg: Config, run: RunDir, force: bool = False) -> dict:
 
 
 def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print) -> dict:
-    from ssb.distill_data import encode_pairs, pad_batch, read_pairs
-    from ssb.losses import OutputHead, check_head, final_hidden
+    from ssb.distill.pairs import encode_pairs, pad_batch, read_pairs
+    from ssb.distill.loss import OutputHead, check_head, final_hidden
     from ssb.models import load_from_config, model_fingerprint
-    from ssb.teacher_store import TeacherStoreWriter, auto_top_k, bytes_per_token, sparsify
+    from ssb.distill.store import TeacherStoreWriter, auto_top_k, bytes_per_token, sparsify
 
     lc, T = cfg.logits, cfg.train.temperature
     records = read_pairs(run.pairs)

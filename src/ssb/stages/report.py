@@ -9,15 +9,18 @@ questions. Whatever a run has not produced yet is shown as "not run". The report
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
 from ssb import plots
-from ssb.rundir import RunDir, atomic_write_text, read_jsonl
+from ssb.files import atomic_write_text, read_jsonl
+from ssb.rundir import RunDir
 
 NOT_RUN = "not run"
 STAGE_ORDER = ("rollout", "curate", "teach", "logits", "train", "grpo")
@@ -342,3 +345,17 @@ def report(run_dirs: list[Path], output: Path | None = None) -> Path:
     atomic_write_text(page, render_html(blocks, title, subtitle))
     print(f"[report] {page} (+ report.md and {sum(b[0] == 'img' for b in blocks)} figures)", flush=True)
     return page
+
+
+def report_main(argv: list[str]) -> int:
+    """`ssb report RUN [RUN ...] [--output DIR]`."""
+    p = argparse.ArgumentParser(prog="ssb report", description="HTML + markdown report of one or more runs")
+    p.add_argument("run_dirs", nargs="+", help="run directories")
+    p.add_argument("--output", help="output directory (default: the first run's report/)")
+    args = p.parse_args(argv)
+    try:
+        report([Path(d) for d in args.run_dirs], output=Path(args.output) if args.output else None)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ssb report: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -9,23 +9,19 @@ from __future__ import annotations
 from collections import Counter
 
 from ssb.config import Config
-from ssb.data import load_examples
+from ssb.data import question_records
 from ssb.models import generation_dtype_name
 from ssb.prompts import student_messages
-from ssb.rundir import JsonlWriter, RunDir, read_jsonl, stage, write_jsonl
-
-
-def load_train_questions(cfg: Config, run: RunDir) -> list[dict]:
-    """The training questions as dicts, loaded from the config's data spec."""
-    return [e.to_dict() for e in load_examples(cfg.data.train)]
+from ssb.files import JsonlWriter, read_jsonl, write_jsonl
+from ssb.rundir import RunDir, stage
 
 
 def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    from ssb.generation import Engine, SamplingParams
+    from ssb.engine.engine import Engine, SamplingParams
     from ssb.models import load_from_config
     from ssb.verify import Verifier
 
-    questions = load_train_questions(cfg, run)
+    questions = question_records(cfg.data.train)
     parts = (cfg.model, cfg.data, cfg.rollout, cfg.seed, generation_dtype_name(cfg))
     with stage(run, "rollout", parts, inputs=[], outputs=[run.rollouts, run.train_data], force=force) as st:
         if st is None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from ssb.config import Config
 from ssb.models import generation_dtype_name
-from ssb.rundir import JsonlWriter, RunDir, read_jsonl, stage
+from ssb.files import JsonlWriter, read_jsonl
+from ssb.rundir import RunDir, stage
 
 
 def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    from ssb.generation import Engine, SamplingParams
+    from ssb.engine.engine import Engine, SamplingParams
     from ssb.models import load_from_config
     from ssb.verify import Verifier
 

@@ -6,8 +6,9 @@ the stored sparse logits (logits.mode=offline), or the same model with the adapt
 (online). kd_weight=0, ce_weight=1 is the SFT baseline on identical data and needs no teacher logits.
 
 Runs single-process or under `accelerate launch` (DDP, DeepSpeed, FSDP): only the main process touches the
-manifest, metrics and the saved adapter. Outputs: RUN/train/ (checkpoints, TensorBoard in train/tb), RUN/metrics.jsonl,
-RUN/adapter/ (PeftModel.from_pretrained + ssb_base.json naming the base), RUN/merged/ with train.merge.
+manifest, metrics and the saved adapter. Outputs: RUN/train/ (checkpoints; TensorBoard in train/tb with train.report_to=[tensorboard]), RUN/metrics.jsonl,
+RUN/adapter/ (PeftModel.from_pretrained + ssb_base.json naming the base), RUN/merged/ with train.merge. The LoRA,
+Trainer arguments and adapter saving are shared with GRPO (`ssb.training`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,17 @@ import os
 import shutil
 
 from ssb.config import Config
-from ssb.rundir import RunDir, Stage, atomic_write_json, stage
+from ssb.rundir import RunDir, Stage, stage
 from ssb.stages.logits import needs_stored_logits
+from ssb.training import (
+    last_checkpoint,
+    lora_config,
+    place_tensorboard_logs,
+    save_adapter,
+    train_device,
+    trainer_arguments,
+    trim_metrics,
+)
 
 
 @contextlib.contextmanager
@@ -42,17 +52,8 @@ def _stage_all_ranks(run: RunDir, name: str, parts: tuple, inputs: list, outputs
     else:
         decision = [None]
         broadcast_object_list(decision, from_process=0)
-        yield None if decision[0]["skip"] else Stage(name=name, counts={}, resumed=decision[0]["resumed"], log=[])
+        yield None if decision[0]["skip"] else Stage(name=name, counts={}, resumed=decision[0]["resumed"])
         state.wait_for_everyone()
-
-
-def _device(cfg: Config) -> str:
-    from ssb.models import resolve_device
-
-    dev = resolve_device(cfg.device)
-    if dev == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process under accelerate launch / torchrun
-        dev = f"cuda:{os.environ['LOCAL_RANK']}"
-    return dev
 
 
 def train(cfg: Config, run: RunDir, force: bool = False) -> dict:
@@ -65,17 +66,11 @@ def train(cfg: Config, run: RunDir, force: bool = False) -> dict:
             return (run.stage_entry("train") or {}).get("counts", {})
         trainer, info = build_trainer(cfg, run, say=st.say)
         st.counts.update(info)
-        resume = None
-        if st.resumed:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            resume = get_last_checkpoint(str(run.train_dir)) if run.train_dir.exists() else None
-            if resume:
-                st.say(f"[train] resuming from {resume}")
-                if trainer.is_world_process_zero():
-                    from ssb.distill_trainer import trim_metrics
-
-                    trim_metrics(run.metrics, int(resume.rsplit("-", 1)[-1]))
+        resume = last_checkpoint(run.train_dir, st.resumed)
+        if resume:
+            st.say(f"[train] resuming from {resume}")
+            if trainer.is_world_process_zero():
+                trim_metrics(run.metrics, int(resume.rsplit("-", 1)[-1]))
         if resume is None and trainer.is_world_process_zero() and run.metrics.exists():
             run.metrics.unlink()
         result = trainer.train(resume_from_checkpoint=resume)
@@ -91,19 +86,18 @@ def train(cfg: Config, run: RunDir, force: bool = False) -> dict:
 def build_trainer(cfg: Config, run: RunDir, say=print):
     """The model, data and `DistillTrainer` for this config (also used by tests and benchmarks)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import TrainingArguments, set_seed
-    from transformers.integrations import TensorBoardCallback
 
-    from ssb.distill_data import DistillCollator, PairDataset, encode_pairs, read_pairs
-    from ssb.distill_trainer import DistillTrainer
-    from ssb.losses import DistillLoss, OutputHead, check_head
-    from ssb.models import load_model, load_tokenizer, model_fingerprint, resolve_mixed_precision
-    from ssb.teacher_store import TeacherStore
+    from ssb.distill.pairs import DistillCollator, PairDataset, encode_pairs, read_pairs
+    from ssb.distill.trainer import DistillTrainer
+    from ssb.distill.loss import DistillLoss, OutputHead, check_head
+    from ssb.models import load_model, load_tokenizer, model_fingerprint
+    from ssb.distill.store import TeacherStore
 
     tc = cfg.train
     mode = "none" if tc.kd_weight == 0 else ("stored" if cfg.logits.mode == "offline" else "online")
-    device = _device(cfg)
+    device = train_device(cfg)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     head = OutputHead.of(model)
@@ -128,30 +122,21 @@ def build_trainer(cfg: Config, run: RunDir, say=print):
                 raise ValueError(f"{run.logits_dir}: teacher logits for {p.id!r} cover {store.length(p.id)} tokens, "
                                  f"the solution has {p.solution_len}; rerun `ssb logits --force`")
     set_seed(cfg.seed)  # LoRA initialisation
-    lora = LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
-                      target_modules=list(tc.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    cuda = device.startswith("cuda")
-    precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
+    model = get_peft_model(model, lora_config(cfg))
+    common = trainer_arguments(cfg, device, run.train_dir, learning_rate=tc.learning_rate,
+                               logging_steps=tc.logging_steps, save_steps=tc.save_steps,
+                               save_total_limit=tc.save_total_limit)
+    precision = "bf16" if common["bf16"] else ("fp16" if common["fp16"] else "none")
     args = TrainingArguments(
-        output_dir=str(run.train_dir), per_device_train_batch_size=tc.batch_size,
-        gradient_accumulation_steps=tc.grad_accum, num_train_epochs=tc.epochs, learning_rate=tc.learning_rate,
-        lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_ratio, weight_decay=tc.weight_decay,
-        max_grad_norm=tc.max_grad_norm, logging_steps=tc.logging_steps, save_strategy="steps",
-        save_steps=tc.save_steps, save_total_limit=tc.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
-        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda, report_to="none",
-        disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0, ddp_find_unused_parameters=False,
-        activation_checkpointing=tc.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
-    )
-    tb = TensorBoardCallback()
-    tb.logging_dir = str(run.train_dir / "tb")
+        **common, per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
+        num_train_epochs=tc.epochs, remove_unused_columns=False, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False)
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=PairDataset(kept),
         data_collator=DistillCollator(tok.pad_token_id, store=store, online=mode == "online"),
-        processing_class=tok, callbacks=[tb], teacher=mode, metrics_path=run.metrics,
+        processing_class=tok, teacher=mode, metrics_path=run.metrics,
         distill_loss=DistillLoss(tc.temperature, kd_weight=tc.kd_weight, ce_weight=tc.ce_weight))
+    place_tensorboard_logs(trainer, run.train_dir / "tb")
     n_tok = sum(p.solution_len for p in kept)
     say(f"[train] {len(kept)} pairs ({n_tok} solution tokens), teacher: {mode}, T={tc.temperature}, "
         f"kd {tc.kd_weight} ce {tc.ce_weight}, LoRA r={tc.lora_r} alpha={tc.lora_alpha}, "
@@ -162,25 +147,15 @@ def build_trainer(cfg: Config, run: RunDir, say=print):
 
 
 def _save(cfg: Config, run: RunDir, trainer) -> None:
-    """Adapter (+ tokenizer, ssb_base.json) and, with train.merge, the merged model; written by the main process."""
-    tok = trainer.processing_class
-    tmp = run.adapter_dir.with_name(run.adapter_dir.name + ".tmp")
-    if trainer.is_world_process_zero():
+    """The adapter and, with train.merge, the merged model (base + LoRA); written by the main process."""
+    save_adapter(cfg, trainer, run.adapter_dir)
+    if cfg.train.merge and trainer.is_world_process_zero():
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        tmp = run.merged_dir.with_name(run.merged_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # adapter + tokenizer; every process takes part (FSDP / ZeRO-3 gather)
-    if trainer.is_world_process_zero():
-        atomic_write_json(tmp / "ssb_base.json", {"model": cfg.model, "trust_remote_code": cfg.trust_remote_code})
-        (tmp / "training_args.bin").unlink(missing_ok=True)
-        shutil.rmtree(run.adapter_dir, ignore_errors=True)
-        os.replace(tmp, run.adapter_dir)
-        if cfg.train.merge:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-            mtmp = run.merged_dir.with_name(run.merged_dir.name + ".tmp")
-            shutil.rmtree(mtmp, ignore_errors=True)
-            merged.save_pretrained(mtmp)
-            tok.save_pretrained(mtmp)
-            (mtmp / "ssb_source.json").write_text(json.dumps({"base": cfg.model, "adapter": str(run.adapter_dir)}))
-            shutil.rmtree(run.merged_dir, ignore_errors=True)
-            os.replace(mtmp, run.merged_dir)
+        merged.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
+        (tmp / "ssb_source.json").write_text(json.dumps({"base": cfg.model, "adapter": str(run.adapter_dir)}))
+        shutil.rmtree(run.merged_dir, ignore_errors=True)
+        os.replace(tmp, run.merged_dir)
     trainer.accelerator.wait_for_everyone()

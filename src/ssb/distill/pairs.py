@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ssb.losses import SparseTeacher
+from ssb.distill.loss import SparseTeacher
 
 
 @dataclass
@@ -89,7 +89,7 @@ def read_pairs(path: str | Path, vocab_size: int | None = None) -> list[dict]:
 
 def encode_pairs(records: list[dict], tokenizer, *, teacher: bool = True, student: bool = True) -> list[Pair]:
     """Token ids of each pair's prompts (rendered like the generation engine renders them) + solution."""
-    from ssb.generation import tokenize_prompts
+    from ssb.engine.engine import tokenize_prompts
 
     t = tokenize_prompts(tokenizer, [r["teacher_messages"] for r in records]) if teacher else [[]] * len(records)
     s = tokenize_prompts(tokenizer, [r["student_messages"] for r in records]) if student else [[]] * len(records)

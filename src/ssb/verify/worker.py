@@ -1,7 +1,7 @@
 """Worker processes for answer verification, each item bounded by its own deadline.
 
-`WorkerPool.run` sends (pred, gold) pairs to `python -m ssb.verify_worker` subprocesses, which run
-`ssb.verify_equiv.compare`. A worker that overruns an item's deadline (sympy can hang on inputs such
+`WorkerPool.run` sends (pred, gold) pairs to `ssb.verify.worker`  subprocesses, which run
+`ssb.verify.equiv.compare`. A worker that overruns an item's deadline (sympy can hang on inputs such
 as `5^{5^{5^5}}`) or dies is killed and replaced, and the item gets the verdict "timeout". Deadlines
 are enforced by the parent with `select`, not signals, so the pool works from any thread. Workers
 are plain subprocesses (multiprocessing's spawn/forkserver would re-import the caller's __main__)
@@ -15,13 +15,14 @@ import os
 import queue
 import threading
 
-from .verify_equiv import compare
+from ssb.verify.equiv import compare
 
 log = logging.getLogger(__name__)
+_WORKER_MAIN = "import os, sys; from ssb.verify.worker import _serve; _serve(*map(int, sys.argv[1:])); os._exit(0)"
 
 
 def _serve(parent_pid: int, memory_limit: int) -> None:
-    """Worker loop (`python -m ssb.verify_worker`): JSON lines [key, pred, gold] in on stdin,
+    """Worker loop (`ssb.verify.worker` ): JSON lines [key, pred, gold] in on stdin,
     [key, verdict] out on stdout, until stdin closes."""
     import json
     import signal
@@ -98,7 +99,7 @@ def _popen_from_spawner_thread(args: list[str], **kwargs):
 
 
 class _Worker:
-    """One `python -m ssb.verify_worker` subprocess. A plain subprocess (not multiprocessing), so
+    """One `ssb.verify.worker`  subprocess. A plain subprocess (not multiprocessing), so
     it never re-imports the caller's __main__ and is not forked from a threaded parent."""
 
     def __init__(self, memory_limit: int, start_timeout: float):
@@ -109,7 +110,9 @@ class _Worker:
         src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
         self.proc = _popen_from_spawner_thread(
-            [sys.executable, "-m", "ssb.verify_worker", str(os.getpid()), str(memory_limit)],
+            # -c, not -m: running a package's submodule as __main__ would import it twice; os._exit skips a
+            # slow interpreter teardown of sympy's modules
+            [sys.executable, "-c", _WORKER_MAIN, str(os.getpid()), str(memory_limit)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0,
         )
         self.buf = b""
@@ -213,7 +216,7 @@ class WorkerPool:
         if w.state == "starting":
             self.close()
             how = "exited during start-up" if crashed else f"did not start within {self.start_timeout:.0f} s"
-            raise RuntimeError(f"verification worker {how} (python -m ssb.verify_worker)")
+            raise RuntimeError(f"verification worker {how} (python -m ssb.verify.worker)")
         self.workers[self.workers.index(w)] = self._spawn()
         if w.state != "busy":
             return 0
@@ -239,10 +242,3 @@ class WorkerPool:
                 w.proc.wait()
             w.proc.stdout.close()
         self.workers = []
-
-
-if __name__ == "__main__":
-    import sys
-
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
-    os._exit(0)  # nothing to clean up; skips a slow interpreter teardown of sympy's modules

@@ -1,10 +1,10 @@
 """Answer extraction and verification: every correct/incorrect number SSB reports comes from here.
 
-A completion is reduced to one answer string by an extraction policy (`ssb.verify_extract`), the
+A completion is reduced to one answer string by an extraction policy (`ssb.verify.extract`), the
 gold answer is normalised per source, and the two are compared:
   1. fast path, in process: when both sides are plain numbers (`2,125`, `025`, `27.0`, `3/4`,
      `\\frac{1}{2}`) they are compared exactly as fractions; most GSM8K / AIME / AMC answers end here.
-  2. otherwise math-verify plus our guards (`ssb.verify_worker.compare`) in a small pool of worker
+  2. otherwise math-verify plus our guards (`ssb.verify.equiv.compare` via `ssb.verify.worker`) in a small pool of worker
      processes, each item with its own deadline; an item that overruns gets the verdict "timeout"
      and its worker is replaced, so one pathological answer costs at most `timeout` seconds.
 Verdicts: "correct", "incorrect", "unparsed" (no answer could be extracted, or it did not parse and
@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .verify_extract import (
+from ssb.verify.extract import (
     GOLD_FORMATS,
     POLICIES,
     Extraction,
@@ -35,12 +35,11 @@ from .verify_extract import (
     extract_or_whole,
     normalize_gold,
 )
-from .verify_worker import WorkerPool
-from .rundir import atomic_write_text
+from ssb.verify.worker import WorkerPool
 
 __all__ = [
     "Extraction", "Verdict", "Verifier", "check", "extract_answer", "is_equivalent",
-    "normalize_gold", "verify_main", "POLICIES", "GOLD_FORMATS", "VERDICTS",
+    "normalize_gold", "POLICIES", "GOLD_FORMATS", "VERDICTS",
 ]
 
 VERDICTS = ("correct", "incorrect", "unparsed", "timeout")
@@ -174,125 +173,3 @@ def check(completion: str, gold: str, policy: str = "lenient", timeout: float = 
     normalize_gold(gold, "auto")  # a bad gold is an error even when nothing was extracted
     verdict = is_equivalent(found.answer, gold, timeout) if found.answer else "unparsed"
     return Verdict(found.answer, found.rule, verdict, verdict == "correct", policy)
-
-
-# ------------------------------------------------------------------------------------------ CLI
-class _BadRecord(ValueError):
-    pass
-
-
-def _read_records(path: Path, args) -> tuple[list[tuple[dict, str, str, str]], int]:
-    """(record, pred, gold, policy) per good line and the number of skipped bad lines."""
-    records, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(_parse_record(line, args))
-            except _BadRecord as e:
-                if not args.skip_bad_records:
-                    raise _BadRecord(f"{path}:{lineno}: {e}") from None
-                skipped += 1
-                if skipped <= 5:
-                    print(f"ssb verify: skipping {path}:{lineno}: {e}", file=sys.stderr)
-    return records, skipped
-
-
-def _parse_record(line: str, args) -> tuple[dict, str, str, str]:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _BadRecord(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(rec, dict):
-        raise _BadRecord(f"expected a JSON object, got {type(rec).__name__}")
-    for field in ("pred", "gold"):
-        if field not in rec:
-            raise _BadRecord(f"missing field {field!r}")
-    pred = rec["pred"]
-    if isinstance(pred, bool) or not isinstance(pred, (str, int, float)):
-        raise _BadRecord(f"field 'pred' must be a string, got {type(pred).__name__}")
-    try:
-        gold = normalize_gold(rec["gold"], args.gold_format)
-    except ValueError as e:
-        raise _BadRecord(f"invalid field 'gold': {e}") from None
-    policy = rec.get("policy", args.policy)
-    if policy not in POLICIES:
-        raise _BadRecord(f"invalid field 'policy': {policy!r} (expected one of {', '.join(POLICIES)})")
-    return rec, str(pred), gold, policy
-
-
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    atomic_write_text(path, "".join(lines))
-
-
-def _verify_file(args) -> int:
-    start = time.perf_counter()
-    path = Path(args.input)
-    try:
-        records, skipped = _read_records(path, args)
-    except _BadRecord as e:
-        print(f"ssb verify: error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"ssb verify: error: cannot read {path}: {e}", file=sys.stderr)
-        return 2
-    found = [extract_or_whole(pred, policy) for _, pred, _, policy in records]
-    with Verifier(timeout=args.timeout, workers=args.workers) as verifier:
-        verdicts = verifier.equivalent_many([(f.answer or "", r[2]) for f, r in zip(found, records)])
-        stats = verifier.stats
-    out = [
-        json.dumps({**rec, "extracted": f.answer, "rule": f.rule, "verdict": v, "correct": v == "correct"},
-                   ensure_ascii=False) + "\n"
-        for (rec, *_), f, v in zip(records, found, verdicts)
-    ]
-    if args.output:
-        _write_atomic(Path(args.output), out)
-    else:
-        sys.stdout.writelines(out)
-    seconds = time.perf_counter() - start
-    counts = Counter(verdicts)
-    summary = {"lines": len(records), **{v: counts[v] for v in VERDICTS}, "skipped": skipped,
-               "pooled": stats["pooled"], "seconds": round(seconds, 3),
-               "lines_per_s": round(len(records) / seconds, 1) if seconds > 0 else None}
-    print(json.dumps(summary), file=sys.stdout if args.output else sys.stderr)
-    return 0
-
-
-def verify_main(argv: list[str] | None = None) -> int:
-    """`ssb verify PRED GOLD` (exit 0 iff correct) or `ssb verify --input F.jsonl [--output G.jsonl]`."""
-    ap = argparse.ArgumentParser(
-        prog="ssb verify",
-        description="Check answers against gold answers. PRED may be a bare answer or a whole completion.",
-        epilog="Answers starting with '-' go after '--': ssb verify -- '-\\frac{1}{2}' -0.5",
-    )
-    ap.add_argument("pred", nargs="?", help="predicted answer or completion")
-    ap.add_argument("gold", nargs="?", help="gold answer")
-    ap.add_argument("--policy", choices=POLICIES, default="lenient", help="answer extraction policy")
-    ap.add_argument("--gold-format", choices=GOLD_FORMATS, default="auto", help="how to read golds")
-    ap.add_argument("--input", metavar="F.jsonl", help="lines with 'pred' and 'gold' (optional 'policy')")
-    ap.add_argument("--output", metavar="G.jsonl", help="write verified lines here (default: stdout)")
-    ap.add_argument("--skip-bad-records", action="store_true", help="count and skip malformed lines")
-    ap.add_argument("--timeout", type=float, default=5.0, help="seconds allowed per answer (default 5)")
-    ap.add_argument("--workers", type=int, default=2, help="verification worker processes (default 2)")
-    try:
-        args = ap.parse_args(argv)
-        if args.input and args.pred is not None:
-            ap.error("give either PRED GOLD or --input, not both")
-        if not args.input and (args.pred is None or args.gold is None):
-            ap.error("PRED and GOLD are required (or --input F.jsonl)")
-        if args.timeout <= 0 or args.workers < 1:
-            ap.error("--timeout must be > 0 and --workers >= 1")
-    except SystemExit as e:
-        return int(e.code or 0)
-    if args.input:
-        return _verify_file(args)
-    try:
-        gold = normalize_gold(args.gold, args.gold_format)
-    except ValueError as e:
-        print(f"ssb verify: error: gold: {e}", file=sys.stderr)
-        return 2
-    found = extract_or_whole(args.pred, args.policy)
-    verdict = is_equivalent(found.answer, gold, args.timeout) if found.answer else "unparsed"
-    print(verdict)
-    return 0 if verdict == "correct" else 1

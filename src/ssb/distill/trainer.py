@@ -13,17 +13,14 @@ projects only the solution positions (`logits_to_keep` = a boolean mask) and the
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
-from ssb.losses import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden
-
-METRIC_KEYS = ("step", "epoch", "loss", "kd", "ce", "grad_norm", "lr", "completion_len")
+from ssb.distill.loss import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden
+from ssb.training import metrics_line
 
 
 class DistillTrainer(Trainer):
@@ -106,28 +103,4 @@ class DistillTrainer(Trainer):
         rec = {"step": self.state.global_step, "epoch": round(self.state.epoch or 0.0, 4), "loss": logs["loss"],
                "kd": logs.get("kd"), "ce": logs.get("ce"), "grad_norm": logs.get("grad_norm"),
                "lr": logs.get("learning_rate"), "completion_len": logs.get("completion_len")}
-        rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
-        total = self.state.max_steps or "?"
-        parts = [f"{k} {v:.4g}" for k, v in rec.items() if k not in ("step", "epoch") and isinstance(v, float)]
-        print(f"[train] step {rec['step']}/{total} epoch {rec['epoch']:.2f} " + " ".join(parts), flush=True)
-        if self.metrics_path is not None:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-
-
-def trim_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines logged after the checkpoint a resumed run restarts from (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        if rec.get("step", 0) <= last_step:
-            keep.append(line + "\n")
-    from ssb.rundir import atomic_write_text
-
-    atomic_write_text(path, "".join(keep))
+        metrics_line(self.metrics_path, "train", rec, self.state.max_steps)

@@ -1,10 +1,10 @@
 """Batched text generation for every SSB stage that samples from a model (rollouts, teacher solutions, eval).
 
 `Engine.generate(prompts, n, params)` returns n completions per prompt. It runs continuous batching over
-preallocated KV caches (`generation_model.SlotModel`): each prompt is prefilled once into a prompt-cache slot
+preallocated KV caches (`ssb.engine.cache.SlotModel`): each prompt is prefilled once into a prompt-cache slot
 shared by its n samples, every step decodes one token for all live sequences, and a sequence that finishes is
 replaced by the next waiting prompt instead of idling until the longest sequence of a static batch is done.
-Sampling (`generation_sampling`) draws from a seeded uniform stream per (prompt, sample), so results do not
+Sampling (`ssb.engine.sampling`) draws from a seeded uniform stream per (prompt, sample), so results do not
 depend on batch size or scheduling. Benchmarks and design notes: benchmarks/README.md, section "Generation".
 """
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ssb.generation_model import SlotModel, unwrap_causal_lm
-from ssb.generation_sampling import check_sampling, sample_next, sequence_uniforms
+from ssb.engine.cache import SlotModel, unwrap_causal_lm
+from ssb.engine.sampling import check_sampling, sample_next, sequence_uniforms
 
 # Upper bound on (prompts x padded length) per prefill call, to bound activation memory.
 _PREFILL_TOKENS = 16384
@@ -103,7 +103,7 @@ class Engine:
 
     model: a Hugging Face causal LM of a supported type (llama, mistral, qwen2, qwen3), or a peft model wrapping
     one, in any dtype (bf16 weights pay off on CPUs with AMX units; attention stays fp32 on CPU, see
-    generation_model). batch_size: most sequences decoded at once (KV memory is about
+    ssb.engine.cache). batch_size: most sequences decoded at once (KV memory is about
     1.25 x batch_size x (longest prompt + max_new_tokens) positions). device: move the model there first
     (default: leave it where it is). progress: show a tqdm bar over prompts.
     """

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ssb.losses import DenseTeacher, SparseTeacher, _compute_dtype
-from ssb.rundir import atomic_write_json
+from ssb.distill.loss import DenseTeacher, SparseTeacher, _compute_dtype
+from ssb.files import atomic_write_json
 
 SCHEMA_VERSION = 2  # 2: 16-bit ids for vocabularies up to 65,536
 FORMAT = "ssb-sparse-teacher-logits"

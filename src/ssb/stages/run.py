@@ -9,19 +9,15 @@ with the same config and inputs, so rerunning `ssb run` after a crash or a kill 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import time
 from pathlib import Path
 
 from ssb.config import Config, ConfigError
-from ssb.rundir import RunDir, read_jsonl, write_jsonl
-
-PIPELINE = ("rollout", "curate", "teach", "logits", "train")
-
-
-def missing_stages() -> list[str]:
-    names = list(PIPELINE) + ["evaluate", "grpo"]
-    return [n for n in names if importlib.util.find_spec(f"ssb.stages.{n}") is None]
+from ssb.files import read_jsonl, write_jsonl
+from ssb.rundir import RunDir
+from ssb.stages import PIPELINE, load
+from ssb.stages.compare import compare
+from ssb.stages.evaluate import evaluate
 
 
 def benchmark_tag(source: str) -> str:
@@ -50,12 +46,10 @@ def merge_if_more_rounds(cfg: Config, n: int):
 
 def ssb_round(cfg: Config, run: RunDir, force: bool) -> dict | None:
     """The five SSB stages; None when the data gave nothing to train on (the reason is printed)."""
-    from ssb.cli import load_stage
-
     results = {}
     for name in PIPELINE:
         print(f"\n=== {name} ({run.root}) ===", flush=True)
-        results[name] = load_stage(name)(cfg, run, force=force)
+        results[name] = load(name)(cfg, run, force=force)
         if name == "curate" and not results[name].get("kept"):
             print("[run] no question had both a correct and a wrong rollout: nothing to teach. Try more questions "
                   "(data.train.limit), more rollouts (rollout.k) or easier data.", flush=True)
@@ -67,9 +61,7 @@ def ssb_round(cfg: Config, run: RunDir, force: bool) -> dict | None:
 
 
 def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    missing = missing_stages()
-    if missing:
-        print(f"[run] not implemented yet: {', '.join(missing)}; running what exists", flush=True)
+    """`ssb run`: the SSB rounds, the baselines, then every model evaluated on the same held-out questions."""
     if cfg.rounds > 1 and cfg.data.train.source == "arith":  # a finite pool at level 1: fail now, not rounds later
         from ssb.data import load_examples
 
@@ -84,8 +76,6 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
     for n in range(1, cfg.rounds + 1):
         rcfg = dataclasses.replace(round_config(cfg, n, model), train=merge_if_more_rounds(cfg, n))
         rrun = run if n == 1 else run.round_dir(n)
-        if any(s in missing for s in PIPELINE):
-            return results
         res = ssb_round(rcfg, rrun.mkdir(), force)
         if res is None:
             break
@@ -93,11 +83,9 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
         models.append(("ssb" if n == 1 else f"ssb-round{n}", str(rrun.adapter_dir)))
         model = str(rrun.merged_dir)
         if n == 1:
-            results.update(baselines(cfg, run, force, missing, models))
-    if "evaluate" in missing or len(models) == 1:
+            results.update(baselines(cfg, run, force, models))
+    if len(models) == 1:
         return results
-    from ssb.stages.evaluate import compare, evaluate
-
     bench = benchmark_tag(cfg.eval.data.source)
     dirs = []
     for tag, spec in models:
@@ -112,10 +100,8 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
     return results
 
 
-def baselines(cfg: Config, run: RunDir, force: bool, missing: list[str], models: list) -> dict:
+def baselines(cfg: Config, run: RunDir, force: bool, models: list) -> dict:
     """Train the configured baselines; append (tag, model spec) for each to `models`."""
-    from ssb.cli import load_stage
-
     out = {}
     if "sft" in cfg.baselines:
         print("\n=== baseline: SFT on the same pairs ===", flush=True)
@@ -123,10 +109,10 @@ def baselines(cfg: Config, run: RunDir, force: bool, missing: list[str], models:
         pairs = read_jsonl(run.pairs)
         if read_jsonl(sft_run.pairs) != pairs:
             write_jsonl(sft_run.pairs, pairs)
-        out["sft"] = load_stage("train")(sft_config(cfg), sft_run, force=force)
+        out["sft"] = load("train")(sft_config(cfg), sft_run, force=force)
         models.append(("sft", str(sft_run.adapter_dir)))
-    if "grpo" in cfg.baselines and "grpo" not in missing:
+    if "grpo" in cfg.baselines:
         print("\n=== baseline: GRPO on the same questions ===", flush=True)
-        out["grpo"] = load_stage("grpo")(cfg, run, force=force)
-        models.append(("grpo", str(run.grpo_dir / "adapter")))
+        out["grpo"] = load("grpo")(cfg, run, force=force)
+        models.append(("grpo", str(run.grpo_adapter)))
     return out

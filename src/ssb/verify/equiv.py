@@ -2,7 +2,7 @@
 
 `compare(pred, gold)` parses both answers with math-verify and decides equivalence. It can take
 unbounded time (sympy on `5^{5^{5^5}}`), so `ssb.verify` only runs it inside the worker processes of
-`ssb.verify_worker`, which enforce a per-item deadline (math-verify's own `signal.alarm` timeout is
+`ssb.verify.worker`, which enforce a per-item deadline (math-verify's own `signal.alarm` timeout is
 switched off: it fails outside the main thread and does not stop every input).
 
 Guards on top of math-verify 0.9 (behaviour checked against that release):
@@ -26,7 +26,7 @@ import logging
 import random
 import re
 
-from .verify_extract import brace_depth_ok
+from ssb.verify.extract import brace_depth_ok
 
 log = logging.getLogger(__name__)
 

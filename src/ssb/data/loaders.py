@@ -137,7 +137,7 @@ def _local_benchmark_file(name: str, split: str) -> Path | None:
 def load_examples(spec: DatasetSpec, data_file: str | Path | None = None) -> list[Example]:
     """Examples for a dataset spec, after `offset` and `limit`. `data_file` overrides where a benchmark's
     records come from (a local copy in the same format, e.g. ../shared/data/gsm8k_test.jsonl)."""
-    from ssb import arith
+    from ssb.data import arith
 
     src = spec.source
     if src == "arith":
@@ -195,3 +195,8 @@ def _check_unique_ids(examples: list[Example], where: str) -> None:
             raise DataError(f"{where}: duplicate id {ex.id!r} (records {seen[ex.id] + 1} and {i + 1}); "
                             f"set id_field to a unique field")
         seen[ex.id] = i
+
+
+def question_records(spec: DatasetSpec) -> list[dict]:
+    """The questions of a data spec as plain dicts (id, question, answer, source), as stages store them."""
+    return [e.to_dict() for e in load_examples(spec)]

@@ -1,0 +1,117 @@
+"""Crash-safe file IO shared by every part of ssb: atomic writes, appended JSONL, content digests.
+
+Writes are atomic (temp file + fsync + rename) and JSONL files are appended one flushed record at a time, so a
+killed process never leaves a half-written file that a later run trusts: `read_jsonl` drops a torn last line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync it, then rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give ours the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Write a whole JSONL file atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+class JsonlWriter:
+    """Appends records one line at a time, flushed and fsynced, so each finished record survives a kill."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | Path, *, repair: bool = True) -> list[dict]:
+    """Read our own JSONL artifact. A torn last line (killed mid-write) is dropped and, with `repair`,
+    cut from the file so appends continue cleanly. A bad line elsewhere is corruption: an error naming it."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records, good_bytes = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good_bytes += len(line) + 1
+            continue
+        try:
+            records.append(json.loads(line))
+            good_bytes += len(line) + 1
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # last line without newline: a record cut off by a kill
+                if repair:
+                    with open(path, "r+b") as f:
+                        f.truncate(min(good_bytes, len(raw)))
+                break
+            raise ValueError(f"{path}:{i + 1}: corrupted record (not valid JSON); delete the file or rerun "
+                             f"the stage with --force") from None
+    return records
+
+
+def file_digest(path: str | Path) -> str:
+    """Content hash of a file, or of a directory's files (names + contents), for the manifest."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                h.update(str(p.relative_to(path)).encode())
+                h.update(file_digest(p).encode())
+    elif path.exists():
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    else:
+        h.update(b"<missing>")
+    return h.hexdigest()[:16]

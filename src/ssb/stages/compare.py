@@ -1,0 +1,83 @@
+"""`ssb compare`: one table of eval summaries, and paired tests between every two runs on the same problems.
+
+Runs on identical problem sets get a paired bootstrap CI of the pass@1 difference (10,000 resamples of problems)
+and, when both runs have n = 1, the exact McNemar p-value (else the bootstrap p-value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ssb.files import read_jsonl
+from ssb.metrics import mcnemar_exact, paired_bootstrap
+from ssb.rundir import SAMPLES, SUMMARY
+from ssb.stages.evaluate import EvalError, pct
+
+
+def _load_run(d: Path) -> tuple[dict, dict[str, float]]:
+    path = Path(d) / SUMMARY
+    if not path.exists():
+        raise EvalError(f"{path}: not found (is {d} an eval output directory, and did the evaluation finish?)")
+    summary = json.loads(path.read_text())
+    scores = {r["id"]: r["correct"] / len(r["samples"]) for r in read_jsonl(Path(d) / SAMPLES, repair=False)}
+    return summary, scores
+
+
+def compare(dirs: list[Path], *, iters: int = 10000, seed: int = 0) -> str:
+    """Markdown: one row per eval output directory, then a paired test for every two runs on the same problems."""
+    runs = [_load_run(Path(d)) for d in dirs]
+    lines = ["| # | run | model | benchmark | n | pass@1 [95% CI] | maj@n | mean tokens | truncated |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, (d, (s, _)) in enumerate(zip(dirs, runs), 1):
+        ci = s["pass@1_ci"]
+        lines.append(f"| {i} | {d} | {s['model']} | {s['benchmark']} | {s['n']} | {pct(s['pass@1'])}% "
+                     f"[{pct(ci['low'])}–{pct(ci['high'])}] | {pct(s['maj@n'])}% | {s['mean_tokens']:.0f} | "
+                     f"{pct(s['truncated_share'])}% |")
+    if len(runs) < 2:
+        return "\n".join(lines)
+    paired = ["", f"Paired differences of pass@1 (A − B) over the same problems: 95% CI from a paired bootstrap "
+              f"({iters} resamples of problems, seed {seed}); p is exact McNemar when both runs have n = 1, "
+              f"else the bootstrap p-value.", "",
+              "| A | B | problems | Δ pass@1 | 95% CI | p | test |", "|---|---|---|---|---|---|---|"]
+    unpaired: list[str] = []
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            (sa, a), (sb, b) = runs[i], runs[j]
+            if set(a) != set(b):
+                unpaired.append(f"- {i + 1} vs {j + 1}: not paired (different problem sets: {len(a)} and {len(b)} "
+                                f"problems, {len(set(a) & set(b))} shared)")
+                continue
+            ids = sorted(a)
+            boot = paired_bootstrap([a[k] for k in ids], [b[k] for k in ids], iters=iters, seed=seed)
+            if sa["n"] == 1 and sb["n"] == 1:
+                p = mcnemar_exact(sum(a[k] > b[k] for k in ids), sum(a[k] < b[k] for k in ids))
+                test = "McNemar exact"
+            else:
+                p, test = boot["p"], "bootstrap"
+            paired.append(f"| {i + 1} | {j + 1} | {len(ids)} | {100 * boot['diff']:+.1f} pts | "
+                         f"[{100 * boot['low']:+.1f}, {100 * boot['high']:+.1f}] | {p:.3g} | {test} |")
+    if len(paired) > 5:  # at least one pair of runs on the same problems
+        lines += paired
+    return "\n".join(lines + ([""] + unpaired if unpaired else []))
+
+
+def compare_main(argv: list[str]) -> int:
+    """`ssb compare DIR [DIR ...] [--iters N] [--seed S] [--output FILE.md]`: print the comparison table."""
+    p = argparse.ArgumentParser(prog="ssb compare", description="Table of eval summaries with paired tests")
+    p.add_argument("dirs", nargs="+", help="eval output directories (each with summary.json + samples.jsonl)")
+    p.add_argument("--iters", type=int, default=10000, help="paired bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--output", help="also write the markdown table to this file")
+    args = p.parse_args(argv)
+    try:
+        table = compare([Path(d) for d in args.dirs], iters=args.iters, seed=args.seed)
+    except (EvalError, ValueError) as e:
+        print(f"ssb compare: error: {e}", file=sys.stderr)
+        return 2
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+    return 0
