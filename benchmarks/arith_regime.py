@@ -20,9 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from bench_common import save_result  # noqa: E402
-
-from ssb.data import arith  # noqa: E402
 from ssb.config import load_config  # noqa: E402
+from ssb.data import arith  # noqa: E402
 from ssb.files import read_jsonl  # noqa: E402
 from ssb.rundir import RunDir  # noqa: E402
 
@@ -55,8 +54,10 @@ def regime(run: RunDir) -> tuple[int, list[dict]]:
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # correct, rollouts, mixed, questions
     for r in records:
         if r["id"] not in keys:
-            raise ValueError(f"{run.rollouts}: question {r['id']} is not among the regenerated arith problems "
-                             f"(was the run made with another version of the generator?)")
+            raise ValueError(
+                f"{run.rollouts}: question {r['id']} is not among the regenerated arith problems "
+                f"(was the run made with another version of the generator?)"
+            )
         right = sum(x["correct"] is True for x in r["rollouts"])
         if spec.level == 1:
             op, biggest = operands(keys[r["id"]])
@@ -69,8 +70,10 @@ def regime(run: RunDir) -> tuple[int, list[dict]]:
             g[1] += len(r["rollouts"])
             g[2] += 0 < right < len(r["rollouts"])
             g[3] += 1
-    rows = [{"group": k, "questions": g[3], "rollouts": g[1], "correct_rollouts": g[0], "mixed_questions": g[2]}
-            for k, g in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0]))]
+    rows = [
+        {"group": k, "questions": g[3], "rollouts": g[1], "correct_rollouts": g[0], "mixed_questions": g[2]}
+        for k, g in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0]))
+    ]
     return spec.level, rows
 
 
@@ -85,8 +88,10 @@ def main() -> int:
         ap.error(str(e))
     print(f"{'group':34s} {'questions':>9s} {'correct':>8s} {'mixed':>7s}")
     for row in rows:
-        print(f"{row['group']:34s} {row['questions']:9d} {row['correct_rollouts'] / row['rollouts']:8.1%} "
-              f"{row['mixed_questions'] / row['questions']:7.1%}")
+        print(
+            f"{row['group']:34s} {row['questions']:9d} {row['correct_rollouts'] / row['rollouts']:8.1%} "
+            f"{row['mixed_questions'] / row['questions']:7.1%}"
+        )
     save_result("arith_regime", {"run_dir": str(run.root), "level": level, "rows": rows})
     return 0
 

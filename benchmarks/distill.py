@@ -52,15 +52,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from bench_common import model_dir, save_result  # noqa: E402
-
 from ssb.distill.loss import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden  # noqa: E402
-from ssb.distill.store import (DTYPES, HIDDEN_DTYPE, TeacherStore, TeacherStoreWriter,  # noqa: E402
-                               auto_top_k, bytes_per_token, sparsify)
+from ssb.distill.store import (  # noqa: E402
+    DTYPES,
+    HIDDEN_DTYPE,
+    TeacherStore,
+    TeacherStoreWriter,
+    auto_top_k,
+    bytes_per_token,
+    sparsify,
+)
 
 T = 2.0
 KS = (8, 16, 32, 64, 128, 256, 512)
-LORA = dict(r=32, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+LORA = dict(
+    r=32,
+    lora_alpha=32,
+    lora_dropout=0.0,
+    task_type="CAUSAL_LM",
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
 GSM8K = Path("/work/shared/data/gsm8k_train.jsonl")
 
 
@@ -109,8 +120,13 @@ def make_pairs(model, tok, n: int, max_new: int, seed: int = 0) -> list[dict]:
     if GSM8K.exists():
         rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:n]]
     else:
-        rows = [{"question": f"Tom has {i + 3} apples and buys {2 * i + 5} more. How many does he have?",
-                 "answer": f"{i + 3} + {2 * i + 5} = {3 * i + 8}\n#### {3 * i + 8}"} for i in range(n)]
+        rows = [
+            {
+                "question": f"Tom has {i + 3} apples and buys {2 * i + 5} more. How many does he have?",
+                "answer": f"{i + 3} + {2 * i + 5} = {3 * i + 8}\n#### {3 * i + 8}",
+            }
+            for i in range(n)
+        ]
     template = load_template(None)
     recs = []
     for i, r in enumerate(rows):
@@ -118,18 +134,29 @@ def make_pairs(model, tok, n: int, max_new: int, seed: int = 0) -> list[dict]:
         gold = gold.strip()
         correct = work.strip() + f"\nThe final answer is \\boxed{{{gold}}}."
         wrong = f"{r['question'].split('.')[0]}... so the result is \\boxed{{{int(gold.replace(',', '')) + 7}}}."
-        recs.append({"id": f"q{i}", "teacher_messages": teacher_messages(template, r["question"], correct, wrong,
-                                                                         DEFAULT_SYSTEM_PROMPT),
-                     "student_messages": student_messages(r["question"], DEFAULT_SYSTEM_PROMPT),
-                     "solution_ids": [0]})
+        recs.append(
+            {
+                "id": f"q{i}",
+                "teacher_messages": teacher_messages(template, r["question"], correct, wrong, DEFAULT_SYSTEM_PROMPT),
+                "student_messages": student_messages(r["question"], DEFAULT_SYSTEM_PROMPT),
+                "solution_ids": [0],
+            }
+        )
     pairs = encode_pairs(recs, tok)
     torch.manual_seed(seed)
     width = max(len(p.teacher_prompt) for p in pairs)
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p.teacher_prompt)) + p.teacher_prompt for p in pairs])
     mask = (torch.arange(width)[None] >= torch.tensor([width - len(p.teacher_prompt) for p in pairs])[:, None]).long()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.4, top_k=50,
-                             max_new_tokens=max_new, pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=0.4,
+            top_k=50,
+            max_new_tokens=max_new,
+            pad_token_id=tok.pad_token_id,
+        )
     for p, row in zip(pairs, out[:, width:].tolist()):
         sol = []
         for t in row:
@@ -146,7 +173,7 @@ def solution_states(model, prompts: list[list[int]], pairs) -> torch.Tensor:
     for prompt, p in zip(prompts, pairs):
         ids = torch.tensor([prompt + p.solution_ids])
         h = final_hidden(model, ids, torch.ones_like(ids))[0]
-        rows.append(h[len(prompt) - 1:len(prompt) - 1 + p.solution_len])
+        rows.append(h[len(prompt) - 1 : len(prompt) - 1 + p.solution_len])
     return torch.cat(rows)
 
 
@@ -180,30 +207,46 @@ def topk_table(model, pairs, ks) -> tuple[list[dict], dict]:
     for k in tuple(ks) + ("hidden",):
         if k == "hidden":  # float16 teacher hidden states through the shared head: the exact distribution
             stored = DenseTeacher(ht.to(HIDDEN_DTYPE).float())
-            row = {"k": "hidden", "bytes_per_token": bytes_per_token(0, "hidden", ht.shape[1]), "teacher_mass": 1.0,
-                   "teacher_mass_p05": 1.0}
+            row = {
+                "k": "hidden",
+                "bytes_per_token": bytes_per_token(0, "hidden", ht.shape[1]),
+                "teacher_mass": 1.0,
+                "teacher_mass_p05": 1.0,
+            }
             z_teacher = DenseTeacher(head.logits(stored.states))
         else:
             exact = sparsify(zt, k, T)  # ids stay exact in storage (16 or 32 bit); log-probs are rounded
             stored = SparseTeacher(*(t.to(DTYPES[n]) for t, n in zip(exact, ("ids", "logprobs", "log_tail"))))
             stored = z_teacher = SparseTeacher(stored.ids.long(), stored.logprobs.float(), stored.log_tail.float())
             mass = exact.logprobs.exp().sum(-1)
-            row = {"k": k, "bytes_per_token": bytes_per_token(k, vocab_size=head.vocab_size),
-                   "teacher_mass": round(mass.mean().item(), 4),
-                   "teacher_mass_p05": round(mass.quantile(0.05).item(), 4)}
-        kd, g_h = grads(lambda h: loss(h, targets, stored, head=head).loss, hs)
-        _, g_z = grads(lambda z: loss(z, targets, z_teacher).loss, zs)
+            row = {
+                "k": k,
+                "bytes_per_token": bytes_per_token(k, vocab_size=head.vocab_size),
+                "teacher_mass": round(mass.mean().item(), 4),
+                "teacher_mass_p05": round(mass.quantile(0.05).item(), 4),
+            }
+        kd, g_h = grads(lambda h, s=stored: loss(h, targets, s, head=head).loss, hs)
+        _, g_z = grads(lambda z, t=z_teacher: loss(z, targets, t).loss, zs)
         per_tok = F.cosine_similarity(g_h.double(), g_h_ref.double(), dim=-1)
-        row.update(kd_rel_error=round(abs(kd - kd_full) / kd_full, 5),
-                   grad_cosine_hidden=round(cosine(g_h, g_h_ref), 5),
-                   grad_cosine_hidden_token_p05=round(per_tok.quantile(0.05).item(), 4),
-                   grad_cosine_logits=round(cosine(g_z, g_z_ref), 5))
+        row.update(
+            kd_rel_error=round(abs(kd - kd_full) / kd_full, 5),
+            grad_cosine_hidden=round(cosine(g_h, g_h_ref), 5),
+            grad_cosine_hidden_token_p05=round(per_tok.quantile(0.05).item(), 4),
+            grad_cosine_logits=round(cosine(g_z, g_z_ref), 5),
+        )
         table.append(row)
-        print(f"k={k!s:>6}  {row['bytes_per_token']:5d} B/token  mass {row['teacher_mass']:.4f}  "
-              f"kd err {row['kd_rel_error']:.2e}  cos(hidden) {row['grad_cosine_hidden']:.5f}  "
-              f"cos(logits) {row['grad_cosine_logits']:.5f}", flush=True)
-    info = {"tokens": n, "examples": len(pairs), "kd_full": round(kd_full, 5),
-            "mean_solution_len": round(n / len(pairs), 1)}
+        print(
+            f"k={k!s:>6}  {row['bytes_per_token']:5d} B/token  mass {row['teacher_mass']:.4f}  "
+            f"kd err {row['kd_rel_error']:.2e}  cos(hidden) {row['grad_cosine_hidden']:.5f}  "
+            f"cos(logits) {row['grad_cosine_logits']:.5f}",
+            flush=True,
+        )
+    info = {
+        "tokens": n,
+        "examples": len(pairs),
+        "kd_full": round(kd_full, 5),
+        "mean_solution_len": round(n / len(pairs), 1),
+    }
     return table, info
 
 
@@ -256,15 +299,19 @@ def prepare_step_data(work: Path, model_path: Path, pairs, seq: int, layers: int
         model.save_pretrained(model_path)
     head = OutputHead.of(model)
     pool = [t for p in pairs for t in p.solution_ids]
-    batch, writer = [], TeacherStoreWriter(work / "store", temperature=T, top_k=k, vocab_size=head.vocab_size,
-                                           fingerprint="bench", shard_size=4)
+    batch, writer = (
+        [],
+        TeacherStoreWriter(
+            work / "store", temperature=T, top_k=k, vocab_size=head.vocab_size, fingerprint="bench", shard_size=4
+        ),
+    )
     for i, p in enumerate(pairs[:4]):
         n_sol = seq - len(p.student_prompt)
-        sol = (pool[i * 37:] + pool * (1 + n_sol // max(1, len(pool))))[:n_sol]
+        sol = (pool[i * 37 :] + pool * (1 + n_sol // max(1, len(pool))))[:n_sol]
         with torch.no_grad():
             ids = torch.tensor([p.teacher_prompt + sol])
-            h = final_hidden(model, ids, torch.ones_like(ids))[0, len(p.teacher_prompt) - 1:-1]
-            zt = torch.cat([head.logits(h[j:j + 256]) for j in range(0, len(h), 256)])  # [L, V]
+            h = final_hidden(model, ids, torch.ones_like(ids))[0, len(p.teacher_prompt) - 1 : -1]
+            zt = torch.cat([head.logits(h[j : j + 256]) for j in range(0, len(h), 256)])  # [L, V]
         np.save(work / f"dense-{i}.npy", zt.numpy())
         writer.add(f"s{i}", sparsify(zt, k, T))
         batch.append({"id": f"s{i}", "prompt": p.student_prompt, "solution": sol})
@@ -313,7 +360,7 @@ def run_variant(variant: str, work: Path, steps: int, threads: int, precision: s
             teacher_logits = torch.zeros(*b["input_ids"].shape, vocab)
             for i, p in enumerate(pairs):
                 start = len(p.student_prompt) - 1
-                teacher_logits[i, start:start + p.solution_len] = torch.from_numpy(np.load(work / f"dense-{i}.npy"))
+                teacher_logits[i, start : start + p.solution_len] = torch.from_numpy(np.load(work / f"dense-{i}.npy"))
             with autocast:
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, S, V]
             logits = logits.float()
@@ -321,15 +368,24 @@ def run_variant(variant: str, work: Path, steps: int, threads: int, precision: s
             with torch.no_grad():
                 teacher_p = F.softmax(teacher_logits / T, dim=-1)
             flat = keep.view(-1)
-            loss = F.kl_div(student_logp.view(-1, vocab)[flat], teacher_p.view(-1, vocab)[flat],
-                            reduction="batchmean") * T * T
+            loss = (
+                F.kl_div(student_logp.view(-1, vocab)[flat], teacher_p.view(-1, vocab)[flat], reduction="batchmean")
+                * T
+                * T
+            )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         del loss
-    return {"variant": variant, "step_s": statistics.median(times[1:]), "steps_s": [round(t, 3) for t in times],
-            "peak_mem_bytes": peak_rss_bytes() - base_rss, "tokens": int(keep.sum()), "shape": list(keep.shape)}
+    return {
+        "variant": variant,
+        "step_s": statistics.median(times[1:]),
+        "steps_s": [round(t, 3) for t in times],
+        "peak_mem_bytes": peak_rss_bytes() - base_rss,
+        "tokens": int(keep.sum()),
+        "shape": list(keep.shape),
+    }
 
 
 def spawn_variant(variant: str, work: Path, steps: int, threads: int, precision: str, memory: bool) -> dict:
@@ -339,8 +395,20 @@ def spawn_variant(variant: str, work: Path, steps: int, threads: int, precision:
         # A fixed mmap threshold makes glibc hand every large freed block back to the OS at once; with its default
         # (adaptive) threshold, freed activations stay in the heap and RSS reads 5-10x the live memory.
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--steps", str(steps),
-           "--threads", str(threads), "--mixed-precision", precision]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--work",
+        str(work),
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
+        "--mixed-precision",
+        precision,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} step failed:\n{proc.stderr[-3000:]}")
@@ -350,8 +418,13 @@ def spawn_variant(variant: str, work: Path, steps: int, threads: int, precision:
 def merge_runs(timed: list[dict], memory: dict) -> dict:
     """Median step time over every measured step of the timing processes; the memory process's peak."""
     measured = [t for r in timed for t in r["steps_s"][1:]]
-    return {**timed[0], "step_s": statistics.median(measured), "steps_s": [r["steps_s"] for r in timed],
-            "peak_mem_bytes": memory["peak_mem_bytes"], "processes": len(timed)}
+    return {
+        **timed[0],
+        "step_s": statistics.median(measured),
+        "steps_s": [r["steps_s"] for r in timed],
+        "peak_mem_bytes": memory["peak_mem_bytes"],
+        "processes": len(timed),
+    }
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -360,22 +433,37 @@ def merge_runs(timed: list[dict], memory: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer examples, 2-layer model for the step (< 3 min)")
-    ap.add_argument("--model", default="smollm2-135m-instruct",
-                    help="model directory, or the embedded alias (default); 'tiny' builds a tiny random model")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads (0: torch's default, all cores, as training; 1: steadier on a busy machine)")
-    ap.add_argument("--k", type=int, default=0, help="top-k for the storage and step measurements "
-                    "(0: logits.top_k's automatic choice, the largest k within 1 KB/token)")
-    ap.add_argument("--mixed-precision", default="auto", choices=["auto", "none", "bf16"],
-                    help="autocast for both training steps (auto: train.mixed_precision's choice on this CPU)")
+    ap.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="model directory, or the embedded alias (default); 'tiny' builds a tiny random model",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default, all cores, as training; 1: steadier on a busy machine)",
+    )
+    ap.add_argument(
+        "--k",
+        type=int,
+        default=0,
+        help="top-k for the storage and step measurements "
+        "(0: logits.top_k's automatic choice, the largest k within 1 KB/token)",
+    )
+    ap.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=["auto", "none", "bf16"],
+        help="autocast for both training steps (auto: train.mixed_precision's choice on this CPU)",
+    )
     ap.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.threads = args.threads or torch.get_num_threads()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, Path(args.work), args.steps, args.threads,
-                                     args.mixed_precision)))
+        print(json.dumps(run_variant(args.variant, Path(args.work), args.steps, args.threads, args.mixed_precision)))
         return 0
     torch.set_num_threads(args.threads)
     from ssb.models import resolve_mixed_precision
@@ -385,8 +473,11 @@ def main() -> int:
     n, max_new, seq, layers, steps = (4, 96, 512, 2, 1) if args.quick else (8, 320, 1024, None, 2)
     model_path, model, tok = load_model(args.model)
     pairs = make_pairs(model, tok, n, max_new)
-    print(f"teacher data: {n} GSM8K questions, solutions of {[p.solution_len for p in pairs]} tokens "
-          f"({time.time() - t_start:.0f} s)", flush=True)
+    print(
+        f"teacher data: {n} GSM8K questions, solutions of {[p.solution_len for p in pairs]} tokens "
+        f"({time.time() - t_start:.0f} s)",
+        flush=True,
+    )
     vocab = OutputHead.of(model).vocab_size
     args.k = args.k or auto_top_k(vocab)
     table, info = topk_table(model, pairs, sorted(set(KS) | {args.k}))
@@ -407,27 +498,61 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
-        "model": str(model_path), "quick": args.quick, "k": args.k, "temperature": T, "threads": args.threads,
+        "model": str(model_path),
+        "quick": args.quick,
+        "k": args.k,
+        "temperature": T,
+        "threads": args.threads,
         "bytes_per_token": round(stored_bpt, 1),
         "bytes_per_token_payload": bytes_per_token(args.k, vocab_size=vocab),
         "dense_fp32_bytes_per_token": 4 * vocab,
-        "grad_cosine": row["grad_cosine_hidden"], "grad_cosine_logits": row["grad_cosine_logits"],
-        "grad_cosine_hidden_store": table[-1]["grad_cosine_hidden"], "lora_grad_cosine": lora_cos,
-        "teacher_mass": row["teacher_mass"], "topk_table": table, **info,
-        "step_config": {"batch": ours["shape"], "solution_tokens": ours["tokens"],
-                        "layers": layers or "all", "gradient_checkpointing": True, "lora_r": 32,
-                        "mixed_precision": precision},
-        "ours": ours, "reference": ref,
+        "grad_cosine": row["grad_cosine_hidden"],
+        "grad_cosine_logits": row["grad_cosine_logits"],
+        "grad_cosine_hidden_store": table[-1]["grad_cosine_hidden"],
+        "lora_grad_cosine": lora_cos,
+        "teacher_mass": row["teacher_mass"],
+        "topk_table": table,
+        **info,
+        "step_config": {
+            "batch": ours["shape"],
+            "solution_tokens": ours["tokens"],
+            "layers": layers or "all",
+            "gradient_checkpointing": True,
+            "lora_r": 32,
+            "mixed_precision": precision,
+        },
+        "ours": ours,
+        "reference": ref,
         "peak_mem_ratio": round(ours["peak_mem_bytes"] / ref["peak_mem_bytes"], 4),
         "step_speedup": round(ref["step_s"] / ours["step_s"], 3),
         "seconds": round(time.time() - t_start, 1),
     }
     save_result("distill", result)
-    print(f"ours: {ours['step_s']:.2f} s/step, +{ours['peak_mem_bytes'] / 2**20:.0f} MiB peak; reference: "
-          f"{ref['step_s']:.2f} s/step, +{ref['peak_mem_bytes'] / 2**20:.0f} MiB peak")
-    print(json.dumps({**{k: result[k] for k in ("bytes_per_token", "grad_cosine", "peak_mem_ratio", "step_speedup",
-                                                "grad_cosine_hidden_store", "lora_grad_cosine", "teacher_mass", "k",
-                                                "quick")}, "mixed_precision": precision}))
+    print(
+        f"ours: {ours['step_s']:.2f} s/step, +{ours['peak_mem_bytes'] / 2**20:.0f} MiB peak; reference: "
+        f"{ref['step_s']:.2f} s/step, +{ref['peak_mem_bytes'] / 2**20:.0f} MiB peak"
+    )
+    print(
+        json.dumps(
+            {
+                **{
+                    k: result[k]
+                    for k in (
+                        "bytes_per_token",
+                        "grad_cosine",
+                        "peak_mem_ratio",
+                        "step_speedup",
+                        "grad_cosine_hidden_store",
+                        "lora_grad_cosine",
+                        "teacher_mass",
+                        "k",
+                        "quick",
+                    )
+                },
+                "mixed_precision": precision,
+            }
+        )
+    )
     return 0
 
 

@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from bench_common import model_dir, save_result  # noqa: E402
-
 from ssb.engine.engine import Engine, SamplingParams  # noqa: E402
 
 SYSTEM = "You are a helpful math tutor. Solve the problem step by step and give the final answer as \\boxed{}."
@@ -52,8 +51,10 @@ def questions(count: int) -> list[str]:
     out = []
     for _ in range(count):
         a, b, c = rng.randint(5, 90), rng.randint(2, 30), rng.randint(2, 9)
-        out.append(f"{rng.choice(names)} has {a} {rng.choice(items)}, buys {b} more and then shares them "
-                   f"equally among {c} friends. How many does each friend get, and how many are left over?")
+        out.append(
+            f"{rng.choice(names)} has {a} {rng.choice(items)}, buys {b} more and then shares them "
+            f"equally among {c} friends. How many does each friend get, and how many are left over?"
+        )
     return out
 
 
@@ -84,8 +85,14 @@ def reference(model, tok, prompts, samples: int, params: SamplingParams) -> tupl
         for s in range(samples):
             torch.manual_seed(params.seed + s)
             t = time.perf_counter()
-            out = model.generate(**enc, do_sample=True, temperature=params.temperature, top_k=params.top_k,
-                                 max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=params.temperature,
+                top_k=params.top_k,
+                max_new_tokens=params.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+            )
             seconds += time.perf_counter() - t
             tokens += out.shape[1] - enc["input_ids"].shape[1]
     return tokens, seconds
@@ -96,25 +103,37 @@ def greedy_check(model, tok, engine, prompts, max_new: int) -> list[bool]:
     same = []
     for p, comps in zip(prompts, got):
         enc = tok.apply_chat_template(p, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new, eos_token_id=sorted(engine.stop_ids),
-                             pad_token_id=tok.pad_token_id)
-        same.append(out[0, enc["input_ids"].shape[1]:].tolist() == comps[0].token_ids)
+        out = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=max_new,
+            eos_token_id=sorted(engine.stop_ids),
+            pad_token_id=tok.pad_token_id,
+        )
+        same.append(out[0, enc["input_ids"].shape[1] :].tolist() == comps[0].token_ids)
     return same
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run (< 3 minutes)")
-    ap.add_argument("--model", default="smollm2-135m-instruct",
-                    help="model directory, or the embedded alias (default); 'tiny' builds a tiny random model")
+    ap.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="model directory, or the embedded alias (default); 'tiny' builds a tiny random model",
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--questions", type=int, default=None)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--ref-prompts", type=int, default=None, help="prompts for the one-at-a-time reference")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="engine weights dtype (auto: as the generating stages choose on this machine)")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="engine weights dtype (auto: as the generating stages choose on this machine)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,8 +159,9 @@ def main() -> None:
 
     first_done = []
     t0 = time.perf_counter()
-    results = engine.generate(prompts, args.k, params,
-                              callback=lambda i, c: first_done.append(time.perf_counter() - t0))
+    results = engine.generate(
+        prompts, args.k, params, callback=lambda i, c: first_done.append(time.perf_counter() - t0)
+    )
     engine_s = time.perf_counter() - t0
     comps = [c for r in results for c in r]
     engine_tokens = sum(c.num_tokens for c in comps)
@@ -153,7 +173,7 @@ def main() -> None:
         fp32_tps = fp32_tokens / (time.perf_counter() - t)
 
     ref_tokens, ref_s = reference(model, tok, prompts[:ref_prompts], 1, params)
-    greedy_same = greedy_check(model, tok, fp32_engine, prompts[:2 if args.quick else 3], 32 if args.quick else 64)
+    greedy_same = greedy_check(model, tok, fp32_engine, prompts[: 2 if args.quick else 3], 32 if args.quick else 64)
 
     engine_tps, ref_tps = engine_tokens / engine_s, ref_tokens / ref_s
     result = {
@@ -174,11 +194,20 @@ def main() -> None:
         "reference_sequences": ref_prompts,
         "greedy_matches_generate": f"{sum(greedy_same)}/{len(greedy_same)}",
         "settings": {
-            "model": model_path, "backend": engine.backend, "device": str(engine.device),
-            "dtype": str(gen_model.dtype), "reference_dtype": str(model.dtype), "batch_size": args.batch_size,
+            "model": model_path,
+            "backend": engine.backend,
+            "device": str(engine.device),
+            "dtype": str(gen_model.dtype),
+            "reference_dtype": str(model.dtype),
+            "batch_size": args.batch_size,
             "threads": torch.get_num_threads(),
-            "questions": n_q, "k": args.k, "max_new_tokens": max_new, "temperature": params.temperature,
-            "top_k": params.top_k, "quick": args.quick, "torch": torch.__version__,
+            "questions": n_q,
+            "k": args.k,
+            "max_new_tokens": max_new,
+            "temperature": params.temperature,
+            "top_k": params.top_k,
+            "quick": args.quick,
+            "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(),
         },
     }

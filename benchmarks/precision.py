@@ -27,12 +27,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_common import model_dir, save_result  # noqa: E402
-
 from generation import questions  # noqa: E402
-
 from ssb.config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from ssb.engine.engine import Engine, SamplingParams  # noqa: E402
 from ssb.engine.cache import SlotModel  # noqa: E402
+from ssb.engine.engine import Engine, SamplingParams  # noqa: E402
 
 
 def kl_and_agree(ref: torch.Tensor, other: torch.Tensor) -> tuple[list[float], list[bool]]:
@@ -54,12 +52,17 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     m32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     m16 = copy.deepcopy(m32).to(torch.bfloat16)
-    prompts = [[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": q}]
-               for q in questions(args.questions)]
+    prompts = [
+        [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": q}]
+        for q in questions(args.questions)
+    ]
     engine = Engine(m32, tok, batch_size=len(prompts), progress=False)
     answers = engine.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=args.tokens))
-    stats: dict[str, tuple[list, list]] = {"bf16_weights": ([], []), "bf16_autocast": ([], []),
-                                           "engine_bf16_prefill": ([], [])}
+    stats: dict[str, tuple[list, list]] = {
+        "bf16_weights": ([], []),
+        "bf16_autocast": ([], []),
+        "engine_bf16_prefill": ([], []),
+    }
     prefixes, prefix_ref = [], []
     with torch.no_grad():
         for p, a in zip(prompts, answers):
@@ -81,10 +84,15 @@ def main() -> None:
         sm = SlotModel(m16, 1, len(prefixes), max(map(len, prefixes)), 1)
         kl, agree = kl_and_agree(torch.stack(prefix_ref), sm.prefill(prefixes, list(range(len(prefixes)))))
         stats["engine_bf16_prefill"] = (kl, agree)
-    result = {name: {"mean_kl_nats": round(sum(k) / len(k), 6), "top1_agreement": round(sum(g) / len(g), 4),
-                     "positions": len(k)} for name, (k, g) in stats.items()}
-    result["settings"] = {"model": path, "questions": args.questions, "tokens": args.tokens,
-                          "torch": torch.__version__}
+    result = {
+        name: {
+            "mean_kl_nats": round(sum(k) / len(k), 6),
+            "top1_agreement": round(sum(g) / len(g), 4),
+            "positions": len(k),
+        }
+        for name, (k, g) in stats.items()
+    }
+    result["settings"] = {"model": path, "questions": args.questions, "tokens": args.tokens, "torch": torch.__version__}
     save_result("precision", result)
     print(json.dumps(result))
 

@@ -31,22 +31,44 @@ ROOT = Path(__file__).resolve().parents[1]
 from bench_common import save_result  # noqa: E402
 
 DATA = Path("/work/shared/data")
-SYNTHETIC_MATH = ["\\frac{3}{4}", "2\\sqrt{5}", "(3,4]", "\\{1\\pm\\sqrt{5},-2\\}", "x=5", "\\text{(C)}", "90^\\circ",
-                  "\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", "\\frac{\\pi}{6}", "1,-2", "3 \\pm 2\\sqrt{2}",
-                  "\\$18.90", "10,\\!080", "x^2+2x+1", "-\\frac{24}{25}", "(2,\\infty)", "6 - 5i", "\\text{east}"]
+SYNTHETIC_MATH = [
+    "\\frac{3}{4}",
+    "2\\sqrt{5}",
+    "(3,4]",
+    "\\{1\\pm\\sqrt{5},-2\\}",
+    "x=5",
+    "\\text{(C)}",
+    "90^\\circ",
+    "\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}",
+    "\\frac{\\pi}{6}",
+    "1,-2",
+    "3 \\pm 2\\sqrt{2}",
+    "\\$18.90",
+    "10,\\!080",
+    "x^2+2x+1",
+    "-\\frac{24}{25}",
+    "(2,\\infty)",
+    "6 - 5i",
+    "\\text{east}",
+]
 
 
 def load_golds(rng: random.Random) -> dict[str, list]:
     if DATA.exists():
         read = lambda name: [json.loads(x) for x in (DATA / name).read_text().splitlines() if x.strip()]  # noqa: E731
-        return {"gsm8k": [r["answer"] for r in read("gsm8k_test.jsonl")],
-                "math": [r["answer"] for r in read("math500_test.jsonl")],
-                "aime": [r["answer"] for r in read("aime24_test.jsonl")],
-                "amc": [r["answer"] for r in read("amc23_test.jsonl")]}
+        return {
+            "gsm8k": [r["answer"] for r in read("gsm8k_test.jsonl")],
+            "math": [r["answer"] for r in read("math500_test.jsonl")],
+            "aime": [r["answer"] for r in read("aime24_test.jsonl")],
+            "amc": [r["answer"] for r in read("amc23_test.jsonl")],
+        }
     ints = [rng.randint(1, 99999) for _ in range(500)]
-    return {"gsm8k": [f"Work...\n#### {n:,}" for n in ints], "math": SYNTHETIC_MATH,
-            "aime": [f"{rng.randint(0, 999):03d}" for _ in range(30)],
-            "amc": [float(rng.randint(1, 500)) for _ in range(40)]}
+    return {
+        "gsm8k": [f"Work...\n#### {n:,}" for n in ints],
+        "math": SYNTHETIC_MATH,
+        "aime": [f"{rng.randint(0, 999):03d}" for _ in range(30)],
+        "amc": [float(rng.randint(1, 500)) for _ in range(40)],
+    }
 
 
 def _bump(s: str, rng: random.Random) -> str | None:
@@ -64,12 +86,14 @@ def _dress(ans: str, rng: random.Random) -> str:
     plain = re.fullmatch(r"-?\d{1,3}(?:,\d{3})*(?:\.\d+)?|-?\d+(?:\.\d+)?", ans) is not None
     forms = ["boxed", "boxed", "hash", "answer_is", "bare"] + (["trailing", "answer_is_unit"] if plain else [])
     form = rng.choice(forms)
-    return {"boxed": f"{body}So the final answer is $\\boxed{{{ans}}}$.",
-            "hash": f"{body}#### {ans}",
-            "answer_is": f"{body}The answer is: ${ans}$.",
-            "answer_is_unit": f"{body}The answer is {ans} apples.",
-            "trailing": f"{body}Therefore the result is {ans}",
-            "bare": ans}[form]
+    return {
+        "boxed": f"{body}So the final answer is $\\boxed{{{ans}}}$.",
+        "hash": f"{body}#### {ans}",
+        "answer_is": f"{body}The answer is: ${ans}$.",
+        "answer_is_unit": f"{body}The answer is {ans} apples.",
+        "trailing": f"{body}Therefore the result is {ans}",
+        "bare": ans,
+    }[form]
 
 
 def make_lines(n: int, rng: random.Random) -> list[dict]:
@@ -120,8 +144,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         inp, outp = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
         inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-        cmd = [sys.executable, "-c", "import sys; from ssb.verify.cli import verify_main; sys.exit(verify_main())",
-               "--input", str(inp), "--output", str(outp), "--timeout", str(args.timeout)]
+        cmd = [
+            sys.executable,
+            "-c",
+            "import sys; from ssb.verify.cli import verify_main; sys.exit(verify_main())",
+            "--input",
+            str(inp),
+            "--output",
+            str(outp),
+            "--timeout",
+            str(args.timeout),
+        ]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         seconds = time.perf_counter() - start
@@ -136,13 +169,19 @@ def main() -> int:
     base_rate = len(sample) / base_s * 60
     rate = len(out) / seconds * 60
     result = {
-        "benchmark": "verify", "lines": len(out), "seconds": round(seconds, 2),
+        "benchmark": "verify",
+        "lines": len(out),
+        "seconds": round(seconds, 2),
         "lines_per_minute": round(rate),
         "counts": {k: summary[k] for k in ("correct", "incorrect", "unparsed", "timeout")},
-        "pooled": summary["pooled"], "agreement": round(agree / len(out), 4),
-        "disagreements": len(out) - agree, "data": "real" if DATA.exists() else "synthetic",
-        "baseline": "math_verify parse+verify, one process", "baseline_lines": len(sample),
-        "baseline_lines_per_minute": round(base_rate), "speedup": round(rate / base_rate, 2),
+        "pooled": summary["pooled"],
+        "agreement": round(agree / len(out), 4),
+        "disagreements": len(out) - agree,
+        "data": "real" if DATA.exists() else "synthetic",
+        "baseline": "math_verify parse+verify, one process",
+        "baseline_lines": len(sample),
+        "baseline_lines_per_minute": round(base_rate),
+        "speedup": round(rate / base_rate, 2),
     }
     wrong = [o for o in out if o["correct"] != o["expect"]][:20]
     save_result("verify", {**result, "disagreement_examples": wrong})

@@ -47,17 +47,23 @@ def answering_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     model.train()
-    for step in range(80):
+    for _ in range(80):
         ids, labels = [], []
         for _ in range(8):
-            q = " ".join(rng.choice(["Tom", "has", "3", "apples", "How", "many", "?", "step", "wrong", "correct"])
-                         for _ in range(rng.randint(3, 16)))
-            prompt = tok.apply_chat_template([{"role": "system", "content": "You are a math tutor."},
-                                              {"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=False)
+            q = " ".join(
+                rng.choice(["Tom", "has", "3", "apples", "How", "many", "?", "step", "wrong", "correct"])
+                for _ in range(rng.randint(3, 16))
+            )
+            prompt = tok.apply_chat_template(
+                [{"role": "system", "content": "You are a math tutor."}, {"role": "user", "content": q}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
             answer = "The answer is 4." if rng.random() < 0.6 else "The answer is 5."
-            p, a = tok(prompt, add_special_tokens=False).input_ids, tok(answer + "<|im_end|>",
-                                                                        add_special_tokens=False).input_ids
+            p, a = (
+                tok(prompt, add_special_tokens=False).input_ids,
+                tok(answer + "<|im_end|>", add_special_tokens=False).input_ids,
+            )
             ids.append(p + a)
             labels.append([-100] * len(p) + a)
         width = max(map(len, ids))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ssb.data import arith
 from ssb.config import load_config, save_config
+from ssb.data import arith
 from ssb.files import write_jsonl
 from ssb.rundir import RunDir
 
@@ -30,8 +30,13 @@ def _run(tmp_path, source="arith"):
     write_jsonl(run.train_data, [{"id": p.id, "question": p.question, "answer": str(p.answer)} for p in probs])
     # Question i gets i % 5 right answers out of 4 (4 of 4 for i % 5 == 4); written in reverse, as completion
     # order may be.
-    write_jsonl(run.rollouts, [{"id": p.id, "rollouts": [{"correct": j < min(i % 5, 4)} for j in range(4)]}
-                               for i, p in reversed(list(enumerate(probs)))])
+    write_jsonl(
+        run.rollouts,
+        [
+            {"id": p.id, "rollouts": [{"correct": j < min(i % 5, 4)} for j in range(4)]}
+            for i, p in reversed(list(enumerate(probs)))
+        ],
+    )
     return run, probs
 
 
@@ -41,8 +46,13 @@ def test_counts_by_operation_add_up(tmp_path, regime):
     by = {r["group"]: r for r in rows}
     right = [min(i % 5, 4) for i in range(12)]
     assert level == 1 and rows[0]["group"] == "all"
-    assert by["all"] == {"group": "all", "questions": 12, "rollouts": 48, "correct_rollouts": sum(right),
-                         "mixed_questions": sum(0 < r < 4 for r in right)}
+    assert by["all"] == {
+        "group": "all",
+        "questions": 12,
+        "rollouts": 48,
+        "correct_rollouts": sum(right),
+        "mixed_questions": sum(0 < r < 4 for r in right),
+    }
     ops = [r for r in rows if r["group"] in ("addition", "subtraction", "multiplication", "division")]
     assert sum(r["questions"] for r in ops) == 12 and sum(r["correct_rollouts"] for r in ops) == sum(right)
     for r in ops:

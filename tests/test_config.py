@@ -12,8 +12,7 @@ def test_defaults_are_the_papers_settings():
     assert (c.rollout.k, c.rollout.temperature, c.rollout.top_k) == (4, 0.8, 50)
     assert c.teach.temperature == 0.4
     assert (c.train.lora_r, c.train.lora_alpha) == (32, 32)
-    assert set(c.train.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                           "down_proj"}
+    assert set(c.train.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (c.train.temperature, c.train.learning_rate, c.train.batch_size, c.train.epochs) == (2.0, 2e-4, 4, 3.0)
     assert (c.train.kd_weight, c.train.ce_weight) == (1.0, 0.0)
 
@@ -35,16 +34,19 @@ def test_yaml_file_and_overrides(tmp_path):
     assert c.data.train.limit == read_yaml(preset_path("quick"))["data"]["train"]["limit"]
 
 
-@pytest.mark.parametrize("override, key", [
-    ("rollout.kk=1", "rollout.kk"),
-    ("rollout.k=abc", "rollout.k"),
-    ("rollout.k=0", "rollout.k"),
-    ("eval.policy=foo", "eval.policy"),
-    ("curate.negative=maybe", "curate.negative"),
-    ("rollout.top_p=1.5", "rollout.top_p"),
-    ("nosuchsection.x=1", "nosuchsection"),
-    ("data.train.level=4", "data.train.level"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("rollout.kk=1", "rollout.kk"),
+        ("rollout.k=abc", "rollout.k"),
+        ("rollout.k=0", "rollout.k"),
+        ("eval.policy=foo", "eval.policy"),
+        ("curate.negative=maybe", "curate.negative"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("nosuchsection.x=1", "nosuchsection"),
+        ("data.train.level=4", "data.train.level"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])

@@ -3,15 +3,19 @@ import random
 import pytest
 
 from ssb.config import load_config
-from ssb.prompts import hinted_user_prompt, load_template, student_messages, teacher_messages
 from ssb.files import read_jsonl, write_jsonl
+from ssb.prompts import hinted_user_prompt, load_template, student_messages, teacher_messages
 from ssb.rundir import RunDir
 from ssb.stages.curate import choose_pair, classify, curate
 
 
 def roll(verdict, extracted=None, text=None):
-    return {"verdict": verdict, "extracted": extracted, "text": text or f"answer {extracted}", "correct":
-            verdict == "correct"}
+    return {
+        "verdict": verdict,
+        "extracted": extracted,
+        "text": text or f"answer {extracted}",
+        "correct": verdict == "correct",
+    }
 
 
 def test_classify():
@@ -66,12 +70,15 @@ def test_template_errors_name_the_file(tmp_path):
 
 
 def _rollouts(run):
-    write_jsonl(run.rollouts, [
-        {"id": "a", "question": "Qa", "gold": "3", "rollouts": [roll("correct", "3"), roll("incorrect", "4")]},
-        {"id": "b", "question": "Qb", "gold": "3", "rollouts": [roll("correct", "3"), roll("correct", "3")]},
-        {"id": "c", "question": "Qc", "gold": "3", "rollouts": [roll("incorrect", "1"), roll("unparsed")]},
-        {"id": "d", "question": "Qd", "gold": "3", "rollouts": [roll("unparsed"), roll("unparsed")]},
-    ])
+    write_jsonl(
+        run.rollouts,
+        [
+            {"id": "a", "question": "Qa", "gold": "3", "rollouts": [roll("correct", "3"), roll("incorrect", "4")]},
+            {"id": "b", "question": "Qb", "gold": "3", "rollouts": [roll("correct", "3"), roll("correct", "3")]},
+            {"id": "c", "question": "Qc", "gold": "3", "rollouts": [roll("incorrect", "1"), roll("unparsed")]},
+            {"id": "d", "question": "Qd", "gold": "3", "rollouts": [roll("unparsed"), roll("unparsed")]},
+        ],
+    )
 
 
 def test_curate_stage_funnel_and_records(tmp_path):

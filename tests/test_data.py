@@ -2,9 +2,8 @@ import json
 
 import pytest
 
-from ssb.data import arith
 from ssb.config import DatasetSpec
-from ssb.data import DataError, load_examples
+from ssb.data import DataError, arith, load_examples
 
 
 def test_arith_is_seeded_and_splits_are_disjoint():
@@ -23,8 +22,9 @@ def test_arith_answers_are_right(level):
         if level == 1:
             nums = [int(x) for x in p.key.split(",")[0][2:].split(",")] + [int(p.key.split(",")[1])]
             op = p.key[1]
-            expect = {"+": nums[0] + nums[1], "-": nums[0] - nums[1], "*": nums[0] * nums[1],
-                      "/": nums[0] // nums[1]}[op]
+            expect = {"+": nums[0] + nums[1], "-": nums[0] - nums[1], "*": nums[0] * nums[1], "/": nums[0] // nums[1]}[
+                op
+            ]
             assert p.answer == expect, p
 
 
@@ -96,12 +96,15 @@ def test_field_mapping_limit_offset(tmp_path):
     assert [e.id for e in load_examples(spec)] == ["k2", "k3", "k4"]
 
 
-@pytest.mark.parametrize("row, match", [
-    ("{bad json", r"bad\.jsonl:2: not valid JSON"),
-    ({"question": "q"}, r"bad\.jsonl:2: missing field 'answer'"),
-    ({"question": "q", "answer": ""}, r"bad\.jsonl:2: field 'answer' is empty"),
-    ({"question": "", "answer": "3"}, r"bad\.jsonl:2: field 'question' is empty"),
-])
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ("{bad json", r"bad\.jsonl:2: not valid JSON"),
+        ({"question": "q"}, r"bad\.jsonl:2: missing field 'answer'"),
+        ({"question": "q", "answer": ""}, r"bad\.jsonl:2: field 'answer' is empty"),
+        ({"question": "", "answer": "3"}, r"bad\.jsonl:2: field 'question' is empty"),
+    ],
+)
 def test_malformed_records_name_file_line_and_field(tmp_path, row, match, capsys):
     f = tmp_path / "bad.jsonl"
     write_jsonl(f, [{"question": "ok", "answer": "1"}, row, {"question": "ok2", "answer": "2"}])

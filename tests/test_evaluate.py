@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ssb.config import EMBEDDED_MODEL, Config
-from ssb.metrics import wilson_ci
 from ssb.files import read_jsonl, write_jsonl
+from ssb.metrics import wilson_ci
 from ssb.stages import evaluate as ev
 from ssb.stages.compare import compare, compare_main
 from ssb.stages.evaluate import EvalError, build_summary, evaluate
@@ -23,11 +23,28 @@ Z95 = 1.959963984540054
 
 def _rec(pid, samples, session=0, t=1.0):
     """samples: (extracted, correct, num_tokens, finish_reason) tuples."""
-    ss = [{"text": f"... {x}", "extracted": x, "correct": ok, "num_tokens": nt, "finish_reason": fr,
-           "verdict": "unparsed" if x is None else ("correct" if ok else "incorrect"), "rule": None}
-          for x, ok, nt, fr in samples]
-    return {"id": pid, "question": f"q{pid}", "gold": "g", "correct": sum(s["correct"] for s in ss),
-            "samples": ss, "session": session, "t": t, "backend": "test"}
+    ss = [
+        {
+            "text": f"... {x}",
+            "extracted": x,
+            "correct": ok,
+            "num_tokens": nt,
+            "finish_reason": fr,
+            "verdict": "unparsed" if x is None else ("correct" if ok else "incorrect"),
+            "rule": None,
+        }
+        for x, ok, nt, fr in samples
+    ]
+    return {
+        "id": pid,
+        "question": f"q{pid}",
+        "gold": "g",
+        "correct": sum(s["correct"] for s in ss),
+        "samples": ss,
+        "session": session,
+        "t": t,
+        "backend": "test",
+    }
 
 
 def test_summary_on_handmade_samples():
@@ -58,8 +75,12 @@ def test_summary_on_handmade_samples():
 
 
 def test_summary_counts_truncated_answers_that_were_judged_correct(tmp_path):
-    records = [_rec("p1", [("4", True, 256, "length")]), _rec("p2", [("4", False, 256, "length")]),
-               _rec("p3", [("4", True, 20, "stop")]), _rec("p4", [(None, False, 256, "length")])]
+    records = [
+        _rec("p1", [("4", True, 256, "length")]),
+        _rec("p2", [("4", False, 256, "length")]),
+        _rec("p3", [("4", True, 20, "stop")]),
+        _rec("p4", [(None, False, 256, "length")]),
+    ]
     s = build_summary(records, {"model": "m", "benchmark": "b", "n": 1, "temperature": 0.0})
     assert (s["truncated_share"], s["truncated_correct_share"]) == (0.75, 0.25)
     assert "75.0% truncated (25.0% truncated yet correct)" in ev.detail_line(s, tmp_path)
@@ -88,8 +109,9 @@ def _write_eval_dir(d: Path, records: list[dict], n: int, benchmark: str = "arit
 def test_compare_pairs_runs_on_same_problems(tmp_path):
     ids = [f"q{i}" for i in range(10)]
     a = _write_eval_dir(tmp_path / "base", [_rec(q, [("1", i < 7, 10, "stop")]) for i, q in enumerate(ids)], 1)
-    b = _write_eval_dir(tmp_path / "ssb", [_rec(q, [("1", i in (0, 1, 7), 20, "length")])
-                                           for i, q in enumerate(ids)], 1)
+    b = _write_eval_dir(
+        tmp_path / "ssb", [_rec(q, [("1", i in (0, 1, 7), 20, "length")]) for i, q in enumerate(ids)], 1
+    )
     c = _write_eval_dir(tmp_path / "other", [_rec(q, [("1", True, 5, "stop")]) for q in ids[:6] + ["x"]], 1)
     table = compare([a, b, c], iters=2000)
     rows = table.splitlines()
@@ -110,8 +132,13 @@ def test_compare_main_errors_on_missing_summary(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-QUESTIONS = [("a", "What is 3 + 4?", "7"), ("b", "What is 2 * 3?", "6"), ("c", "What is 9 - 5?", "4"),
-             ("d", "What is 8 / 2?", "4"), ("e", "What is 1 + 1?", "2")]
+QUESTIONS = [
+    ("a", "What is 3 + 4?", "7"),
+    ("b", "What is 2 * 3?", "6"),
+    ("c", "What is 9 - 5?", "4"),
+    ("d", "What is 8 / 2?", "4"),
+    ("e", "What is 1 + 1?", "2"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -191,11 +218,13 @@ def test_correctness_counting_through_verifier(tiny, bench, tmp_path, monkeypatc
     """A scripted engine (fixed completions) checks verdicts, maj@n and the prompt the model is shown."""
     import ssb.engine.engine as gen
 
-    answers = {"What is 3 + 4?": ["So \\boxed{7}", "So \\boxed{7}"],  # both right
-               "What is 2 * 3?": ["So \\boxed{5}", "So \\boxed{6}"],  # one right; tie -> 5 wins the vote
-               "What is 9 - 5?": ["I do not know", "no idea"],  # unparsed
-               "What is 8 / 2?": ["So \\boxed{4}", "So \\boxed{3}"],
-               "What is 1 + 1?": ["So \\boxed{3}", "So \\boxed{3}"]}
+    answers = {
+        "What is 3 + 4?": ["So \\boxed{7}", "So \\boxed{7}"],  # both right
+        "What is 2 * 3?": ["So \\boxed{5}", "So \\boxed{6}"],  # one right; tie -> 5 wins the vote
+        "What is 9 - 5?": ["I do not know", "no idea"],  # unparsed
+        "What is 8 / 2?": ["So \\boxed{4}", "So \\boxed{3}"],
+        "What is 1 + 1?": ["So \\boxed{3}", "So \\boxed{3}"],
+    }
     seen = []
 
     class ScriptedEngine:
@@ -213,8 +242,10 @@ def test_correctness_counting_through_verifier(tiny, bench, tmp_path, monkeypatc
     monkeypatch.setattr(gen, "Engine", ScriptedEngine)
     cfg = _cfg(n=2)
     s = evaluate(cfg, str(tiny), None, tmp_path / "eval", data_file=str(bench))
-    assert seen[0] == [{"role": "system", "content": cfg.rollout.system_prompt},
-                       {"role": "user", "content": "What is 3 + 4?"}]
+    assert seen[0] == [
+        {"role": "system", "content": cfg.rollout.system_prompt},
+        {"role": "user", "content": "What is 3 + 4?"},
+    ]
     assert s["pass@1"] == pytest.approx((2 + 1 + 0 + 1 + 0) / 10)
     assert s["pass@k"]["2"] == pytest.approx(3 / 5)
     assert s["maj@n"] == pytest.approx(2 / 5)  # a (7), d (tie 4/3 -> 4); b's tie goes to the wrong 5
@@ -231,8 +262,24 @@ def test_eval_from_args_applies_options(tmp_path, monkeypatch):
     (run / "adapter").mkdir(parents=True)
     calls = []
     monkeypatch.setattr(ev, "evaluate", lambda cfg, model, bench, out, **kw: calls.append((cfg, model, bench, out, kw)))
-    args = parser.parse_args(["--benchmark", "gsm8k", "--n", "4", "--temperature", "0.6", "--limit", "all",
-                              "--max-new-tokens", "128", "--policy", "boxed", "--run-dir", str(run)])
+    args = parser.parse_args(
+        [
+            "--benchmark",
+            "gsm8k",
+            "--n",
+            "4",
+            "--temperature",
+            "0.6",
+            "--limit",
+            "all",
+            "--max-new-tokens",
+            "128",
+            "--policy",
+            "boxed",
+            "--run-dir",
+            str(run),
+        ]
+    )
     assert ev.eval_from_args(Config(), args) == 0
     cfg, model, bench, out, kw = calls[0]
     assert (cfg.eval.n, cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.eval.policy) == (4, 0.6, 128, "boxed")

@@ -13,8 +13,10 @@ from ssb.testing import make_tiny_model
 # Prompts of very different lengths (the long one is ~10x the short one in tokens).
 MESSAGES = [
     [{"role": "user", "content": "hi"}],
-    [{"role": "system", "content": "You are a helpful math tutor."},
-     {"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have now? " * 3}],
+    [
+        {"role": "system", "content": "You are a helpful math tutor."},
+        {"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have now? " * 3},
+    ],
     [{"role": "user", "content": "Solve for x: 2x + 3 = 11."}],
     [{"role": "user", "content": "A train travels 60 miles in 2 hours. What is its speed?"}],
     [{"role": "user", "content": "12 - 5 = ?"}],
@@ -54,10 +56,15 @@ def prompt_ids(tok, messages):
 
 
 def hf_greedy(model, tok, ids, max_new, stop_ids):
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=max_new, do_sample=False, eos_token_id=sorted(stop_ids),
-                         pad_token_id=tok.pad_token_id)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=sorted(stop_ids),
+        pad_token_id=tok.pad_token_id,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
@@ -137,10 +144,10 @@ def test_scheduling_with_early_stops_matches_one_big_batch(tiny):
     attention chunks) give exactly what a batch holding every sequence at once gives."""
     model, tok = tiny
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    handle = model.lm_head.register_forward_hook(lambda m, a, out: out.index_add_(
-        -1, torch.tensor([eos]), torch.full(out.shape[:-1] + (1,), 4.0)))
-    prompts = [[{"role": "user", "content": "Question %d: " % i + "how many apples? " * (i % 4 * 3)}]
-               for i in range(9)]
+    handle = model.lm_head.register_forward_hook(
+        lambda m, a, out: out.index_add_(-1, torch.tensor([eos]), torch.full(out.shape[:-1] + (1,), 4.0))
+    )
+    prompts = [[{"role": "user", "content": f"Question {i}: " + "how many apples? " * (i % 4 * 3)}] for i in range(9)]
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=20, seed=7)
     try:
         small = Engine(model, tok, batch_size=5, progress=False).generate(prompts, 3, params)
@@ -186,8 +193,9 @@ def test_lora_model_matches_hf_generate_and_training_mode_is_restored(tiny):
     from peft import LoraConfig, get_peft_model
 
     model, tok = tiny
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.5,
-                     init_lora_weights=False)  # random (non-identity) adapters, dropout that eval must disable
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.5, init_lora_weights=False
+    )  # random (non-identity) adapters, dropout that eval must disable
     torch.manual_seed(0)
     peft_model = get_peft_model(model, cfg)
     try:
@@ -222,13 +230,15 @@ def test_bf16_weights_keep_fp32_attention_and_track_the_fp32_model(tiny):
     assert SlotModel(m16, 2, 1, 8, 8).gk.dtype == torch.float32
     together = eng.generate(MESSAGES, 1, GREEDY)
     for m, comps in zip(MESSAGES, together):
-        assert Engine(m16, tok, batch_size=1, progress=False).generate([m], 1, GREEDY)[0][0].token_ids == \
-            comps[0].token_ids
+        assert (
+            Engine(m16, tok, batch_size=1, progress=False).generate([m], 1, GREEDY)[0][0].token_ids
+            == comps[0].token_ids
+        )
     agree = total = 0
     for m, comps in zip(MESSAGES, together):  # teacher-forced: fp32 argmax at each generated position
         ids, toks = prompt_ids(tok, m), comps[0].token_ids
         with torch.no_grad():
-            logits = model(torch.tensor([ids + toks])).logits[0, len(ids) - 1:-1]
+            logits = model(torch.tensor([ids + toks])).logits[0, len(ids) - 1 : -1]
         agree += int((logits.argmax(-1) == torch.tensor(toks)).sum())
         total += len(toks)
     assert agree >= 0.9 * total  # measured 118 of 120
@@ -302,9 +312,14 @@ def test_smollm2_greedy_matches_hf_generate():
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     system = {"role": "system", "content": "You are a helpful math tutor. Solve the problem step by step."}
-    prompts = [[system, {"role": "user", "content": q}] for q in
-               ["What is 12 * 7?", "Tom has 3 apples and buys 4 more. How many does he have?",
-                "A train travels 60 miles in 2 hours. What is its average speed in miles per hour?"]]
+    prompts = [
+        [system, {"role": "user", "content": q}]
+        for q in [
+            "What is 12 * 7?",
+            "Tom has 3 apples and buys 4 more. How many does he have?",
+            "A train travels 60 miles in 2 hours. What is its average speed in miles per hour?",
+        ]
+    ]
     eng = Engine(model, tok, batch_size=8, progress=False)
     got = eng.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=48))
     for m, comps in zip(prompts, got):

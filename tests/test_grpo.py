@@ -16,9 +16,20 @@ from ssb.stages.grpo import completion_text, grpo, verifier_reward
 
 def _cfg(model_dir, *extra):
     # 4 arith questions, 2 questions x 2 completions per step, 2 steps of at most 8 tokens
-    return load_config(overrides=[f"model={model_dir}", "data.train.limit=4", "grpo.num_generations=2",
-                                  "grpo.batch_size=2", "grpo.max_steps=2", "grpo.max_completion_length=8",
-                                  "grpo.save_steps=1", "train.lora_r=4", "train.lora_alpha=8", *extra])
+    return load_config(
+        overrides=[
+            f"model={model_dir}",
+            "data.train.limit=4",
+            "grpo.num_generations=2",
+            "grpo.batch_size=2",
+            "grpo.max_steps=2",
+            "grpo.max_completion_length=8",
+            "grpo.save_steps=1",
+            "train.lora_r=4",
+            "train.lora_alpha=8",
+            *extra,
+        ]
+    )
 
 
 def _msg(text):
@@ -26,8 +37,14 @@ def _msg(text):
 
 
 def test_verifier_reward_on_handmade_completions():
-    completions = [_msg("3 + 4 = 7. So the answer is \\boxed{7}."), _msg("I think it is \\boxed{8}."),
-                   _msg("no idea"), _msg("#### 1,250"), _msg("\\boxed{\\frac{1}{2}}"), "plain text: \\boxed{7}"]
+    completions = [
+        _msg("3 + 4 = 7. So the answer is \\boxed{7}."),
+        _msg("I think it is \\boxed{8}."),
+        _msg("no idea"),
+        _msg("#### 1,250"),
+        _msg("\\boxed{\\frac{1}{2}}"),
+        "plain text: \\boxed{7}",
+    ]
     gold = ["7", "7", "7", "1250", "0.5", "7"]
     assert verifier_reward(completions, gold) == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
     # the boxed policy ignores an unboxed final answer
@@ -71,8 +88,15 @@ def test_grpo_two_steps_writes_adapter_and_metrics(tmp_path, tiny_model_dir):
     assert base == {"model": str(tiny_model_dir), "trust_remote_code": False}
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 4 and adapter_cfg["lora_alpha"] == 8
-    assert set(adapter_cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                  "down_proj"}
+    assert set(adapter_cfg["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert type(load_model(str(out / "adapter"), merge=False)).__name__ == "PeftModelForCausalLM"
     merged, unmerged = load_model(str(out / "adapter")), load_model(str(out / "adapter"), merge=False)
     assert "Peft" not in type(merged).__name__  # merged for inference: same function, fewer matmuls
@@ -130,15 +154,21 @@ def test_engine_rollout_samples_each_group_from_one_prompt(tiny_model_dir):
 
     cfg = _cfg(tiny_model_dir, "grpo.max_completion_length=6")
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-    trainer = SimpleNamespace(num_generations=2, model=model, processing_class=tok,
-                              accelerator=SimpleNamespace(unwrap_model=lambda m: m),
-                              state=SimpleNamespace(global_step=0))
+    trainer = SimpleNamespace(
+        num_generations=2,
+        model=model,
+        processing_class=tok,
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        state=SimpleNamespace(global_step=0),
+    )
     a, b = ([{"role": "user", "content": q}] for q in ("What is 2 + 2?", "What is 3 + 5?"))
     rollout = grpo_mod.engine_rollout(cfg)
     out = rollout([a, a, b, b], trainer)
     assert set(out) == {"prompt_ids", "completion_ids", "logprobs"} and len(out["completion_ids"]) == 4
-    want = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-            for m in (a, a, b, b)]
+    want = [
+        tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for m in (a, a, b, b)
+    ]
     assert out["prompt_ids"] == want
     assert all(1 <= len(c) <= 6 for c in out["completion_ids"])
     assert out["completion_ids"][0] != out["completion_ids"][1]  # two samples of one group, not one copied

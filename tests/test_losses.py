@@ -145,8 +145,11 @@ def test_ce_term_matches_cross_entropy_and_weights_combine():
     torch.testing.assert_close(gw, rw, rtol=1e-8, atol=1e-10)
     teacher = sparsify(zt, k=weight.shape[0], temperature=T)
     mixed, (mh, _) = _ours(hidden, weight, teacher, targets, kd=0.7, ce=0.3)
-    ref2, (r2h, _) = _grads(lambda h, w: (0.7 * _brute_full_kl(h @ w.T, zt) / h.shape[0]
-                                          + 0.3 * F.cross_entropy(h @ w.T, targets)), hidden, weight)
+    ref2, (r2h, _) = _grads(
+        lambda h, w: 0.7 * _brute_full_kl(h @ w.T, zt) / h.shape[0] + 0.3 * F.cross_entropy(h @ w.T, targets),
+        hidden,
+        weight,
+    )
     assert mixed.item() == pytest.approx(ref2.item(), rel=1e-9)
     torch.testing.assert_close(mh, r2h, rtol=1e-8, atol=1e-10)
 
@@ -163,8 +166,14 @@ def test_any_temperature_with_kd_and_ce_matches_brute_force(temp, k):
     teacher = DenseTeacher(t_hidden) if k is None else sparsify(zt, k=k, temperature=temp)
     head = OutputHead(weight, None, None)
     out = DistillLoss(temp, kd_weight=0.6, ce_weight=0.4, chunk_size=5)(hidden, targets, teacher, head=head)
-    ours, (gh,) = _grads(lambda h: DistillLoss(temp, kd_weight=0.6, ce_weight=0.4, chunk_size=5)(
-        h, targets, teacher, head=OutputHead(weight, None, None)).loss, hidden)
+    ours, (gh,) = _grads(
+        lambda h: (
+            DistillLoss(temp, kd_weight=0.6, ce_weight=0.4, chunk_size=5)(
+                h, targets, teacher, head=OutputHead(weight, None, None)
+            ).loss
+        ),
+        hidden,
+    )
 
     def brute(h):
         z = h @ weight.T
@@ -221,8 +230,12 @@ def test_dense_teacher_from_hidden_states_and_logits_input():
     hidden, weight, _, _, targets = _setup(seed=6)
     t_hidden = torch.randn_like(hidden)
     zt = t_hidden @ weight.T
-    ours, (gh,) = _grads(lambda h: DistillLoss(T, chunk_size=5)(h, targets, DenseTeacher(t_hidden),
-                                                                 head=OutputHead(weight, None, None)).loss, hidden)
+    ours, (gh,) = _grads(
+        lambda h: (
+            DistillLoss(T, chunk_size=5)(h, targets, DenseTeacher(t_hidden), head=OutputHead(weight, None, None)).loss
+        ),
+        hidden,
+    )
     ref, (rh,) = _grads(lambda h: _brute_full_kl(h @ weight.T, zt) / h.shape[0], hidden)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-9)
     torch.testing.assert_close(gh, rh, rtol=1e-8, atol=1e-10)
@@ -247,10 +260,10 @@ def test_padding_is_masked_in_a_real_model_batch(tmp_path):
     mask = torch.zeros(2, 9, dtype=torch.long)
     shift = torch.full((2, 9), -100)
     for b, s in enumerate(seqs):
-        ids[b, :len(s)] = s
-        mask[b, :len(s)] = 1
-        ids[b, len(s):] = 7  # padding tokens that must not matter
-        shift[b, sol[b][0] - 1:sol[b][1] - 1] = s[sol[b][0]:sol[b][1]]
+        ids[b, : len(s)] = s
+        mask[b, : len(s)] = 1
+        ids[b, len(s) :] = 7  # padding tokens that must not matter
+        shift[b, sol[b][0] - 1 : sol[b][1] - 1] = s[sol[b][0] : sol[b][1]]
     teacher_states = torch.randn(int((shift != -100).sum()), head.weight.shape[1], generator=g)
     loss_fn = DistillLoss(T, kd_weight=1.0, ce_weight=0.5)
     with torch.no_grad():
@@ -261,8 +274,13 @@ def test_padding_is_masked_in_a_real_model_batch(tmp_path):
             h = final_hidden(model, s[None], torch.ones(1, len(s), dtype=torch.long))[0]
             start, end = sol[b]
             n = end - start
-            one = loss_fn(h[start - 1:end - 1], s[start:end], DenseTeacher(teacher_states[row:row + n]),
-                          normalizer=m.sum(), head=head)
+            one = loss_fn(
+                h[start - 1 : end - 1],
+                s[start:end],
+                DenseTeacher(teacher_states[row : row + n]),
+                normalizer=m.sum(),
+                head=head,
+            )
             total += one.loss.item()
             row += n
     assert batched.tokens == 8

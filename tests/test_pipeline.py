@@ -9,8 +9,12 @@ from ssb.rundir import RunDir
 
 def test_ssb_run_end_to_end_and_rerun_skips(tmp_path, answering_model_dir, capsys):
     data = tmp_path / "q.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Tom has {i} apples and {4 - i} more?",
-                                        "answer": "4"}) + "\n" for i in range(8)))
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": f"Tom has {i} apples and {4 - i} more?", "answer": "4"}) + "\n"
+            for i in range(8)
+        )
+    )
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(f"""
 model: {answering_model_dir}
@@ -46,8 +50,9 @@ grpo: {{max_steps: 1, batch_size: 2, num_generations: 2, max_completion_length: 
 
 def test_iterated_rounds_train_on_fresh_questions_from_the_merged_student(tmp_path, answering_model_dir, capsys):
     data = tmp_path / "q.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Tom has {i} apples?", "answer": "4"}) + "\n"
-                            for i in range(8)))
+    data.write_text(
+        "".join(json.dumps({"id": f"q{i}", "question": f"Tom has {i} apples?", "answer": "4"}) + "\n" for i in range(8))
+    )
     cfg = tmp_path / "rounds.yaml"
     cfg.write_text(f"""
 model: {answering_model_dir}

@@ -16,9 +16,20 @@ QUESTION = "Is 3 < 5 & 7 > 2? <script>alert('x')</script> How many apples?"
 
 
 def _eval_summary(run: RunDir, tag: str, bench: str, correct: list[bool], tokens: int, truncated: int = 0):
-    samples = [[{"text": "...", "extracted": "1", "correct": ok, "num_tokens": tokens, "verdict": "correct" if ok
-                 else "incorrect", "rule": "boxed", "finish_reason": "length" if i < truncated else "stop"}]
-               for i, ok in enumerate(correct)]
+    samples = [
+        [
+            {
+                "text": "...",
+                "extracted": "1",
+                "correct": ok,
+                "num_tokens": tokens,
+                "verdict": "correct" if ok else "incorrect",
+                "rule": "boxed",
+                "finish_reason": "length" if i < truncated else "stop",
+            }
+        ]
+        for i, ok in enumerate(correct)
+    ]
     records = [{"id": f"p{i}", "samples": s, "session": 0, "t": 2.0 + i} for i, s in enumerate(samples)]
     summary = build_summary(records, {"model": tag, "benchmark": bench, "n": 1, "temperature": 0.0})
     out = run.eval_dir(tag, bench)
@@ -29,35 +40,136 @@ def _eval_summary(run: RunDir, tag: str, bench: str, correct: list[bool], tokens
 
 def _full_run(root) -> tuple[RunDir, dict]:
     run = RunDir(root).mkdir()
-    run.update_stage("rollout", status="done", seconds=61.5, counts={
-        "questions": 20, "rollouts": 80, "correct": 36, "correct_share": 0.45, "unparsed": 6, "timeout": 0,
-        "truncated": 3, "tokens": 12345, "mean_tokens": 154.3})
-    run.update_stage("curate", status="done", seconds=0.2, counts={
-        "questions": 20, "mixed": 9, "all_correct": 5, "all_wrong": 4, "unparsed": 2, "kept": 9})
-    run.update_stage("teach", status="done", seconds=30.0, counts={
-        "questions": 9, "attempts": 9, "pairs": 7, "pass_rate_first_attempt": 7 / 9, "kept_share": 7 / 9,
-        "truncated": 0, "solution_tokens": 900})
-    run.update_stage("train", status="done", seconds=300.0, counts={
-        "pairs": 7, "dropped_too_long": 0, "solution_tokens": 900, "teacher": "stored", "steps": 6,
-        "train_loss": 0.5})
-    run.update_stage("grpo", status="done", seconds=250.0, counts={
-        "questions": 20, "steps": 4, "completions": 64, "generated_tokens": 4321, "seconds_training": 240.0,
-        "train_loss": 0.01, "reward_first": 0.1, "reward_last": 0.4})
-    write_jsonl(run.teach_attempts, [{"id": f"q{i}", "attempt": 0, "num_tokens": 111, "kept": i < 7}
-                                     for i in range(9)])
-    write_jsonl(run.metrics, [{"step": s, "epoch": s / 6, "loss": 1.0 / s, "kd": 0.9 / s, "ce": 2.0 - s / 10,
-                               "grad_norm": 0.3 * s, "lr": 2e-4, "completion_len": 120 + s} for s in range(1, 7)])
-    write_jsonl(run.root / "grpo" / "metrics.jsonl",
-                [{"step": s, "loss": 0.01, "reward": 0.1 * s, "reward_std": 0.2, "kl": None, "grad_norm": 0.1,
-                  "completion_len": 90.0, "generated_tokens": 1000 * s} for s in range(1, 5)])
-    write_jsonl(run.curated, [{"id": "q0", "question": QUESTION, "gold": "12", "correct": "... \\boxed{12}",
-                               "correct_answer": "12", "wrong": "I get 13 & so \\boxed{13}", "wrong_answer": "13",
-                               "wrong_answer_count": 2}])
-    write_jsonl(run.pairs, [{"id": f"q{i}", "question": QUESTION if i == 0 else f"Question {i}?", "gold": "12",
-                             "solution": f"Step one: 5 + 7 = 12 <ok>. \\boxed{{12}} #{i}", "extracted": "12",
-                             "solution_ids": [1, 2, 3]} for i in range(4)])
-    evals = {"base": _eval_summary(run, "base", "arith", [True] * 3 + [False] * 7, tokens=100, truncated=1),
-             "ssb": _eval_summary(run, "ssb", "arith", [True] * 7 + [False] * 3, tokens=80)}
+    run.update_stage(
+        "rollout",
+        status="done",
+        seconds=61.5,
+        counts={
+            "questions": 20,
+            "rollouts": 80,
+            "correct": 36,
+            "correct_share": 0.45,
+            "unparsed": 6,
+            "timeout": 0,
+            "truncated": 3,
+            "tokens": 12345,
+            "mean_tokens": 154.3,
+        },
+    )
+    run.update_stage(
+        "curate",
+        status="done",
+        seconds=0.2,
+        counts={"questions": 20, "mixed": 9, "all_correct": 5, "all_wrong": 4, "unparsed": 2, "kept": 9},
+    )
+    run.update_stage(
+        "teach",
+        status="done",
+        seconds=30.0,
+        counts={
+            "questions": 9,
+            "attempts": 9,
+            "pairs": 7,
+            "pass_rate_first_attempt": 7 / 9,
+            "kept_share": 7 / 9,
+            "truncated": 0,
+            "solution_tokens": 900,
+        },
+    )
+    run.update_stage(
+        "train",
+        status="done",
+        seconds=300.0,
+        counts={
+            "pairs": 7,
+            "dropped_too_long": 0,
+            "solution_tokens": 900,
+            "teacher": "stored",
+            "steps": 6,
+            "train_loss": 0.5,
+        },
+    )
+    run.update_stage(
+        "grpo",
+        status="done",
+        seconds=250.0,
+        counts={
+            "questions": 20,
+            "steps": 4,
+            "completions": 64,
+            "generated_tokens": 4321,
+            "seconds_training": 240.0,
+            "train_loss": 0.01,
+            "reward_first": 0.1,
+            "reward_last": 0.4,
+        },
+    )
+    write_jsonl(run.teach_attempts, [{"id": f"q{i}", "attempt": 0, "num_tokens": 111, "kept": i < 7} for i in range(9)])
+    write_jsonl(
+        run.metrics,
+        [
+            {
+                "step": s,
+                "epoch": s / 6,
+                "loss": 1.0 / s,
+                "kd": 0.9 / s,
+                "ce": 2.0 - s / 10,
+                "grad_norm": 0.3 * s,
+                "lr": 2e-4,
+                "completion_len": 120 + s,
+            }
+            for s in range(1, 7)
+        ],
+    )
+    write_jsonl(
+        run.root / "grpo" / "metrics.jsonl",
+        [
+            {
+                "step": s,
+                "loss": 0.01,
+                "reward": 0.1 * s,
+                "reward_std": 0.2,
+                "kl": None,
+                "grad_norm": 0.1,
+                "completion_len": 90.0,
+                "generated_tokens": 1000 * s,
+            }
+            for s in range(1, 5)
+        ],
+    )
+    write_jsonl(
+        run.curated,
+        [
+            {
+                "id": "q0",
+                "question": QUESTION,
+                "gold": "12",
+                "correct": "... \\boxed{12}",
+                "correct_answer": "12",
+                "wrong": "I get 13 & so \\boxed{13}",
+                "wrong_answer": "13",
+                "wrong_answer_count": 2,
+            }
+        ],
+    )
+    write_jsonl(
+        run.pairs,
+        [
+            {
+                "id": f"q{i}",
+                "question": QUESTION if i == 0 else f"Question {i}?",
+                "gold": "12",
+                "solution": f"Step one: 5 + 7 = 12 <ok>. \\boxed{{12}} #{i}",
+                "extracted": "12",
+                "solution_ids": [1, 2, 3],
+            }
+            for i in range(4)
+        ],
+    )
+    evals = {
+        "base": _eval_summary(run, "base", "arith", [True] * 3 + [False] * 7, tokens=100, truncated=1),
+        "ssb": _eval_summary(run, "ssb", "arith", [True] * 7 + [False] * 3, tokens=80),
+    }
     return run, evals
 
 
@@ -72,8 +184,10 @@ def test_report_of_a_full_run(tmp_path):
     assert page == run.report_dir / "report.html"
     text = page.read_text()
     # funnel row: questions, all correct, all wrong, unparsed, mixed, pairs, rollouts correct, teacher pass rate
-    assert ("<tr><td>run1</td><td>20</td><td>5</td><td>4</td><td>2</td><td>9</td><td>7</td><td>45.0%</td>"
-            "<td>77.8%</td></tr>") in text
+    assert (
+        "<tr><td>run1</td><td>20</td><td>5</td><td>4</td><td>2</td><td>9</td><td>7</td><td>45.0%</td>"
+        "<td>77.8%</td></tr>"
+    ) in text
     # eval rows with the CI from the summary
     for tag, s in evals.items():
         ci = s["pass@1_ci"]
@@ -102,8 +216,9 @@ def test_report_of_a_full_run(tmp_path):
 def test_report_of_unfinished_runs(tmp_path):
     empty = RunDir(tmp_path / "empty").mkdir()
     half = RunDir(tmp_path / "half").mkdir()
-    half.update_stage("rollout", status="done", seconds=5.0, counts={"questions": 12, "tokens": 500,
-                                                                    "correct_share": 0.5})
+    half.update_stage(
+        "rollout", status="done", seconds=5.0, counts={"questions": 12, "tokens": 500, "correct_share": 0.5}
+    )
     half.update_stage("curate", status="failed", seconds=0.1, counts={})
     page = report([empty.root, half.root], output=tmp_path / "out")
     text = page.read_text()

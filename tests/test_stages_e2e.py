@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from ssb.cli import main
 from ssb.config import load_config
 from ssb.files import read_jsonl, write_jsonl
@@ -17,14 +15,25 @@ from ssb.rundir import RunDir
 
 def _data(tmp_path, n=6):
     f = tmp_path / "q.jsonl"
-    f.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
-                         for i in range(n)))
+    f.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+            for i in range(n)
+        )
+    )
     return f
 
 
 def _sets(model, data, **extra):
-    base = {"model": str(model), "data.train.source": str(data), "rollout.k": 3, "rollout.max_new_tokens": 12,
-            "rollout.batch_size": 4, "teach.max_new_tokens": 12, "teach.batch_size": 4}
+    base = {
+        "model": str(model),
+        "data.train.source": str(data),
+        "rollout.k": 3,
+        "rollout.max_new_tokens": 12,
+        "rollout.batch_size": 4,
+        "teach.max_new_tokens": 12,
+        "teach.batch_size": 4,
+    }
     base.update(extra)
     out = []
     for k, v in base.items():
@@ -58,7 +67,8 @@ def test_killed_rollout_resumes_without_duplicates(tmp_path, tiny_model_dir):
     data = _data(tmp_path, n=40)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ssb", "rollout", "--run-dir", str(run)] + _sets(
-        tiny_model_dir, data, **{"rollout.batch_size": 2, "rollout.max_new_tokens": 24})
+        tiny_model_dir, data, **{"rollout.batch_size": 2, "rollout.max_new_tokens": 24}
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     path = RunDir(run).rollouts
@@ -88,17 +98,34 @@ def test_teach_keeps_only_verified_solutions(tmp_path, tiny_model_dir):
     from ssb.stages.teach import teach
     from ssb.verify import extract_answer
 
-    cfg = load_config(None, ["model=" + str(tiny_model_dir), "teach.max_new_tokens=16", "teach.batch_size=4",
-                             "teach.temperature=0",
-                             "generation_dtype=model"])  # the prediction below runs in the model's dtype
+    cfg = load_config(
+        None,
+        [
+            "model=" + str(tiny_model_dir),
+            "teach.max_new_tokens=16",
+            "teach.batch_size=4",
+            "teach.temperature=0",
+            "generation_dtype=model",
+        ],
+    )  # the prediction below runs in the model's dtype
     run = RunDir(tmp_path / "run").mkdir()
     tmpl = load_template(None)
-    curated = [{"id": f"q{i}", "question": f"Question {i}?", "gold": "?", "correct": f"it is {i}", "wrong": "x 1",
-                "teacher_messages": teacher_messages(tmpl, f"Question {i}?", f"it is {i}", "x 1", "SYS"),
-                "student_messages": student_messages(f"Question {i}?", "SYS")} for i in range(6)]
+    curated = [
+        {
+            "id": f"q{i}",
+            "question": f"Question {i}?",
+            "gold": "?",
+            "correct": f"it is {i}",
+            "wrong": "x 1",
+            "teacher_messages": teacher_messages(tmpl, f"Question {i}?", f"it is {i}", "x 1", "SYS"),
+            "student_messages": student_messages(f"Question {i}?", "SYS"),
+        }
+        for i in range(6)
+    ]
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     outs = Engine(model, tok, batch_size=4, progress=False).generate(
-        [c["teacher_messages"] for c in curated], n=1, params=SamplingParams(temperature=0, max_new_tokens=16))
+        [c["teacher_messages"] for c in curated], n=1, params=SamplingParams(temperature=0, max_new_tokens=16)
+    )
     for i, c in enumerate(curated):
         got = extract_answer(outs[i][0].text).answer
         c["gold"] = got if (i % 2 == 0 and got is not None and outs[i][0].finish_reason == "stop") else "123456789"

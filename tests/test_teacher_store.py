@@ -4,14 +4,12 @@ import json
 
 import pytest
 import torch
-
-from ssb.config import load_config
-from ssb.rundir import RunDir
 from safetensors.torch import load_file
 
+from ssb.config import load_config
 from ssb.distill.loss import SparseTeacher
-from ssb.distill.store import (TeacherStore, TeacherStoreError, TeacherStoreWriter, auto_top_k, bytes_per_token,
-                               sparsify)
+from ssb.distill.store import TeacherStore, TeacherStoreError, TeacherStoreWriter, auto_top_k, bytes_per_token, sparsify
+from ssb.rundir import RunDir
 
 META = dict(temperature=2.0, top_k=4, vocab_size=50, fingerprint="abc", model="m")
 
@@ -157,12 +155,20 @@ def write_pairs(path, tok, n):
             q = f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?"
             sol = f"{i} + {i + 2} = {2 * i + 2}. " + "So the final answer is " * (i % 3) + f"\\boxed{{{2 * i + 2}}}."
             hint = f"{q}\nCorrect: {sol}\nWrong: {i}. Write a solution."
-            f.write(json.dumps({
-                "id": f"arith-{i}", "question": q, "gold": str(2 * i + 2),
-                "teacher_messages": [{"role": "system", "content": sysm}, {"role": "user", "content": hint}],
-                "student_messages": [{"role": "system", "content": sysm}, {"role": "user", "content": q}],
-                "solution": sol,
-                "solution_ids": tok(sol, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"arith-{i}",
+                        "question": q,
+                        "gold": str(2 * i + 2),
+                        "teacher_messages": [{"role": "system", "content": sysm}, {"role": "user", "content": hint}],
+                        "student_messages": [{"role": "system", "content": sysm}, {"role": "user", "content": q}],
+                        "solution": sol,
+                        "solution_ids": tok(sol, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                    }
+                )
+                + "\n"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +201,7 @@ def test_logits_stage_stores_the_teacher_distribution_over_solution_tokens(tmp_p
         with torch.no_grad():
             z = model(torch.tensor([p.teacher_prompt + p.solution_ids])).logits[0]  # [S, V] brute force
         P = len(p.teacher_prompt)
-        ref = sparsify(z[P - 1:P - 1 + p.solution_len], 16, 2.0)  # rows predicting solution_ids[0..L-1]
+        ref = sparsify(z[P - 1 : P - 1 + p.solution_len], 16, 2.0)  # rows predicting solution_ids[0..L-1]
         got = store[p.id]
         assert got.ids.shape == (p.solution_len, 16)
         assert torch.equal(got.ids[:, :4], ref.ids[:, :4])  # ties below the top few may order differently
@@ -219,8 +225,8 @@ def test_logits_stage_auto_top_k_fills_a_kilobyte(tmp_path, tiny):
 
 
 def test_hidden_store_reproduces_the_full_teacher_logits(tmp_path, tiny):
-    from ssb.distill.pairs import encode_pairs, read_pairs
     from ssb.distill.loss import OutputHead
+    from ssb.distill.pairs import encode_pairs, read_pairs
     from ssb.stages.logits import logits
 
     run, cfg = _run(tmp_path, tiny, n=3, **{"logits.store": "hidden"})
@@ -233,7 +239,7 @@ def test_hidden_store_reproduces_the_full_teacher_logits(tmp_path, tiny):
             z = model(torch.tensor([p.teacher_prompt + p.solution_ids])).logits[0]
             P = len(p.teacher_prompt)
             got = head.logits(store[p.id].states)
-        torch.testing.assert_close(got, z[P - 1:P - 1 + p.solution_len], atol=0.05, rtol=2e-3)
+        torch.testing.assert_close(got, z[P - 1 : P - 1 + p.solution_len], atol=0.05, rtol=2e-3)
 
 
 def test_logits_stage_resumes_after_a_kill(tmp_path, tiny, monkeypatch, capsys):

@@ -50,17 +50,33 @@ def _write_pairs(path, tok, n):
             q = f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?"
             sol = f"{i} + {i + 2} = {2 * i + 2}. " + "So the final answer is " * (i % 3) + f"\\boxed{{{2 * i + 2}}}."
             hint = f"{q}\nCorrect: {sol}\nWrong: {i}. Write a solution."
-            f.write(json.dumps({
-                "id": f"arith-{i}", "question": q, "gold": str(2 * i + 2),
-                "teacher_messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": hint}],
-                "student_messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
-                "solution": sol,
-                "solution_ids": tok(sol, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"arith-{i}",
+                        "question": q,
+                        "gold": str(2 * i + 2),
+                        "teacher_messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": hint}],
+                        "student_messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+                        "solution": sol,
+                        "solution_ids": tok(sol, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                    }
+                )
+                + "\n"
+            )
 
 
-BASE = {"logits.top_k": 16, "train.batch_size": 2, "train.epochs": 2, "train.learning_rate": 0.01,
-        "train.lora_r": 4, "train.lora_alpha": 8, "train.save_steps": 100, "train.gradient_checkpointing": False,
-        "train.mixed_precision": "none"}  # exact comparisons below; bf16 autocast has its own test
+BASE = {
+    "logits.top_k": 16,
+    "train.batch_size": 2,
+    "train.epochs": 2,
+    "train.learning_rate": 0.01,
+    "train.lora_r": 4,
+    "train.lora_alpha": 8,
+    "train.save_steps": 100,
+    "train.gradient_checkpointing": False,
+    "train.mixed_precision": "none",
+}  # exact comparisons below; bf16 autocast has its own test
 
 
 def _setup(root, tiny, n=6, **sets):
@@ -92,7 +108,9 @@ def test_offline_distillation_end_to_end(tmp_path, tiny):
     from ssb.stages.logits import logits
     from ssb.stages.train import train
 
-    run, cfg = _setup(tmp_path / "run", tiny, **{"train.epochs": 4, "train.merge": True, "train.report_to": "[tensorboard]"})
+    run, cfg = _setup(
+        tmp_path / "run", tiny, **{"train.epochs": 4, "train.merge": True, "train.report_to": "[tensorboard]"}
+    )
     logits(cfg, run)
     counts = train(cfg, run)
     assert counts["teacher"] == "stored" and counts["pairs"] == 6 and counts["steps"] == 12
@@ -105,8 +123,10 @@ def test_offline_distillation_end_to_end(tmp_path, tiny):
     assert rows[0]["lr"] == pytest.approx(0.01) and rows[-1]["epoch"] == pytest.approx(4.0)
     assert 10 < rows[0]["completion_len"] < 40
     assert list((run.train_dir / "tb").glob("events.out.tfevents.*"))
-    assert json.loads((run.adapter_dir / "ssb_base.json").read_text()) == {"model": str(tiny[0]),
-                                                                           "trust_remote_code": False}
+    assert json.loads((run.adapter_dir / "ssb_base.json").read_text()) == {
+        "model": str(tiny[0]),
+        "trust_remote_code": False,
+    }
     base = AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -224,9 +244,9 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny, monk
 
 
 def test_logits_from_another_temperature_or_model_are_refused(tmp_path, tiny):
+    from ssb.distill.store import TeacherStoreError
     from ssb.stages.logits import logits
     from ssb.stages.train import train
-    from ssb.distill.store import TeacherStoreError
 
     run, cfg = _setup(tmp_path / "run", tiny)
     logits(cfg, run)
@@ -258,9 +278,29 @@ def test_two_process_ddp_matches_one_process_with_the_same_effective_batch(tmp_p
     train(cfg, one)
     save_config(cfg_two, tmp_path / "two.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "ssb", "train", "--config", str(tmp_path / "two.yaml"), "--run-dir", str(two.root)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "ssb",
+        "train",
+        "--config",
+        str(tmp_path / "two.yaml"),
+        "--run-dir",
+        str(two.root),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout

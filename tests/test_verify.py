@@ -15,7 +15,7 @@ import ssb.verify.verifier as V
 from ssb.verify import Verdict, Verifier, check, is_equivalent, normalize_gold
 from ssb.verify.cli import verify_main
 
-GSM8K_2125 = ("Johnny picked up 500 + 1500+ 125= <<500+1500+125=2125>>2125 blocks\n#### 2,125")
+GSM8K_2125 = "Johnny picked up 500 + 1500+ 125= <<500+1500+125=2125>>2125 blocks\n#### 2,125"
 
 # (pred, gold, expected verdict)
 EQUIV = [
@@ -89,17 +89,29 @@ EQUIV = [
     ("[-2,7]", "x \\in [-2,7]", "correct"),
     ("(2,\\infty)", "(5,\\infty)", "incorrect"),
     ("(-\\infty,2)\\cup(3,\\infty)", "(-\\infty, 2) \\cup (3, \\infty)", "correct"),
-    ("\\left[\\frac{\\pi^2}{8}, \\frac{5\\pi^2}{4}\\right]",
-     "\\left[ \\frac{\\pi^2}{8}, \\frac{5 \\pi^2}{4} \\right]", "correct"),
+    (
+        "\\left[\\frac{\\pi^2}{8}, \\frac{5\\pi^2}{4}\\right]",
+        "\\left[ \\frac{\\pi^2}{8}, \\frac{5 \\pi^2}{4} \\right]",
+        "correct",
+    ),
     # points, vectors, matrices
     ("(3, \\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)", "correct"),
     ("(3, \\pi)", "\\left( 3, \\frac{\\pi}{2} \\right)", "incorrect"),
-    ("\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\\\ \\frac53 \\end{pmatrix}",
-     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", "correct"),
-    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 4/3 \\end{pmatrix}",
-     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", "incorrect"),
-    ("\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}",
-     "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}", "correct"),
+    (
+        "\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\\\ \\frac53 \\end{pmatrix}",
+        "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}",
+        "correct",
+    ),
+    (
+        "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 4/3 \\end{pmatrix}",
+        "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}",
+        "incorrect",
+    ),
+    (
+        "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}",
+        "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}",
+        "correct",
+    ),
     # units, degrees, currency, base subscripts
     ("90", "90^\\circ", "correct"),
     ("90^\\circ", "90^\\circ", "correct"),
@@ -177,25 +189,49 @@ def test_plain_numbers_never_start_the_pool(monkeypatch):
     assert V._shared is None  # decided exactly in process, no worker started
 
 
-@pytest.mark.parametrize("raw, fmt, want", [
-    (GSM8K_2125, "gsm8k", "2125"), ("Tom has 3.\n#### 72", "auto", "72"), ("#### -3", "gsm8k", "-3"),
-    ("025", "aime", "25"), ("000", "aime", "0"), ("025", "auto", "25"), (27.0, "amc", "27"),
-    (-1.0, "auto", "-1"), (0.5, "amc", "0.5"), ("27.0", "amc", "27"), (36, "auto", "36"),
-    ("$1,-2$", "math", "1,-2"), ("\\boxed{\\frac{1}{2}}", "math", "\\frac{1}{2}"),
-    ("$\\boxed{10,\\!080}$", "auto", "10,\\!080"), ("  \\text{(C)} ", "auto", "\\text{(C)}"),
-    ("\\left( 3, \\frac{\\pi}{2} \\right)", "auto", "\\left( 3, \\frac{\\pi}{2} \\right)"),
-    ("2,125", "auto", "2125"), ("x=5", "plain", "x=5"),
-])
+@pytest.mark.parametrize(
+    "raw, fmt, want",
+    [
+        (GSM8K_2125, "gsm8k", "2125"),
+        ("Tom has 3.\n#### 72", "auto", "72"),
+        ("#### -3", "gsm8k", "-3"),
+        ("025", "aime", "25"),
+        ("000", "aime", "0"),
+        ("025", "auto", "25"),
+        (27.0, "amc", "27"),
+        (-1.0, "auto", "-1"),
+        (0.5, "amc", "0.5"),
+        ("27.0", "amc", "27"),
+        (36, "auto", "36"),
+        ("$1,-2$", "math", "1,-2"),
+        ("\\boxed{\\frac{1}{2}}", "math", "\\frac{1}{2}"),
+        ("$\\boxed{10,\\!080}$", "auto", "10,\\!080"),
+        ("  \\text{(C)} ", "auto", "\\text{(C)}"),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "auto", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        ("2,125", "auto", "2125"),
+        ("x=5", "plain", "x=5"),
+    ],
+)
 def test_normalize_gold(raw, fmt, want):
     assert normalize_gold(raw, fmt) == want
 
 
-@pytest.mark.parametrize("raw, fmt, msg", [
-    ("", "auto", "empty"), ("   ", "math", "empty"), ("no marker 42", "gsm8k", "no '#### N'"),
-    ("#### many", "gsm8k", "not a number"), ("x", "aime", "not an integer"), ("27.0.1", "amc", "not a number"),
-    ("$$", "math", "empty"), ("\\frac{1}{2", "math", "unbalanced"), (float("nan"), "amc", "finite"),
-    (None, "auto", "string or number"), ("5", "latex", "unknown gold format"),
-])
+@pytest.mark.parametrize(
+    "raw, fmt, msg",
+    [
+        ("", "auto", "empty"),
+        ("   ", "math", "empty"),
+        ("no marker 42", "gsm8k", "no '#### N'"),
+        ("#### many", "gsm8k", "not a number"),
+        ("x", "aime", "not an integer"),
+        ("27.0.1", "amc", "not a number"),
+        ("$$", "math", "empty"),
+        ("\\frac{1}{2", "math", "unbalanced"),
+        (float("nan"), "amc", "finite"),
+        (None, "auto", "string or number"),
+        ("5", "latex", "unknown gold format"),
+    ],
+)
 def test_normalize_gold_errors(raw, fmt, msg):
     with pytest.raises(ValueError, match=msg):
         normalize_gold(raw, fmt)
@@ -208,8 +244,14 @@ def test_unwrapped_set_gold_is_read_whole():
 
 
 def test_pathological_input_times_out_and_batch_goes_on():
-    items = [("5^{5^{5^5}}", "3"), ("\\frac{1}{2}", "0.5"), ("x=5", "5"), ("(3,4)", "(3,4]"),
-             ("2\\sqrt{5}", "\\sqrt{20}"), ("42", "42")]
+    items = [
+        ("5^{5^{5^5}}", "3"),
+        ("\\frac{1}{2}", "0.5"),
+        ("x=5", "5"),
+        ("(3,4)", "(3,4]"),
+        ("2\\sqrt{5}", "\\sqrt{20}"),
+        ("42", "42"),
+    ]
     with Verifier(timeout=2.0, workers=2) as v:
         got = v.equivalent_many(items)
         again = v.equivalent_many(items[1:])  # the pool is usable after a kill
@@ -250,8 +292,13 @@ def test_check_returns_full_verdict():
     v = check("Janet sells 9 eggs a day.\nShe makes 9 * 2 = $18 every day.\nThe answer is: $18.", GSM8K_2125)
     assert v == Verdict(extracted="18", rule="answer_is", verdict="incorrect", correct=False, policy="lenient")
     v = check("She makes 9 * 2 = 18 dollars.\n#### 18", "Janet...\n#### 18")
-    assert v.to_dict() == {"extracted": "18", "rule": "hash", "verdict": "correct", "correct": True,
-                           "policy": "lenient"}
+    assert v.to_dict() == {
+        "extracted": "18",
+        "rule": "hash",
+        "verdict": "correct",
+        "correct": True,
+        "policy": "lenient",
+    }
     v = check("She makes 18 dollars.", "18", policy="boxed")
     assert (v.extracted, v.rule, v.verdict, v.correct) == (None, None, "unparsed", False)
     with pytest.raises(ValueError, match="empty"):
@@ -259,22 +306,37 @@ def test_check_returns_full_verdict():
 
 
 def test_check_many_keeps_order_and_policy(verifier):
-    items = [("\\boxed{3}", "3"), ("The answer is 4.", "3"), ("nothing to see", "3"),
-             ("so it is \\boxed{\\{1,2\\}}", "2,1")]
+    items = [
+        ("\\boxed{3}", "3"),
+        ("The answer is 4.", "3"),
+        ("nothing to see", "3"),
+        ("so it is \\boxed{\\{1,2\\}}", "2,1"),
+    ]
     got = verifier.check_many(items, policy="boxed")
-    assert [(v.extracted, v.verdict) for v in got] == [("3", "correct"), (None, "unparsed"), (None, "unparsed"),
-                                                      ("\\{1,2\\}", "correct")]
+    assert [(v.extracted, v.verdict) for v in got] == [
+        ("3", "correct"),
+        (None, "unparsed"),
+        (None, "unparsed"),
+        ("\\{1,2\\}", "correct"),
+    ]
     assert all(v.policy == "boxed" for v in got)
     with pytest.raises(ValueError, match="item 1: gold"):
         verifier.equivalent_many([("1", "1"), ("1", "")])
 
 
 # ----------------------------------------------------------------------------------------- CLI
-@pytest.mark.parametrize("pred, gold, out, code", [
-    ("42", "42", "correct", 0), ("The answer is 42 apples.", "42", "correct", 0), ("(3,4)", "(3,4]", "incorrect", 1),
-    ("\\frac{1}{2}", "0.5", "correct", 0), ("Final answer: $\\boxed{2,125}$", GSM8K_2125, "correct", 0),
-    ("I do not know", "5", "unparsed", 1), ("41", "42", "incorrect", 1),
-])
+@pytest.mark.parametrize(
+    "pred, gold, out, code",
+    [
+        ("42", "42", "correct", 0),
+        ("The answer is 42 apples.", "42", "correct", 0),
+        ("(3,4)", "(3,4]", "incorrect", 1),
+        ("\\frac{1}{2}", "0.5", "correct", 0),
+        ("Final answer: $\\boxed{2,125}$", GSM8K_2125, "correct", 0),
+        ("I do not know", "5", "unparsed", 1),
+        ("41", "42", "incorrect", 1),
+    ],
+)
 def test_cli_single_pair(capsys, pred, gold, out, code):
     assert verify_main([pred, gold]) == code
     assert capsys.readouterr().out.strip() == out
@@ -288,11 +350,13 @@ def test_cli_single_pair_bad_gold_and_usage(capsys):
 
 
 def test_cli_input_output_round_trip(tmp_path, capsys):
-    rows = [{"id": 1, "pred": "Step 1...\nThe answer is 42 apples.", "gold": "42"},
-            {"id": 2, "pred": "so $\\boxed{\\frac{1}{2}}$", "gold": "0.5", "policy": "boxed"},
-            {"id": 3, "pred": "(3,4)", "gold": "(3,4]"},
-            {"id": 4, "pred": "#### 2,125", "gold": GSM8K_2125},
-            {"id": 5, "pred": "I am not sure.", "gold": "7"}]
+    rows = [
+        {"id": 1, "pred": "Step 1...\nThe answer is 42 apples.", "gold": "42"},
+        {"id": 2, "pred": "so $\\boxed{\\frac{1}{2}}$", "gold": "0.5", "policy": "boxed"},
+        {"id": 3, "pred": "(3,4)", "gold": "(3,4]"},
+        {"id": 4, "pred": "#### 2,125", "gold": GSM8K_2125},
+        {"id": 5, "pred": "I am not sure.", "gold": "7"},
+    ]
     inp, outp = tmp_path / "in.jsonl", tmp_path / "out" / "g.jsonl"
     lines = [json.dumps(r) + "\n" for r in rows]
     inp.write_text("".join(lines[:3]) + "\n" + "".join(lines[3:]))  # a blank line is skipped
@@ -311,13 +375,18 @@ def test_cli_input_output_round_trip(tmp_path, capsys):
     assert [p.name for p in outp.parent.iterdir()] == ["g.jsonl"]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ('{"pred": "2"}', "missing field 'gold'"), ('{"gold": "2"}', "missing field 'pred'"),
-    ("{not json", "invalid JSON"), ("[1, 2]", "expected a JSON object"),
-    ('{"pred": "2", "gold": ""}', "invalid field 'gold'"),
-    ('{"pred": "2", "gold": "2", "policy": "x"}', "invalid field 'policy'"),
-    ('{"pred": null, "gold": "2"}', "field 'pred' must be a string"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ('{"pred": "2"}', "missing field 'gold'"),
+        ('{"gold": "2"}', "missing field 'pred'"),
+        ("{not json", "invalid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"pred": "2", "gold": ""}', "invalid field 'gold'"),
+        ('{"pred": "2", "gold": "2", "policy": "x"}', "invalid field 'policy'"),
+        ('{"pred": null, "gold": "2"}', "field 'pred' must be a string"),
+    ],
+)
 def test_cli_malformed_line_names_file_and_line(tmp_path, capsys, bad, msg):
     inp, outp = tmp_path / "F.jsonl", tmp_path / "G.jsonl"
     inp.write_text('{"pred": "1", "gold": "1"}\n' + bad + "\n" + '{"pred": "3", "gold": "3"}\n')

@@ -24,11 +24,20 @@ DEFAULT_PRESET = "quick"
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (may start from a shipped preset with `preset: NAME`)")
-    p.add_argument("--preset", choices=preset_names(),
-                   help=f"start from a shipped preset (default: {DEFAULT_PRESET}, unless --config is given or the "
-                        "run directory has a saved config)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set rollout.k=8 (repeatable)")
+    p.add_argument(
+        "--preset",
+        choices=preset_names(),
+        help=f"start from a shipped preset (default: {DEFAULT_PRESET}, unless --config is given or the "
+        "run directory has a saved config)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set rollout.k=8 (repeatable)",
+    )
     p.add_argument("--run-dir", help="run directory (default: runs/<preset or config file name>)")
     p.add_argument("--force", action="store_true", help="rerun stages even if finished with the same inputs")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
@@ -36,7 +45,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ssb", description="Semantic Soft Bootstrapping: RL-free self-distillation for math reasoning.")
+        prog="ssb", description="Semantic Soft Bootstrapping: RL-free self-distillation for math reasoning."
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb in VERBS.values():
         if verb.own_args:
@@ -105,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ssb {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nssb {args.verb}: interrupted; finished work is saved, rerun the same command to resume",
-              file=sys.stderr)
+        print(
+            f"\nssb {args.verb}: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr
+        )
         return 130
 
 

@@ -65,7 +65,7 @@ class JsonlWriter:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self) -> JsonlWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -94,8 +94,9 @@ def read_jsonl(path: str | Path, *, repair: bool = True) -> list[dict]:
                     with open(path, "r+b") as f:
                         f.truncate(min(good_bytes, len(raw)))
                 break
-            raise ValueError(f"{path}:{i + 1}: corrupted record (not valid JSON); delete the file or rerun "
-                             f"the stage with --force") from None
+            raise ValueError(
+                f"{path}:{i + 1}: corrupted record (not valid JSON); delete the file or rerun the stage with --force"
+            ) from None
     return records
 
 

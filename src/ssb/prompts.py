@@ -31,7 +31,7 @@ def load_template(path: str | Path | None, negative: bool = True) -> str:
         path = TEMPLATES / (f"hint_{path}.txt" if negative else f"hint_{path}_no_negative.txt")
     path = Path(path)
     if not path.exists():
-        names = sorted(p.stem[len("hint_"):] for p in TEMPLATES.glob("hint_*.txt") if "negative" not in p.stem)
+        names = sorted(p.stem[len("hint_") :] for p in TEMPLATES.glob("hint_*.txt") if "negative" not in p.stem)
         raise ValueError(f"hint template not found: {path} (give a file path or a built-in name: {', '.join(names)})")
     text = path.read_text(encoding="utf-8")
     found = set(_FIELD.findall(text))
@@ -51,5 +51,7 @@ def hinted_user_prompt(template: str, question: str, correct: str, wrong: str | 
 
 def teacher_messages(template: str, question: str, correct: str, wrong: str | None, system_prompt: str) -> list[dict]:
     """The hinted prompt: same system prompt, the question plus the correct (and wrong) rollout."""
-    return [{"role": "system", "content": system_prompt},
-            {"role": "user", "content": hinted_user_prompt(template, question, correct, wrong)}]
+    return [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": hinted_user_prompt(template, question, correct, wrong)},
+    ]

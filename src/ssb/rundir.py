@@ -30,9 +30,10 @@ import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ssb.config import config_hash
 from ssb.files import atomic_write_json, file_digest
@@ -74,14 +75,14 @@ class RunDir:
         return self.root / "eval" / model_tag / benchmark
 
     @property
-    def sft_run(self) -> "RunDir":
+    def sft_run(self) -> RunDir:
         """The SFT baseline: a run directory of its own holding a copy of pairs.jsonl."""
         return RunDir(self.root / "sft")
 
-    def round_dir(self, n: int) -> "RunDir":
+    def round_dir(self, n: int) -> RunDir:
         return RunDir(self.root / f"round-{n}")
 
-    def mkdir(self) -> "RunDir":
+    def mkdir(self) -> RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -117,8 +118,9 @@ class Stage:
 
 
 @contextlib.contextmanager
-def stage(run: RunDir, name: str, config_parts: tuple, inputs: list[Path], outputs: list[Path],
-          force: bool = False) -> Iterator[Stage | None]:
+def stage(
+    run: RunDir, name: str, config_parts: tuple, inputs: list[Path], outputs: list[Path], force: bool = False
+) -> Iterator[Stage | None]:
     """Run a stage under the manifest's bookkeeping.
 
     Yields None when the stage already finished with the same config and inputs (the caller skips it).
@@ -142,14 +144,31 @@ def stage(run: RunDir, name: str, config_parts: tuple, inputs: list[Path], outpu
             if p.exists():
                 p.rename(p.with_name(f"{p.name}.stale-{stamp}"))
     t0 = time.time()
-    run.update_stage(name, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), config_hash=chash,
-                     inputs_hash=ihash, resumed=resumed)
+    run.update_stage(
+        name,
+        status="running",
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        config_hash=chash,
+        inputs_hash=ihash,
+        resumed=resumed,
+    )
     st = Stage(name=name, counts={}, resumed=resumed)
     try:
         yield st
     except BaseException as e:
-        run.update_stage(name, status="failed", error=f"{type(e).__name__}: {e}"[:500],
-                         seconds=round(time.time() - t0, 2), counts=st.counts)
+        run.update_stage(
+            name,
+            status="failed",
+            error=f"{type(e).__name__}: {e}"[:500],
+            seconds=round(time.time() - t0, 2),
+            counts=st.counts,
+        )
         raise
-    run.update_stage(name, status="done", ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     seconds=round(time.time() - t0, 2), counts=st.counts, error=None)
+    run.update_stage(
+        name,
+        status="done",
+        ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        seconds=round(time.time() - t0, 2),
+        counts=st.counts,
+        error=None,
+    )

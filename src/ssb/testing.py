@@ -54,8 +54,9 @@ def make_tiny_tokenizer(vocab_size: int = 320):
     return fast
 
 
-def make_tiny_model(path: str | Path, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
-                    vocab_size: int = 320) -> Path:
+def make_tiny_model(
+    path: str | Path, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, vocab_size: int = 320
+) -> Path:
     """Write a tiny random Llama chat model + tokenizer to `path` and return it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -35,25 +35,49 @@ def lora_config(cfg: Config):
     from peft import LoraConfig
 
     tc = cfg.train
-    return LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
-                      target_modules=list(tc.target_modules), task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=tc.lora_r,
+        lora_alpha=tc.lora_alpha,
+        lora_dropout=tc.lora_dropout,
+        target_modules=list(tc.target_modules),
+        task_type="CAUSAL_LM",
+    )
 
 
-def trainer_arguments(cfg: Config, device: str, output_dir: Path, *, learning_rate: float, logging_steps: int,
-                      save_steps: int, save_total_limit: int | None) -> dict:
+def trainer_arguments(
+    cfg: Config,
+    device: str,
+    output_dir: Path,
+    *,
+    learning_rate: float,
+    logging_steps: int,
+    save_steps: int,
+    save_total_limit: int | None,
+) -> dict:
     """Keyword arguments common to transformers' TrainingArguments and TRL's GRPOConfig."""
     from ssb.models import resolve_mixed_precision
 
     tc = cfg.train
     precision = resolve_mixed_precision(tc.mixed_precision, device)
     return dict(
-        output_dir=str(output_dir), learning_rate=learning_rate, lr_scheduler_type=tc.lr_scheduler,
+        output_dir=str(output_dir),
+        learning_rate=learning_rate,
+        lr_scheduler_type=tc.lr_scheduler,
         # transformers 5 has no warmup_ratio: a float warmup_steps below 1 is read as a share of the steps
-        warmup_steps=tc.warmup_ratio, weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm,
-        logging_steps=logging_steps, save_strategy="steps", save_steps=save_steps,
-        save_total_limit=save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
-        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not device.startswith("cuda"),
-        report_to=list(tc.report_to) or "none", disable_tqdm=True,
+        warmup_steps=tc.warmup_ratio,
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        logging_steps=logging_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not device.startswith("cuda"),
+        report_to=list(tc.report_to) or "none",
+        disable_tqdm=True,
         activation_checkpointing=tc.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
     )
@@ -73,8 +97,10 @@ def metrics_line(path: Path | None, tag: str, rec: dict, max_steps) -> dict:
     """Print one training log line and append it to a metrics JSONL file (non-finite numbers become null)."""
     rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
     parts = [f"{k} {v:.4g}" for k, v in rec.items() if k not in ("step", "epoch") and isinstance(v, float)]
-    print(f"[{tag}] step {rec['step']}/{max_steps or '?'} epoch {rec.get('epoch') or 0:.2f} " + " ".join(parts),
-          flush=True)
+    print(
+        f"[{tag}] step {rec['step']}/{max_steps or '?'} epoch {rec.get('epoch') or 0:.2f} " + " ".join(parts),
+        flush=True,
+    )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:

@@ -143,8 +143,9 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
+) -> Config:
     """Defaults <- `base` <- YAML file (which may name `preset: quick` to start from a shipped one) <- overrides."""
     values: dict = dict(base or {})
     if path is not None:

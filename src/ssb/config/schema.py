@@ -37,8 +37,11 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
 class DatasetSpec:
     """Where a set of (question, answer) pairs comes from."""
 
-    source: str = opt("arith", "'arith' (built-in word-problem generator), a benchmark name (gsm8k, math500, "
-                      "aime24, amc23), a local .jsonl/.json/.parquet file, or a Hugging Face Hub dataset id")
+    source: str = opt(
+        "arith",
+        "'arith' (built-in word-problem generator), a benchmark name (gsm8k, math500, "
+        "aime24, amc23), a local .jsonl/.json/.parquet file, or a Hugging Face Hub dataset id",
+    )
     split: str = opt("train", "Split: 'train' or 'test' for arith and benchmarks, any split name for Hub datasets")
     subset: str | None = opt(None, "Hub dataset config name (e.g. 'main' for openai/gsm8k)")
     level: int = opt(1, "arith only: difficulty 1 (one operation), 2 (two steps) or 3 (three steps)")
@@ -48,7 +51,8 @@ class DatasetSpec:
     answer_field: str | None = opt(None, "Field holding the gold answer (auto: answer, final_answer, solution)")
     id_field: str | None = opt(None, "Field holding a stable id (auto: id, unique_id; else file line number)")
     answer_format: Literal["auto", "gsm8k", "math", "aime", "amc", "plain"] = opt(
-        "auto", "How to normalise gold answers: gsm8k ('#### 2,125'), math (LaTeX), aime ('025'), amc ('27.0')")
+        "auto", "How to normalise gold answers: gsm8k ('#### 2,125'), math (LaTeX), aime ('025'), amc ('27.0')"
+    )
     skip_bad_records: bool = opt(False, "Skip malformed records with a counted warning instead of failing")
 
 
@@ -72,9 +76,12 @@ class RolloutConfig:
 @dataclass
 class CurateConfig:
     negative: bool = opt(True, "Show the most common wrong rollout in the hint; false = 'no-negative' ablation")
-    template: str | None = opt(None, "Path of a hinted-prompt template with {question}, {correct}, {wrong} "
-                               "placeholders (default: built-in; no-negative uses {question}, {correct}), or "
-                               "'short': a built-in terse instruction that tiny models follow more often")
+    template: str | None = opt(
+        None,
+        "Path of a hinted-prompt template with {question}, {correct}, {wrong} "
+        "placeholders (default: built-in; no-negative uses {question}, {correct}), or "
+        "'short': a built-in terse instruction that tiny models follow more often",
+    )
 
 
 @dataclass
@@ -90,14 +97,20 @@ class TeachConfig:
 @dataclass
 class LogitsConfig:
     mode: Literal["offline", "online"] = opt(
-        "offline", "offline: store sparse teacher top-k once; online: run the frozen teacher in each training step")
+        "offline", "offline: store sparse teacher top-k once; online: run the frozen teacher in each training step"
+    )
     store: Literal["topk", "hidden"] = opt(
-        "topk", "offline storage: 'topk' keeps top_k ids + log-probs + the tail mass per token (4k+4 bytes with "
+        "topk",
+        "offline storage: 'topk' keeps top_k ids + log-probs + the tail mass per token (4k+4 bytes with "
         "16-bit ids, else 6k+4; approximate KL); 'hidden' keeps the teacher's final hidden state in float16 "
-        "(2 x hidden size bytes) and recomputes the exact full-vocabulary distribution during training")
-    top_k: int = opt(0, "Teacher tokens kept per position with store=topk (the rest is one tail bucket); 0 = auto: "
-                     "the largest k within 1,000 bytes/token (249 for vocabularies up to 65,536, else 166), "
-                     "because the gradient's fidelity grows with k (benchmarks/distill.py, benchmarks/README.md)")
+        "(2 x hidden size bytes) and recomputes the exact full-vocabulary distribution during training",
+    )
+    top_k: int = opt(
+        0,
+        "Teacher tokens kept per position with store=topk (the rest is one tail bucket); 0 = auto: "
+        "the largest k within 1,000 bytes/token (249 for vocabularies up to 65,536, else 166), "
+        "because the gradient's fidelity grows with k (benchmarks/distill.py, benchmarks/README.md)",
+    )
     batch_size: int = opt(8, "Sequences per teacher forward pass")
     shard_size: int = opt(256, "Examples per safetensors shard")
 
@@ -109,7 +122,8 @@ class TrainConfig:
     lora_dropout: float = opt(0.0, "LoRA dropout")
     target_modules: list[str] = opt(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "Modules that get LoRA adapters (paper: all attention and MLP projections)")
+        "Modules that get LoRA adapters (paper: all attention and MLP projections)",
+    )
     learning_rate: float = opt(2e-4, "Peak learning rate (paper: 2e-4)")
     lr_scheduler: str = opt("linear", "Learning-rate schedule (any transformers scheduler name)")
     warmup_ratio: float = opt(0.0, "Share of steps spent warming up the learning rate, in [0, 1)")
@@ -125,15 +139,23 @@ class TrainConfig:
     logging_steps: int = opt(1, "Log every this many optimizer steps")
     save_steps: int = opt(50, "Checkpoint every this many optimizer steps (resume restarts from the last)")
     save_total_limit: int | None = opt(2, "Keep only the newest this many checkpoints in RUN/train (null: all)")
-    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass: far less memory for "
-                                       "long solutions, about a third more compute (the paper's scripts use it)")
+    gradient_checkpointing: bool = opt(
+        True,
+        "Recompute activations in the backward pass: far less memory for "
+        "long solutions, about a third more compute (the paper's scripts use it)",
+    )
     merge: bool = opt(False, "Also write a merged model (base + LoRA) to the run directory")
-    report_to: list[str] = opt([], "Trainer integrations that also receive the training logs (SSB, SFT and GRPO), "
-                               "e.g. [tensorboard] (pip install 'ssb[tensorboard]'; logs in RUN/train/tb, RUN/grpo/tb), "
-                               "[wandb] or [trackio]; empty: only RUN/metrics.jsonl")
+    report_to: list[str] = opt(
+        [],
+        "Trainer integrations that also receive the training logs (SSB, SFT and GRPO), "
+        "e.g. [tensorboard] (pip install 'ssb[tensorboard]'; logs in RUN/train/tb and RUN/grpo/tb), "
+        "[wandb] or [trackio]; empty: only RUN/metrics.jsonl",
+    )
     mixed_precision: Literal["auto", "none", "bf16", "fp16"] = opt(
-        "auto", "Autocast for training (SSB, SFT and GRPO; weights and optimizer stay in `dtype`). auto: bf16 on "
-        "CUDA with bf16 and on CPUs with AMX bf16 units, fp16 on older CUDA GPUs, else none. fp16 needs CUDA")
+        "auto",
+        "Autocast for training (SSB, SFT and GRPO; weights and optimizer stay in `dtype`). auto: bf16 on "
+        "CUDA with bf16 and on CPUs with AMX bf16 units, fp16 on older CUDA GPUs, else none. fp16 needs CUDA",
+    )
 
 
 @dataclass
@@ -143,20 +165,30 @@ class GRPOConfig:
     `train`), so only the method differs. One seed for the run: the top-level `seed`."""
 
     generation: Literal["ssb", "trl"] = opt(
-        "ssb", "Who samples the completions: 'ssb' (our batched engine, through TRL's rollout_func; same sampling "
-        "settings) or 'trl' (TRL's own model.generate, or vLLM if you configure TRL for it)")
-    num_generations: int = opt(4, "Completions sampled per question: the group whose rewards are normalised "
-                               "(like rollout.k = 4); at least 2")
+        "ssb",
+        "Who samples the completions: 'ssb' (our batched engine, through TRL's rollout_func; same sampling "
+        "settings) or 'trl' (TRL's own model.generate, or vLLM if you configure TRL for it)",
+    )
+    num_generations: int = opt(
+        4, "Completions sampled per question: the group whose rewards are normalised (like rollout.k = 4); at least 2"
+    )
     temperature: float = opt(0.8, "Sampling temperature (the rollouts' 0.8)")
     top_k: int = opt(50, "Top-k sampling, 0 = off (the rollouts' 50)")
     top_p: float = opt(1.0, "Nucleus sampling threshold, 1.0 = off")
     max_completion_length: int = opt(512, "Longest completion in tokens (the rollouts' max_new_tokens)")
-    learning_rate: float = opt(1e-5, "Peak learning rate. TRL's GRPO default 1e-6 is for full fine-tuning; "
-                               "LoRA needs about 10x that (TRL's 'LoRA without regret' guide)")
-    beta: float = opt(0.0, "KL coefficient against the base model (adapter off); 0 = no KL term and no reference "
-                      "pass (TRL's default; the original GRPO paper used 0.04)")
+    learning_rate: float = opt(
+        1e-5,
+        "Peak learning rate. TRL's GRPO default 1e-6 is for full fine-tuning; "
+        "LoRA needs about 10x that (TRL's 'LoRA without regret' guide)",
+    )
+    beta: float = opt(
+        0.0,
+        "KL coefficient against the base model (adapter off); 0 = no KL term and no reference "
+        "pass (TRL's default; the original GRPO paper used 0.04)",
+    )
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = opt(
-        "dapo", "Token-loss normalisation (TRL's default 'dapo': over all completion tokens in the batch)")
+        "dapo", "Token-loss normalisation (TRL's default 'dapo': over all completion tokens in the batch)"
+    )
     epochs: float = opt(1.0, "Passes over the training questions")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides epochs; null: use epochs)")
     batch_size: int = opt(4, "Questions per device per optimizer step; each brings num_generations completions")
@@ -166,16 +198,17 @@ class GRPOConfig:
     save_total_limit: int | None = opt(2, "Keep only the newest this many checkpoints (null: all)")
 
     def __post_init__(self) -> None:
-        for key, ok, what in (("num_generations", self.num_generations >= 2, "must be >= 2 (GRPO compares "
-                                                                              "completions within a group)"),
-                              ("max_completion_length", self.max_completion_length >= 1, "must be >= 1"),
-                              ("learning_rate", self.learning_rate > 0, "must be > 0"),
-                              ("beta", self.beta >= 0, "must be >= 0"),
-                              ("epochs", self.epochs > 0, "must be > 0"),
-                              ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1 or null"),
-                              ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
-                              ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
-                              ("save_steps", self.save_steps >= 1, "must be >= 1")):
+        for key, ok, what in (
+            ("num_generations", self.num_generations >= 2, "must be >= 2 (GRPO compares completions within a group)"),
+            ("max_completion_length", self.max_completion_length >= 1, "must be >= 1"),
+            ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("beta", self.beta >= 0, "must be >= 0"),
+            ("epochs", self.epochs > 0, "must be > 0"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1 or null"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
+            ("save_steps", self.save_steps >= 1, "must be >= 1"),
+        ):
             if not ok:
                 raise ConfigError(f"config key 'grpo.{key}': {what}, got {getattr(self, key)!r}")
 
@@ -197,11 +230,14 @@ class Config:
     model: str = opt(EMBEDDED_MODEL, "Base model: the embedded alias, a Hub id, or a local directory")
     device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:1, mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "Weights for training and teacher logits. auto: bf16 on CUDA, fp32 on CPU")
+        "auto", "Weights for training and teacher logits. auto: bf16 on CUDA, fp32 on CPU"
+    )
     generation_dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = opt(
-        "auto", "Weights for the generating stages (rollout, teach, eval): a copy of the model in this dtype. "
+        "auto",
+        "Weights for the generating stages (rollout, teach, eval): a copy of the model in this dtype. "
         "auto: bf16 on CUDA and on CPUs with AMX bf16 units (several times fp32's matmul rate there), else "
-        "`dtype`; model: always `dtype`. The dtype is recorded in each record's `backend` field")
+        "`dtype`; model: always `dtype`. The dtype is recorded in each record's `backend` field",
+    )
     trust_remote_code: bool = opt(False, "Allow model code from the Hub (only if you trust it)")
     seed: int = opt(0, "Seed for sampling, curation choices and training order")
     data: DataConfig = opt(DataConfig, "Training data")
@@ -212,10 +248,16 @@ class Config:
     train: TrainConfig = opt(TrainConfig, "Stage 5: distillation")
     eval: EvalConfig = opt(EvalConfig, "Stage 6: evaluation")
     grpo: GRPOConfig = opt(GRPOConfig, "GRPO baseline (`ssb grpo`)")
-    baselines: list[str] = opt(["sft", "grpo"], "Baselines `ssb run` trains and evaluates beside SSB: 'sft' "
-                               "(same pairs, cross-entropy only) and 'grpo' (TRL GRPO, same questions and reward)")
-    rounds: int = opt(1, "Iterated SSB: rounds > 1 rerun the pipeline with the previous round's merged student as "
-                      "the model, on fresh questions (data.train.offset advances by data.train.limit)")
+    baselines: list[str] = opt(
+        ["sft", "grpo"],
+        "Baselines `ssb run` trains and evaluates beside SSB: 'sft' "
+        "(same pairs, cross-entropy only) and 'grpo' (TRL GRPO, same questions and reward)",
+    )
+    rounds: int = opt(
+        1,
+        "Iterated SSB: rounds > 1 rerun the pipeline with the previous round's merged student as "
+        "the model, on fresh questions (data.train.offset advances by data.train.limit)",
+    )
 
     def __post_init__(self) -> None:
         validate(self)

@@ -18,10 +18,51 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-NAMES = ["Ava", "Ben", "Carla", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kira", "Liam",
-         "Maya", "Noah", "Olga", "Pablo", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Wen", "Yara", "Zoe"]
-ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "stamps", "shells", "cards", "coins",
-         "balloons", "crayons", "eggs", "flowers", "toy cars", "beads"]
+NAMES = [
+    "Ava",
+    "Ben",
+    "Carla",
+    "Dev",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ines",
+    "Jamal",
+    "Kira",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Pablo",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wen",
+    "Yara",
+    "Zoe",
+]
+ITEMS = [
+    "apples",
+    "marbles",
+    "stickers",
+    "books",
+    "pencils",
+    "cookies",
+    "stamps",
+    "shells",
+    "cards",
+    "coins",
+    "balloons",
+    "crayons",
+    "eggs",
+    "flowers",
+    "toy cars",
+    "beads",
+]
 CONTAINERS = ["boxes", "bags", "baskets", "jars", "packs", "crates"]
 TEST_SHARE = 2  # one calculation in two belongs to the test split
 
@@ -40,6 +81,7 @@ def _split_of(key: str) -> str:
 
 
 # Each step maps (rng, current value or None) -> (sentence, key part, new value). Values stay positive integers.
+
 
 def _start(rng: random.Random, name: str, item: str) -> tuple[str, str, int]:
     a = rng.randint(12, 95)
@@ -88,19 +130,28 @@ def _level1(rng: random.Random) -> tuple[str, str, int, str]:
     variant = f"{'ab'[first]}:{item}"
     if op == "+":
         a, b = rng.randint(2, hi), rng.randint(2, hi)
-        q = (f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have in total?" if first
-             else f"{name} has {a} {item} and {other} has {b} {item}. How many {item} do they have altogether?")
+        q = (
+            f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have in total?"
+            if first
+            else f"{name} has {a} {item} and {other} has {b} {item}. How many {item} do they have altogether?"
+        )
         return q, f"1+{min(a, b)},{max(a, b)}", a + b, variant
     if op == "-":
         b, left = rng.randint(2, hi), rng.randint(2, hi)
         a = b + left
-        q = (f"{name} has {a} {item}. {name} gives {b} {item} away. How many {item} are left?" if first
-             else f"{name} had {a} {item} and lost {b} of them. How many {item} does {name} have left?")
+        q = (
+            f"{name} has {a} {item}. {name} gives {b} {item} away. How many {item} are left?"
+            if first
+            else f"{name} had {a} {item} and lost {b} of them. How many {item} does {name} have left?"
+        )
         return q, f"1-{a},{b}", left, variant
     if op == "*":
         a, b = rng.randint(2, min(hi, 9)), rng.randint(2, hi)
-        q = (f"{name} buys {a} {box} of {item}. Each of the {box} holds {b} {item}. How many {item} does {name} buy?"
-             if first else f"There are {a} {box} with {b} {item} in each. How many {item} are there in total?")
+        q = (
+            f"{name} buys {a} {box} of {item}. Each of the {box} holds {b} {item}. How many {item} does {name} buy?"
+            if first
+            else f"There are {a} {box} with {b} {item} in each. How many {item} are there in total?"
+        )
         return q, f"1*{min(a, b)},{max(a, b)}", a * b, variant
     # Division in one wording: the other one tried ("shares them equally among b friends") was solved less than half
     # as often in an exploratory run.
@@ -125,8 +176,11 @@ def _chain(rng: random.Random, steps: int) -> tuple[str, str, int, str] | None:
         keys.append(k)
     if v > 2000:
         return None
-    ask = f"How many {item} does each friend get?" if keys[-1].startswith("div") else \
-        f"How many {item} does {name} have now?"
+    ask = (
+        f"How many {item} does each friend get?"
+        if keys[-1].startswith("div")
+        else f"How many {item} does {name} have now?"
+    )
     return " ".join(parts + [ask]), f"{steps}:" + ",".join(keys), v, ""
 
 
@@ -143,8 +197,10 @@ def generate(split: str, level: int = 1, n: int = 100, seed: int = 0, offset: in
     while len(out) < offset + n:
         tries += 1
         if tries > 200 * (offset + n) + 10_000:
-            raise ValueError(f"arith level {level} holds only {len(out)} distinct {split} problems, {offset + n} were "
-                             f"asked for (offset + limit): lower the dataset's limit")
+            raise ValueError(
+                f"arith level {level} holds only {len(out)} distinct {split} problems, {offset + n} were "
+                f"asked for (offset + limit): lower the dataset's limit"
+            )
         made = _level1(rng) if level == 1 else _chain(rng, level)
         if made is None:
             continue

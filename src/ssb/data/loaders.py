@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ssb.config import DatasetSpec
 
@@ -88,11 +89,11 @@ def _to_example(record: Any, where: str, spec: DatasetSpec, fmt: str, source: st
     qf = _pick(record, spec.question_field, QUESTION_FIELDS)
     af = _pick(record, spec.answer_field, ANSWER_FIELDS)
     if qf is None or qf not in record:
-        raise DataError(f"{where}: missing field '{qf or 'question'}' (fields: {', '.join(record)}); "
-                        f"set question_field")
+        raise DataError(
+            f"{where}: missing field '{qf or 'question'}' (fields: {', '.join(record)}); set question_field"
+        )
     if af is None or af not in record:
-        raise DataError(f"{where}: missing field '{af or 'answer'}' (fields: {', '.join(record)}); "
-                        f"set answer_field")
+        raise DataError(f"{where}: missing field '{af or 'answer'}' (fields: {', '.join(record)}); set answer_field")
     question, raw = record[qf], record[af]
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: field '{qf}' is empty or not text")
@@ -109,8 +110,9 @@ def _to_example(record: Any, where: str, spec: DatasetSpec, fmt: str, source: st
     return Example(id=rid, question=question.strip(), answer=answer, source=source)
 
 
-def _convert(rows: Iterable[tuple[int, Any]], where: str, spec: DatasetSpec, fmt: str,
-             source: str) -> tuple[list[Example], int]:
+def _convert(
+    rows: Iterable[tuple[int, Any]], where: str, spec: DatasetSpec, fmt: str, source: str
+) -> tuple[list[Example], int]:
     out, bad, first_error = [], 0, None
     for n, record in rows:
         try:
@@ -158,7 +160,7 @@ def load_examples(spec: DatasetSpec, data_file: str | Path | None = None) -> lis
         examples = _load_file(path, spec, fmt, path.stem)
     else:
         examples = _load_hub(src, spec.subset, spec.split, spec, fmt, src.split("/")[-1])
-    examples = examples[spec.offset:]
+    examples = examples[spec.offset :]
     return examples[: spec.limit] if spec.limit is not None else examples
 
 
@@ -172,8 +174,7 @@ def _load_file(path: Path, spec: DatasetSpec, fmt: str, source: str) -> list[Exa
     return examples
 
 
-def _load_hub(name: str, subset: str | None, split: str, spec: DatasetSpec, fmt: str,
-              source: str) -> list[Example]:
+def _load_hub(name: str, subset: str | None, split: str, spec: DatasetSpec, fmt: str, source: str) -> list[Example]:
     try:
         import datasets
     except ImportError:  # pragma: no cover - a core dependency
@@ -181,8 +182,10 @@ def _load_hub(name: str, subset: str | None, split: str, spec: DatasetSpec, fmt:
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except Exception as e:  # noqa: BLE001 - the Hub raises many kinds; all mean "could not load"
-        raise DataError(f"could not load Hub dataset {name!r} (config {subset!r}, split {split!r}): {e}. "
-                        f"Without the Hub, pass a local copy (e.g. --data FILE.jsonl)") from None
+        raise DataError(
+            f"could not load Hub dataset {name!r} (config {subset!r}, split {split!r}): {e}. "
+            f"Without the Hub, pass a local copy (e.g. --data FILE.jsonl)"
+        ) from None
     examples, _ = _convert(enumerate(ds, 1), f"{name}[{split}] row", spec, fmt, source)
     _check_unique_ids(examples, name)
     return examples
@@ -192,8 +195,10 @@ def _check_unique_ids(examples: list[Example], where: str) -> None:
     seen: dict[str, int] = {}
     for i, ex in enumerate(examples):
         if ex.id in seen:
-            raise DataError(f"{where}: duplicate id {ex.id!r} (records {seen[ex.id] + 1} and {i + 1}); "
-                            f"set id_field to a unique field")
+            raise DataError(
+                f"{where}: duplicate id {ex.id!r} (records {seen[ex.id] + 1} and {i + 1}); "
+                f"set id_field to a unique field"
+            )
         seen[ex.id] = i
 
 

@@ -41,7 +41,7 @@ class SparseTeacher(NamedTuple):
     logprobs: Tensor  # [N, k] float: their log-probabilities at temperature T
     log_tail: Tensor  # [N] float: log of the teacher's probability mass outside its top-k (-inf when k = V)
 
-    def rows(self, start: int, end: int) -> "SparseTeacher":
+    def rows(self, start: int, end: int) -> SparseTeacher:
         return SparseTeacher(self.ids[start:end], self.logprobs[start:end], self.log_tail[start:end])
 
 
@@ -52,7 +52,7 @@ class DenseTeacher(NamedTuple):
 
     states: Tensor  # [N, H] or [N, V]
 
-    def rows(self, start: int, end: int) -> "DenseTeacher":
+    def rows(self, start: int, end: int) -> DenseTeacher:
         return DenseTeacher(self.states[start:end])
 
 
@@ -72,11 +72,13 @@ class OutputHead:
     softcap: float | None  # Gemma-style final logit soft-capping: z = c * tanh(z / c)
 
     @classmethod
-    def of(cls, model) -> "OutputHead":
+    def of(cls, model) -> OutputHead:
         head = model.get_output_embeddings()
         if not isinstance(head, nn.Linear):
-            raise ValueError(f"the model's output head is a {type(head).__name__}, not a plain Linear layer; ssb "
-                             f"applies the head itself to chunks of hidden states (LoRA on lm_head is not supported)")
+            raise ValueError(
+                f"the model's output head is a {type(head).__name__}, not a plain Linear layer; ssb "
+                f"applies the head itself to chunks of hidden states (LoRA on lm_head is not supported)"
+            )
         softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         return cls(head.weight, head.bias, float(softcap) if softcap else None)
 
@@ -102,8 +104,13 @@ def final_hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     `logits_to_keep` mask. (`logits_to_keep=1` would keep a [B, H, V] expanded copy of the head weight alive for
     the backward pass: 432 MiB for SmolLM2 at batch 4.)"""
     keep = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
-                logits_to_keep=keep)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        use_cache=False,
+        logits_to_keep=keep,
+    )
     return out.hidden_states[-1]
 
 
@@ -116,12 +123,21 @@ def check_head(model, head: OutputHead, input_ids: Tensor) -> None:
     ours = head.logits(final_hidden(model, ids, mask)[0])  # [s, V]
     err = (full[0] - ours).abs().max().item()
     if err > 1e-3 * max(1.0, full.abs().max().item()):
-        raise ValueError(f"{type(model).__name__}: its logits differ from the output head applied to the final "
-                         f"hidden states (max error {err:.3g}); this architecture is not supported")
+        raise ValueError(
+            f"{type(model).__name__}: its logits differ from the output head applied to the final "
+            f"hidden states (max error {err:.3g}); this architecture is not supported"
+        )
 
 
-def _chunk(z: Tensor, tgt: Tensor, teacher: SparseTeacher | DenseTeacher | None, head: OutputHead | None, T: float,
-           kd_scale: float | None, ce_scale: float | None) -> tuple[Tensor | None, Tensor, Tensor | None]:
+def _chunk(
+    z: Tensor,
+    tgt: Tensor,
+    teacher: SparseTeacher | DenseTeacher | None,
+    head: OutputHead | None,
+    T: float,
+    kd_scale: float | None,
+    ce_scale: float | None,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
     """One chunk of student logits z [C, V] (any float dtype, left unchanged) and targets [C] -> per-row T^2 * KL
     [C] (None without a teacher), per-row cross-entropy [C], and the gradient with respect to z: kd_scale times
     that of the KL term plus ce_scale times that of the CE term (a part whose scale is None is left out).
@@ -205,7 +221,7 @@ class _ChunkedDistill(torch.autograd.Function):
             b = None if bias is None else bias.to(w.dtype)
         plain = torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext()
         for s in range(0, n, chunk):
-            x = inputs[s:s + chunk]  # [C, H]
+            x = inputs[s : s + chunk]  # [C, H]
             if head is None:
                 z = x
             else:
@@ -214,8 +230,15 @@ class _ChunkedDistill(torch.autograd.Function):
                 if head.softcap:
                     th = torch.tanh(z.to(cd) / head.softcap)
                     z = th * head.softcap
-            kd, ce, grad = _chunk(z, targets[s:s + chunk], None if teacher is None else teacher.rows(s, s + chunk),
-                                  head, T, kd_scale, ce_scale)
+            kd, ce, grad = _chunk(
+                z,
+                targets[s : s + chunk],
+                None if teacher is None else teacher.rows(s, s + chunk),
+                head,
+                T,
+                kd_scale,
+                ce_scale,
+            )
             del z
             ce_sum += ce.sum()
             if kd is not None:
@@ -226,11 +249,11 @@ class _ChunkedDistill(torch.autograd.Function):
                 grad.mul_(1.0 - th * th)
             if head is None:
                 if need_in:
-                    grad_in[s:s + chunk] = grad.to(inputs.dtype)
+                    grad_in[s : s + chunk] = grad.to(inputs.dtype)
                 continue
             if need_in:
                 with plain:
-                    grad_in[s:s + chunk] = grad.to(w.dtype) @ w
+                    grad_in[s : s + chunk] = grad.to(w.dtype) @ w
             if need_w:
                 grad_w += grad.t() @ x.to(cd)
             if need_b:
@@ -264,8 +287,9 @@ class DistillLoss(nn.Module):
         normalizer: solution tokens in the whole effective batch (defaults to N)
     """
 
-    def __init__(self, temperature: float = 2.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
-                 chunk_size: int | None = None):
+    def __init__(
+        self, temperature: float = 2.0, kd_weight: float = 1.0, ce_weight: float = 0.0, chunk_size: int | None = None
+    ):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -274,8 +298,14 @@ class DistillLoss(nn.Module):
         self.temperature, self.kd_weight, self.ce_weight = float(temperature), float(kd_weight), float(ce_weight)
         self.chunk_size = chunk_size
 
-    def forward(self, inputs: Tensor, targets: Tensor, teacher: SparseTeacher | DenseTeacher | None,
-                normalizer: int | float | Tensor | None = None, head: OutputHead | None = None) -> LossOutput:
+    def forward(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        teacher: SparseTeacher | DenseTeacher | None,
+        normalizer: int | float | Tensor | None = None,
+        head: OutputHead | None = None,
+    ) -> LossOutput:
         if teacher is None and self.kd_weight != 0:
             raise ValueError("kd_weight > 0 needs a teacher (stored top-k logits or the online teacher)")
         n = inputs.shape[0]
@@ -287,7 +317,17 @@ class DistillLoss(nn.Module):
         chunk = self.chunk_size or max(1, CHUNK_ELEMENTS // vocab)
         weight = head.weight if head is not None else None
         bias = head.bias if head is not None else None
-        loss, kd_sum, ce_sum = _ChunkedDistill.apply(inputs, weight, bias, head, targets, teacher,
-                                                     self.temperature, self.kd_weight, self.ce_weight,
-                                                     normalizer, chunk)
+        loss, kd_sum, ce_sum = _ChunkedDistill.apply(
+            inputs,
+            weight,
+            bias,
+            head,
+            targets,
+            teacher,
+            self.temperature,
+            self.kd_weight,
+            self.ce_weight,
+            normalizer,
+            chunk,
+        )
         return LossOutput(loss, None if teacher is None else kd_sum, ce_sum, n)

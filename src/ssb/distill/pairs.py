@@ -76,12 +76,17 @@ def read_pairs(path: str | Path, vocab_size: int | None = None) -> list[dict]:
         for field in ("teacher_messages", "student_messages"):
             _check_messages(path, i, field, r.get(field))
         ids = r.get("solution_ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                           and t >= 0 for t in ids):
+        if (
+            not isinstance(ids, list)
+            or not ids
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        ):
             raise ValueError(f"{path}:{i}: field 'solution_ids': expected a non-empty list of token ids")
         if vocab_size is not None and max(ids) >= vocab_size:
-            raise ValueError(f"{path}:{i}: field 'solution_ids': id {max(ids)} is outside the model's vocabulary "
-                             f"({vocab_size}); the pairs come from another model")
+            raise ValueError(
+                f"{path}:{i}: field 'solution_ids': id {max(ids)} is outside the model's vocabulary "
+                f"({vocab_size}); the pairs come from another model"
+            )
         r["_line"] = i
         records.append(r)
     return records
@@ -105,9 +110,9 @@ def pad_batch(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dic
     shift = torch.full((len(seqs), width), -100, dtype=torch.long)
     for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
         row = torch.tensor(s, dtype=torch.long)
-        ids[b, :len(s)] = row
-        mask[b, :len(s)] = 1
-        shift[b, p - 1:len(s) - 1] = row[p:]
+        ids[b, : len(s)] = row
+        mask[b, : len(s)] = 1
+        shift[b, p - 1 : len(s) - 1] = row[p:]
     return {"input_ids": ids, "attention_mask": mask, "shift_labels": shift}
 
 
@@ -124,8 +129,9 @@ class DistillCollator:
         self.pad_id, self.store, self.online = pad_id, store, online
 
     def __call__(self, pairs: list[Pair]) -> dict[str, torch.Tensor]:
-        batch = pad_batch([p.student_prompt + p.solution_ids for p in pairs], [len(p.student_prompt) for p in pairs],
-                          self.pad_id)
+        batch = pad_batch(
+            [p.student_prompt + p.solution_ids for p in pairs], [len(p.student_prompt) for p in pairs], self.pad_id
+        )
         labels = torch.full_like(batch["shift_labels"], -100)
         labels[:, 1:] = batch["shift_labels"][:, :-1]
         batch["labels"] = labels
@@ -133,18 +139,22 @@ class DistillCollator:
             rows = [self.store[p.id] for p in pairs]
             for p, r in zip(pairs, rows):
                 if r[0].shape[0] != p.solution_len:
-                    raise ValueError(f"teacher logits for {p.id!r} cover {r[0].shape[0]} tokens, the solution has "
-                                     f"{p.solution_len}; rerun `ssb logits --force`")
+                    raise ValueError(
+                        f"teacher logits for {p.id!r} cover {r[0].shape[0]} tokens, the solution has "
+                        f"{p.solution_len}; rerun `ssb logits --force`"
+                    )
             if isinstance(rows[0], SparseTeacher):
                 t = SparseTeacher(*(torch.cat(parts) for parts in zip(*rows)))
                 batch.update(t_ids=t.ids, t_logprobs=t.logprobs, t_log_tail=t.log_tail)
             else:
                 batch["t_hidden"] = torch.cat([r.states for r in rows])
         if self.online:
-            tb = pad_batch([p.teacher_prompt + p.solution_ids for p in pairs], [len(p.teacher_prompt) for p in pairs],
-                           self.pad_id)
-            batch.update(t_input_ids=tb["input_ids"], t_attention_mask=tb["attention_mask"],
-                         t_shift_labels=tb["shift_labels"])
+            tb = pad_batch(
+                [p.teacher_prompt + p.solution_ids for p in pairs], [len(p.teacher_prompt) for p in pairs], self.pad_id
+            )
+            batch.update(
+                t_input_ids=tb["input_ids"], t_attention_mask=tb["attention_mask"], t_shift_labels=tb["shift_labels"]
+            )
         return batch
 
 

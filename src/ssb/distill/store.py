@@ -96,22 +96,42 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _meta(kind: str, temperature: float, top_k: int, vocab_size: int, hidden_size: int, fingerprint: str,
-          model: str) -> dict:
+def _meta(
+    kind: str, temperature: float, top_k: int, vocab_size: int, hidden_size: int, fingerprint: str, model: str
+) -> dict:
     if kind not in KINDS:
         raise ValueError(f"teacher store kind must be one of {KINDS}, got {kind!r}")
-    return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "kind": kind, "temperature": float(temperature),
-            "top_k": int(top_k) if kind == "topk" else 0, "vocab_size": int(vocab_size),
-            "hidden_size": int(hidden_size), "fingerprint": fingerprint, "model": model}
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "temperature": float(temperature),
+        "top_k": int(top_k) if kind == "topk" else 0,
+        "vocab_size": int(vocab_size),
+        "hidden_size": int(hidden_size),
+        "fingerprint": fingerprint,
+        "model": model,
+    }
 
 
 class TeacherStoreWriter:
     """Buffers examples and writes a shard every `shard_size` examples. With `resume`, an existing index with the
     same metadata is continued (`done` lists the stored example ids); otherwise the directory must be empty."""
 
-    def __init__(self, root: str | Path, *, temperature: float, top_k: int, vocab_size: int, fingerprint: str,
-                 model: str = "", shard_size: int = 256, resume: bool = False, kind: str = "topk",
-                 hidden_size: int = 0):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        temperature: float,
+        top_k: int,
+        vocab_size: int,
+        fingerprint: str,
+        model: str = "",
+        shard_size: int = 256,
+        resume: bool = False,
+        kind: str = "topk",
+        hidden_size: int = 0,
+    ):
         self.root = Path(root)
         self.shard_size = shard_size
         meta = _meta(kind, temperature, top_k, vocab_size, hidden_size, fingerprint, model)
@@ -124,7 +144,8 @@ class TeacherStoreWriter:
                 if self.index[key] != meta[key]:
                     raise TeacherStoreError(
                         f"{index_path}: cannot resume: stored {key}={self.index[key]!r}, now {meta[key]!r}; "
-                        f"rerun the logits stage with --force")
+                        f"rerun the logits stage with --force"
+                    )
             self.index["complete"] = False
         else:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -147,10 +168,11 @@ class TeacherStoreWriter:
                 raise ValueError(f"{example_id}: hidden states overflow float16; use logits.store=topk")
             self._buf.append((example_id, {"hidden": h}))
         else:
-            if (rows.ids.ndim != 2 or rows.ids.shape != rows.logprobs.shape
-                    or rows.log_tail.shape != rows.ids.shape[:1]):
-                raise ValueError(f"{example_id}: expected ids/logprobs [L, k] and log_tail [L], got "
-                                 f"{tuple(rows.ids.shape)}, {tuple(rows.logprobs.shape)}, {tuple(rows.log_tail.shape)}")
+            if rows.ids.ndim != 2 or rows.ids.shape != rows.logprobs.shape or rows.log_tail.shape != rows.ids.shape[:1]:
+                raise ValueError(
+                    f"{example_id}: expected ids/logprobs [L, k] and log_tail [L], got "
+                    f"{tuple(rows.ids.shape)}, {tuple(rows.logprobs.shape)}, {tuple(rows.log_tail.shape)}"
+                )
             if rows.ids.shape[1] != self.top_k:
                 raise ValueError(f"{example_id}: {rows.ids.shape[1]} ids per token, the store keeps {self.top_k}")
             stored = {n: getattr(rows, n).detach().to("cpu") for n in DTYPES}
@@ -187,8 +209,13 @@ class TeacherStoreWriter:
         atomic_write_json(self.root / INDEX, self.index)
         tokens = sum(s["tokens"] for s in self.index["shards"])
         size = sum(s["bytes"] for s in self.index["shards"])
-        return {"examples": len(self.done), "tokens": tokens, "bytes": size, "shards": len(self.index["shards"]),
-                "bytes_per_token": round(size / max(1, tokens), 1)}
+        return {
+            "examples": len(self.done),
+            "tokens": tokens,
+            "bytes": size,
+            "shards": len(self.index["shards"]),
+            "bytes_per_token": round(size / max(1, tokens), 1),
+        }
 
 
 def _read_index(root: Path) -> dict:
@@ -202,8 +229,10 @@ def _read_index(root: Path) -> dict:
     if index.get("format") != FORMAT:
         raise TeacherStoreError(f"{path}: not an ssb teacher-logits index")
     if index.get("schema_version") != SCHEMA_VERSION:
-        raise TeacherStoreError(f"{path}: schema version {index.get('schema_version')}, this ssb reads version "
-                                f"{SCHEMA_VERSION}; rerun `ssb logits --force`")
+        raise TeacherStoreError(
+            f"{path}: schema version {index.get('schema_version')}, this ssb reads version "
+            f"{SCHEMA_VERSION}; rerun `ssb logits --force`"
+        )
     return index
 
 
@@ -231,15 +260,19 @@ class TeacherStore:
         if self.kind == "topk" and abs(self.temperature - temperature) > 1e-9:  # hidden states hold any T
             raise TeacherStoreError(
                 f"{where}: teacher logits were computed at temperature {self.temperature}, training uses "
-                f"train.temperature={temperature}; rerun `ssb logits --force` (or train at T={self.temperature})")
+                f"train.temperature={temperature}; rerun `ssb logits --force` (or train at T={self.temperature})"
+            )
         if self.vocab_size != vocab_size:
-            raise TeacherStoreError(f"{where}: teacher vocabulary has {self.vocab_size} entries, the student's "
-                                    f"output head {vocab_size}; the logits belong to another model")
+            raise TeacherStoreError(
+                f"{where}: teacher vocabulary has {self.vocab_size} entries, the student's "
+                f"output head {vocab_size}; the logits belong to another model"
+            )
         if fingerprint is not None and self.fingerprint != fingerprint:
             raise TeacherStoreError(
                 f"{where}: teacher logits come from another model or tokenizer (fingerprint {self.fingerprint}, "
                 f"model {self.index.get('model')!r}); the student's base has fingerprint {fingerprint}. "
-                f"Rerun `ssb logits --force` with this model")
+                f"Rerun `ssb logits --force` with this model"
+            )
 
     def __contains__(self, example_id: str) -> bool:
         return example_id in self._where
@@ -252,13 +285,14 @@ class TeacherStore:
 
     def __getitem__(self, example_id: str) -> SparseTeacher:
         if example_id not in self._where:
-            raise TeacherStoreError(f"{self.root}: no teacher logits for example {example_id!r}; "
-                                    f"rerun `ssb logits` (pairs changed since?)")
+            raise TeacherStoreError(
+                f"{self.root}: no teacher logits for example {example_id!r}; rerun `ssb logits` (pairs changed since?)"
+            )
         shard, start, n = self._where[example_id]
         f = self._shard(shard)
         if self.kind == "hidden":
-            return DenseTeacher(f.get_slice("hidden")[start:start + n].float())
-        rows = [f.get_slice(name)[start:start + n] for name in DTYPES]
+            return DenseTeacher(f.get_slice("hidden")[start : start + n].float())
+        rows = [f.get_slice(name)[start : start + n] for name in DTYPES]
         ids = rows[0].long() + (ID16_OFFSET if rows[0].dtype == torch.int16 else 0)
         return SparseTeacher(ids, rows[1].float(), rows[2].float())
 

@@ -24,8 +24,9 @@ from ssb.training import metrics_line
 
 
 class DistillTrainer(Trainer):
-    def __init__(self, *args, distill_loss: DistillLoss, teacher: str, metrics_path: str | Path | None = None,
-                 **kwargs):
+    def __init__(
+        self, *args, distill_loss: DistillLoss, teacher: str, metrics_path: str | Path | None = None, **kwargs
+    ):
         """teacher: 'stored' (sparse rows in the batch), 'online' (frozen base = adapter disabled) or 'none'."""
         super().__init__(*args, **kwargs)
         if teacher not in ("stored", "online", "none"):
@@ -72,14 +73,23 @@ class DistillTrainer(Trainer):
         with self.accelerator.autocast():  # the head's matmuls in the body's precision, as in the model's forward
             out = self.distill_loss(rows, shift[keep], teacher, normalizer, head=self.head)
         loss = out.loss
-        if (self.args.average_tokens_across_devices and self.accelerator.num_processes > 1
-                and num_items_in_batch is not None):
+        if (
+            self.args.average_tokens_across_devices
+            and self.accelerator.num_processes > 1
+            and num_items_in_batch is not None
+        ):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes; undo that
         if model.training:
             norm = torch.as_tensor(normalizer, dtype=torch.float32, device=loss.device)
             kd = out.kd_sum if out.kd_sum is not None else torch.zeros((), device=loss.device)
-            step = torch.stack([kd.float() / norm, out.ce_sum.float() / norm,
-                                keep.sum().float(), torch.tensor(float(keep.shape[0]), device=loss.device)])
+            step = torch.stack(
+                [
+                    kd.float() / norm,
+                    out.ce_sum.float() / norm,
+                    keep.sum().float(),
+                    torch.tensor(float(keep.shape[0]), device=loss.device),
+                ]
+            )
             self._acc = step if self._acc is None else self._acc + step
         return (loss, {"rows": rows}) if return_outputs else loss
 
@@ -100,7 +110,14 @@ class DistillTrainer(Trainer):
         super().log(logs, start_time)
 
     def _write_metrics(self, logs: dict) -> None:
-        rec = {"step": self.state.global_step, "epoch": round(self.state.epoch or 0.0, 4), "loss": logs["loss"],
-               "kd": logs.get("kd"), "ce": logs.get("ce"), "grad_norm": logs.get("grad_norm"),
-               "lr": logs.get("learning_rate"), "completion_len": logs.get("completion_len")}
+        rec = {
+            "step": self.state.global_step,
+            "epoch": round(self.state.epoch or 0.0, 4),
+            "loss": logs["loss"],
+            "kd": logs.get("kd"),
+            "ce": logs.get("ce"),
+            "grad_norm": logs.get("grad_norm"),
+            "lr": logs.get("learning_rate"),
+            "completion_len": logs.get("completion_len"),
+        }
         metrics_line(self.metrics_path, "train", rec, self.state.max_steps)

@@ -38,8 +38,10 @@ def unwrap_causal_lm(model):
         model = model.get_base_model()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"generation engine supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r} "
-                         f"({type(model).__name__})")
+        raise ValueError(
+            f"generation engine supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r} "
+            f"({type(model).__name__})"
+        )
     return model
 
 
@@ -76,11 +78,14 @@ class SlotModel:
         max_len = max_prompt + max_new
         window = getattr(cfg, "sliding_window", None)
         if window and getattr(cfg, "use_sliding_window", True) and max_len > window:
-            raise ValueError(f"sequences of up to {max_len} tokens exceed the model's sliding window ({window}), "
-                             "which this engine does not implement")
+            raise ValueError(
+                f"sequences of up to {max_len} tokens exceed the model's sliding window ({window}), "
+                "which this engine does not implement"
+            )
         if max_len > cfg.max_position_embeddings:
-            raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds max_position_embeddings "
-                             f"({cfg.max_position_embeddings})")
+            raise ValueError(
+                f"prompt + max_new_tokens = {max_len} exceeds max_position_embeddings ({cfg.max_position_embeddings})"
+            )
         body = self.lm.model
         self.embed, self.layers, self.norm, self.rotary = body.embed_tokens, body.layers, body.norm, body.rotary_emb
         self.head = self.lm.lm_head
@@ -134,17 +139,29 @@ class SlotModel:
             self.pv[i, dst, :, :t] = v
             # causal attention; padding only follows a prompt, so its real positions never see it
             o = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                is_causal=True, scale=a.scaling)  # [P, H, T, hd]
+                q.transpose(1, 2),
+                k.repeat_interleave(group, 1),
+                v.repeat_interleave(group, 1),
+                is_causal=True,
+                scale=a.scaling,
+            )  # [P, H, T, hd]
             return o.transpose(1, 2).reshape(p, t, -1)
 
         positions = torch.arange(t, device=self.device)[None].expand(p, t)
         h = self._forward(ids, positions, attend)
         return self.head(h[torch.arange(p, device=self.device), lengths - 1])
 
-    def decode(self, lo: int, tokens: torch.Tensor, step: torch.Tensor, prompt_len: torch.Tensor,
-               members: torch.Tensor, member_of: torch.Tensor, prompt_lens: torch.Tensor,
-               chunks: list[tuple[int, int, int]]) -> torch.Tensor:
+    def decode(
+        self,
+        lo: int,
+        tokens: torch.Tensor,
+        step: torch.Tensor,
+        prompt_len: torch.Tensor,
+        members: torch.Tensor,
+        member_of: torch.Tensor,
+        prompt_lens: torch.Tensor,
+        chunks: list[tuple[int, int, int]],
+    ) -> torch.Tensor:
         """One token for each of generation-cache rows [lo, lo + R).
 
         tokens, step, prompt_len, member_of: [R] -- the token fed, its index among the row's generated tokens
@@ -161,7 +178,8 @@ class SlotModel:
         ar_g, ar_p = torch.arange(lg, device=self.device), torch.arange(lp, device=self.device)
         mask_g = torch.zeros(r, 1, 1, lg, device=self.device).masked_fill_((ar_g > step[:, None])[:, None, None], neg)
         mask_p = torch.zeros(s, 1, 1, lp, device=self.device).masked_fill_(
-            (ar_p >= prompt_lens[:, None])[:, None, None], neg)
+            (ar_p >= prompt_lens[:, None])[:, None, None], neg
+        )
         rows = torch.arange(lo, lo + r, device=self.device)
         gather = members.clamp(max=r - 1).view(-1)  # padding entries read row R-1; their results are unused
 
@@ -170,9 +188,17 @@ class SlotModel:
             self.gv[i, rows, :, step] = v[:, 0]
             q = q.view(r, kvh, g, hd)  # the query heads sharing each kv head
             # own generated tokens, chunk by chunk: o [R, KV, G, hd], lse [R, KV, G, 1]
-            parts = [_attention(q[b:e], self.gk[i, lo + b:lo + e, :, :length], self.gv[i, lo + b:lo + e, :, :length],
-                                mask_g[b:e, ..., :length], a.scaling) for b, e, length in chunks]
-            og, lse_g = (parts[0] if len(parts) == 1 else [torch.cat(x) for x in zip(*parts)])
+            parts = [
+                _attention(
+                    q[b:e],
+                    self.gk[i, lo + b : lo + e, :, :length],
+                    self.gv[i, lo + b : lo + e, :, :length],
+                    mask_g[b:e, ..., :length],
+                    a.scaling,
+                )
+                for b, e, length in chunks
+            ]
+            og, lse_g = parts[0] if len(parts) == 1 else [torch.cat(x) for x in zip(*parts)]
             # shared prompt: all samples' queries of a prompt slot against its keys at once: [S, KV, n*G, .]
             qp = q[gather].view(s, n, kvh, g, hd).transpose(1, 2).reshape(s, kvh, n * g, hd)
             op, lse_p = _attention(qp, self.pk[i, :s, :, :lp], self.pv[i, :s, :, :lp], mask_p, a.scaling)

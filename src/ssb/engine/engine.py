@@ -54,7 +54,8 @@ def stop_token_ids(tokenizer, model) -> set[int]:
         marker = "Zq7xMARKER"
         try:
             text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+            )
         except Exception:  # templates that reject this conversation shape: rely on the eos ids
             text = ""
         if marker in text:
@@ -123,8 +124,9 @@ class Engine:
         if not self.stop_ids:
             raise ValueError("tokenizer and model define no eos token: generation could never stop early")
 
-    def generate(self, prompts, n: int, params: SamplingParams,
-                 callback: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts, n: int, params: SamplingParams, callback: Callable[[int, list[Completion]], None] | None = None
+    ) -> list[list[Completion]]:
         """n completions per prompt, in order; `callback(i, completions)` fires when prompt i's n are done."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -286,14 +288,18 @@ class _Run:
                 members[j, k] = b - lo
                 member_of[b - lo] = j * width + k
         prompt_lens = [self.slot_len[j] if m else 0 for j, m in enumerate(self.members[:used])]
-        seqs, outs = self.seq[lo:self.hi], self.out[lo:self.hi]
+        seqs, outs = self.seq[lo : self.hi], self.out[lo : self.hi]
         step = [len(o) - 1 if s else -1 for s, o in zip(seqs, outs)]
         logits = self.sm.decode(
-            lo, torch.tensor([o[-1] if s else 0 for s, o in zip(seqs, outs)], device=dev),
+            lo,
+            torch.tensor([o[-1] if s else 0 for s, o in zip(seqs, outs)], device=dev),
             torch.tensor([max(st, 0) for st in step], device=dev),
             torch.tensor([len(self.ids[s[0]]) if s else 0 for s in seqs], device=dev),
-            members.to(dev), torch.tensor(member_of, device=dev), torch.tensor(prompt_lens, device=dev),
-            _chunks(step))
+            members.to(dev),
+            torch.tensor(member_of, device=dev),
+            torch.tensor(prompt_lens, device=dev),
+            _chunks(step),
+        )
         live = [k for k, s in enumerate(seqs) if s is not None]
         self.emit([lo + k for k in live], logits[torch.tensor(live, device=dev)] if len(live) < r else logits)
 

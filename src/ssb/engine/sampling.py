@@ -29,12 +29,15 @@ def sequence_uniforms(seed: int, prompt_ids: list[int], sample_index: int, lengt
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"invalid sampling parameters: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
-                         f"top_p={top_p} (in (0, 1])")
+        raise ValueError(
+            f"invalid sampling parameters: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
+            f"top_p={top_p} (in (0, 1])"
+        )
 
 
-def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int = 0,
-                top_p: float = 1.0) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
     """Pick the next token for each row.
 
     logits: [B, V] (any float dtype; computed in float32); uniforms: [B] in [0, 1) (ignored when greedy).

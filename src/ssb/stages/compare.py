@@ -29,26 +29,37 @@ def _load_run(d: Path) -> tuple[dict, dict[str, float]]:
 def compare(dirs: list[Path], *, iters: int = 10000, seed: int = 0) -> str:
     """Markdown: one row per eval output directory, then a paired test for every two runs on the same problems."""
     runs = [_load_run(Path(d)) for d in dirs]
-    lines = ["| # | run | model | benchmark | n | pass@1 [95% CI] | maj@n | mean tokens | truncated |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| # | run | model | benchmark | n | pass@1 [95% CI] | maj@n | mean tokens | truncated |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for i, (d, (s, _)) in enumerate(zip(dirs, runs), 1):
         ci = s["pass@1_ci"]
-        lines.append(f"| {i} | {d} | {s['model']} | {s['benchmark']} | {s['n']} | {pct(s['pass@1'])}% "
-                     f"[{pct(ci['low'])}–{pct(ci['high'])}] | {pct(s['maj@n'])}% | {s['mean_tokens']:.0f} | "
-                     f"{pct(s['truncated_share'])}% |")
+        lines.append(
+            f"| {i} | {d} | {s['model']} | {s['benchmark']} | {s['n']} | {pct(s['pass@1'])}% "
+            f"[{pct(ci['low'])}–{pct(ci['high'])}] | {pct(s['maj@n'])}% | {s['mean_tokens']:.0f} | "
+            f"{pct(s['truncated_share'])}% |"
+        )
     if len(runs) < 2:
         return "\n".join(lines)
-    paired = ["", f"Paired differences of pass@1 (A − B) over the same problems: 95% CI from a paired bootstrap "
-              f"({iters} resamples of problems, seed {seed}); p is exact McNemar when both runs have n = 1, "
-              f"else the bootstrap p-value.", "",
-              "| A | B | problems | Δ pass@1 | 95% CI | p | test |", "|---|---|---|---|---|---|---|"]
+    paired = [
+        "",
+        f"Paired differences of pass@1 (A − B) over the same problems: 95% CI from a paired bootstrap "
+        f"({iters} resamples of problems, seed {seed}); p is exact McNemar when both runs have n = 1, "
+        f"else the bootstrap p-value.",
+        "",
+        "| A | B | problems | Δ pass@1 | 95% CI | p | test |",
+        "|---|---|---|---|---|---|---|",
+    ]
     unpaired: list[str] = []
     for i in range(len(runs)):
         for j in range(i + 1, len(runs)):
             (sa, a), (sb, b) = runs[i], runs[j]
             if set(a) != set(b):
-                unpaired.append(f"- {i + 1} vs {j + 1}: not paired (different problem sets: {len(a)} and {len(b)} "
-                                f"problems, {len(set(a) & set(b))} shared)")
+                unpaired.append(
+                    f"- {i + 1} vs {j + 1}: not paired (different problem sets: {len(a)} and {len(b)} "
+                    f"problems, {len(set(a) & set(b))} shared)"
+                )
                 continue
             ids = sorted(a)
             boot = paired_bootstrap([a[k] for k in ids], [b[k] for k in ids], iters=iters, seed=seed)
@@ -57,8 +68,10 @@ def compare(dirs: list[Path], *, iters: int = 10000, seed: int = 0) -> str:
                 test = "McNemar exact"
             else:
                 p, test = boot["p"], "bootstrap"
-            paired.append(f"| {i + 1} | {j + 1} | {len(ids)} | {100 * boot['diff']:+.1f} pts | "
-                         f"[{100 * boot['low']:+.1f}, {100 * boot['high']:+.1f}] | {p:.3g} | {test} |")
+            paired.append(
+                f"| {i + 1} | {j + 1} | {len(ids)} | {100 * boot['diff']:+.1f} pts | "
+                f"[{100 * boot['low']:+.1f}, {100 * boot['high']:+.1f}] | {p:.3g} | {test} |"
+            )
     if len(paired) > 5:  # at least one pair of runs on the same problems
         lines += paired
     return "\n".join(lines + ([""] + unpaired if unpaired else []))

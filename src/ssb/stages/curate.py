@@ -11,8 +11,8 @@ import random
 from collections import Counter
 
 from ssb.config import Config
-from ssb.prompts import load_template, student_messages, teacher_messages
 from ssb.files import read_jsonl, write_jsonl
+from ssb.prompts import load_template, student_messages, teacher_messages
 from ssb.rundir import RunDir, stage
 
 
@@ -60,8 +60,7 @@ def choose_pair(rollouts: list[dict], rng: random.Random, negative: bool = True)
 def curate(cfg: Config, run: RunDir, force: bool = False) -> dict:
     parts = (cfg.curate, cfg.rollout.system_prompt, cfg.seed)
     template = load_template(cfg.curate.template, negative=cfg.curate.negative)
-    with stage(run, "curate", parts + (template,), inputs=[run.rollouts], outputs=[run.curated],
-               force=force) as st:
+    with stage(run, "curate", parts + (template,), inputs=[run.rollouts], outputs=[run.curated], force=force) as st:
         if st is None:
             return run.stage_entry("curate")["counts"]
         records = read_jsonl(run.rollouts)
@@ -77,19 +76,34 @@ def curate(cfg: Config, run: RunDir, force: bool = False) -> dict:
             rng = random.Random(f"{cfg.seed}-{rec['id']}")
             good, bad, n_bad = choose_pair(rec["rollouts"], rng, negative=cfg.curate.negative)
             system = cfg.rollout.system_prompt
-            kept.append({
-                "id": rec["id"], "question": rec["question"], "gold": rec["gold"],
-                "correct": good["text"], "correct_answer": good["extracted"],
-                "wrong": bad["text"] if bad else None, "wrong_answer": bad["extracted"] if bad else None,
-                "wrong_answer_count": n_bad,
-                "n_correct": sum(r["verdict"] == "correct" for r in rec["rollouts"]),
-                "teacher_messages": teacher_messages(template, rec["question"], good["text"],
-                                                     bad["text"] if bad else None, system),
-                "student_messages": student_messages(rec["question"], system),
-            })
+            kept.append(
+                {
+                    "id": rec["id"],
+                    "question": rec["question"],
+                    "gold": rec["gold"],
+                    "correct": good["text"],
+                    "correct_answer": good["extracted"],
+                    "wrong": bad["text"] if bad else None,
+                    "wrong_answer": bad["extracted"] if bad else None,
+                    "wrong_answer_count": n_bad,
+                    "n_correct": sum(r["verdict"] == "correct" for r in rec["rollouts"]),
+                    "teacher_messages": teacher_messages(
+                        template, rec["question"], good["text"], bad["text"] if bad else None, system
+                    ),
+                    "student_messages": student_messages(rec["question"], system),
+                }
+            )
         write_jsonl(run.curated, kept)
-        st.counts.update(questions=len(records), mixed=funnel["mixed"], all_correct=funnel["all_correct"],
-                         all_wrong=funnel["all_wrong"], unparsed=funnel["unparsed"], kept=len(kept))
-        st.say(f"[curate] funnel: {len(records)} questions -> {funnel['all_correct']} all correct, "
-               f"{funnel['all_wrong']} all wrong, {funnel['unparsed']} unparsed, {funnel['mixed']} mixed (kept)")
+        st.counts.update(
+            questions=len(records),
+            mixed=funnel["mixed"],
+            all_correct=funnel["all_correct"],
+            all_wrong=funnel["all_wrong"],
+            unparsed=funnel["unparsed"],
+            kept=len(kept),
+        )
+        st.say(
+            f"[curate] funnel: {len(records)} questions -> {funnel['all_correct']} all correct, "
+            f"{funnel['all_wrong']} all wrong, {funnel['unparsed']} unparsed, {funnel['mixed']} mixed (kept)"
+        )
         return dict(st.counts)

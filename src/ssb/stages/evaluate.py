@@ -23,16 +23,15 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 from ssb.config import Config, DatasetSpec, validate
 from ssb.data import BENCHMARKS, Example, load_examples
+from ssb.files import JsonlWriter, atomic_write_json, file_digest, read_jsonl
 from ssb.metrics import majority_vote, mean_ci, pass_at_k, wilson_ci
 from ssb.models import generation_dtype_name
-from ssb.files import JsonlWriter, atomic_write_json, file_digest, read_jsonl
 from ssb.rundir import EVAL_CONFIG, SAMPLES, SUMMARY, RunDir
 
 BENCHMARK_CHOICES = ("gsm8k", "math500", "aime24", "amc23", "arith")
@@ -53,14 +52,19 @@ def dataset_spec(cfg: Config, benchmark: str | None, data_file: str | None = Non
         return dataclasses.replace(base, source=str(data_file)) if data_file else base
     if benchmark == "arith":
         if data_file:
-            raise EvalError("the arith benchmark is generated, not read from a file: drop --data, or leave out "
-                            "--benchmark to evaluate on the file")
+            raise EvalError(
+                "the arith benchmark is generated, not read from a file: drop --data, or leave out "
+                "--benchmark to evaluate on the file"
+            )
         return DatasetSpec(source="arith", split="test", level=base.level, limit=base.limit, offset=base.offset)
     if benchmark in BENCHMARKS:
-        return DatasetSpec(source=benchmark, split="test", limit=base.limit, offset=base.offset,
-                           skip_bad_records=base.skip_bad_records)
-    raise EvalError(f"unknown benchmark {benchmark!r} (choose from {', '.join(BENCHMARK_CHOICES)}, or leave it "
-                    f"out to use eval.data, e.g. a local JSONL file)")
+        return DatasetSpec(
+            source=benchmark, split="test", limit=base.limit, offset=base.offset, skip_bad_records=base.skip_bad_records
+        )
+    raise EvalError(
+        f"unknown benchmark {benchmark!r} (choose from {', '.join(BENCHMARK_CHOICES)}, or leave it "
+        f"out to use eval.data, e.g. a local JSONL file)"
+    )
 
 
 def _model_identity(spec: str) -> dict:
@@ -74,22 +78,36 @@ def _model_identity(spec: str) -> dict:
     info = adapter_info(path)
     if info is not None:
         return {"model": str(path.resolve()), "weights": "adapter:" + file_digest(info["adapter"])}
-    stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
-                   if p.suffix in (".safetensors", ".bin", ".json"))
+    stats = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in path.iterdir()
+        if p.suffix in (".safetensors", ".bin", ".json")
+    )
     return {"model": str(path.resolve()), "weights": hashlib.sha256(repr(stats).encode()).hexdigest()[:16]}
 
 
-def eval_settings(cfg: Config, model: str, benchmark: str, spec: DatasetSpec, data_file: str | None,
-                  examples: list[Example]) -> dict:
+def eval_settings(
+    cfg: Config, model: str, benchmark: str, spec: DatasetSpec, data_file: str | None, examples: list[Example]
+) -> dict:
     """Everything the samples depend on; must match to resume into existing outputs."""
     ec = cfg.eval
     data_hash = hashlib.sha256(json.dumps([(e.id, e.question, e.answer) for e in examples]).encode())
-    return {**_model_identity(model), "benchmark": benchmark, "data": dataclasses.asdict(spec),
-            "data_file": str(data_file) if data_file else None, "data_hash": data_hash.hexdigest()[:16],
-            "n": ec.n, "temperature": ec.temperature, "top_k": ec.top_k, "top_p": ec.top_p,
-            "max_new_tokens": ec.max_new_tokens, "policy": ec.policy,
-            "system_prompt": cfg.rollout.system_prompt, "seed": cfg.seed,
-            "generation_dtype": generation_dtype_name(cfg)}
+    return {
+        **_model_identity(model),
+        "benchmark": benchmark,
+        "data": dataclasses.asdict(spec),
+        "data_file": str(data_file) if data_file else None,
+        "data_hash": data_hash.hexdigest()[:16],
+        "n": ec.n,
+        "temperature": ec.temperature,
+        "top_k": ec.top_k,
+        "top_p": ec.top_p,
+        "max_new_tokens": ec.max_new_tokens,
+        "policy": ec.policy,
+        "system_prompt": cfg.rollout.system_prompt,
+        "seed": cfg.seed,
+        "generation_dtype": generation_dtype_name(cfg),
+    }
 
 
 def _prepare_outputs(out: Path, settings: dict, ids: set[str], force: bool) -> dict[str, dict]:
@@ -106,17 +124,23 @@ def _prepare_outputs(out: Path, settings: dict, ids: set[str], force: bool) -> d
         new = json.loads(json.dumps(settings))
         diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
         if diff:
-            raise EvalError(f"{out}: existing results were made with a different eval setup ({'; '.join(diff)}). "
-                            f"Pass --force to move them aside and start over, or choose another --output-dir")
+            raise EvalError(
+                f"{out}: existing results were made with a different eval setup ({'; '.join(diff)}). "
+                f"Pass --force to move them aside and start over, or choose another --output-dir"
+            )
     elif records or (out / SUMMARY).exists():
-        raise EvalError(f"{out}: has eval outputs but no {EVAL_CONFIG} to check them against; pass --force to move "
-                        f"them aside, or choose another --output-dir")
+        raise EvalError(
+            f"{out}: has eval outputs but no {EVAL_CONFIG} to check them against; pass --force to move "
+            f"them aside, or choose another --output-dir"
+        )
     atomic_write_json(out / EVAL_CONFIG, settings)
     done: dict[str, dict] = {}
     for line, r in enumerate(records, 1):
         if r.get("id") not in ids or r["id"] in done or len(r.get("samples", ())) != settings["n"]:
-            raise EvalError(f"{out / SAMPLES}:{line}: record {r.get('id')!r} is unknown, repeated or has the wrong "
-                            f"number of samples; pass --force to start over")
+            raise EvalError(
+                f"{out / SAMPLES}:{line}: record {r.get('id')!r} is unknown, repeated or has the wrong "
+                f"number of samples; pass --force to start over"
+            )
         done[r["id"]] = r
     return done
 
@@ -124,8 +148,15 @@ def _prepare_outputs(out: Path, settings: dict, ids: set[str], force: bool) -> d
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(cfg: Config, model: str, benchmark: str | None, output_dir: Path, *, data_file: str | None = None,
-             force: bool = False) -> dict:
+def evaluate(
+    cfg: Config,
+    model: str,
+    benchmark: str | None,
+    output_dir: Path,
+    *,
+    data_file: str | None = None,
+    force: bool = False,
+) -> dict:
     """Evaluate `model` (alias, Hub id, local dir, LoRA adapter or ssb run dir) on `benchmark` (gsm8k, math500,
     aime24, amc23, arith, or None for cfg.eval.data); `data_file` replaces where the records come from.
     Resumes a killed run; returns the summary (also written to output_dir/summary.json)."""
@@ -147,8 +178,9 @@ def evaluate(cfg: Config, model: str, benchmark: str | None, output_dir: Path, *
         if done:
             print(f"[eval] resuming: {len(done)} of {len(examples)} problems already done", flush=True)
         if ec.temperature == 0 and ec.n > 1:
-            print(f"[eval] note: temperature 0 is greedy, so the n={ec.n} samples per problem are identical",
-                  flush=True)
+            print(
+                f"[eval] note: temperature 0 is greedy, so the n={ec.n} samples per problem are identical", flush=True
+            )
         session = 1 + max((r.get("session", 0) for r in done.values()), default=-1)
         _generate(cfg, model, todo, out / SAMPLES, session)
     by_id = {r["id"]: r for r in read_jsonl(out / SAMPLES)}
@@ -171,22 +203,34 @@ def _generate(cfg: Config, model: str, todo: list[Example], samples_path: Path, 
     engine = Engine(lm, tok, batch_size=ec.batch_size, progress=True)
     # A fixed seed: the engine keys each sample's random stream on (seed, prompt, index), so a resumed run
     # draws exactly the samples an uninterrupted one would have.
-    params = SamplingParams(temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p,
-                            max_new_tokens=ec.max_new_tokens, seed=cfg.seed)
+    params = SamplingParams(
+        temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, seed=cfg.seed
+    )
     prompts = [student_messages(e.question, cfg.rollout.system_prompt) for e in todo]
     mode = "greedy" if ec.temperature == 0 else f"T={ec.temperature}, top-k {ec.top_k}, top-p {ec.top_p}"
-    print(f"[eval] {model}: {len(todo)} problems x {ec.n} samples ({mode}, max {ec.max_new_tokens} tokens)",
-          flush=True)
+    print(f"[eval] {model}: {len(todo)} problems x {ec.n} samples ({mode}, max {ec.max_new_tokens} tokens)", flush=True)
     t0 = time.time()
     with Verifier() as verifier, JsonlWriter(samples_path) as writer:
+
         def save(i: int, comps) -> None:
             ex = todo[i]
             verdicts = verifier.check_many([(c.text, ex.answer) for c in comps], policy=ec.policy)
-            samples = [{"text": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason,
-                        **v.to_dict()} for c, v in zip(comps, verdicts)]
-            writer.write({"id": ex.id, "question": ex.question, "gold": ex.answer,
-                          "correct": sum(s["correct"] for s in samples), "samples": samples,
-                          "session": session, "t": round(time.time() - t0, 3), "backend": engine.backend})
+            samples = [
+                {"text": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason, **v.to_dict()}
+                for c, v in zip(comps, verdicts)
+            ]
+            writer.write(
+                {
+                    "id": ex.id,
+                    "question": ex.question,
+                    "gold": ex.answer,
+                    "correct": sum(s["correct"] for s in samples),
+                    "samples": samples,
+                    "session": session,
+                    "t": round(time.time() - t0, 3),
+                    "backend": engine.backend,
+                }
+            )
 
         engine.generate(prompts, ec.n, params, callback=save)
 
@@ -228,18 +272,26 @@ def build_summary(records: list[dict], settings: dict, level: float = 0.95) -> d
     wall = sum(sessions.values())
     verdicts = Counter(s["verdict"] for s in samples)
     return {
-        "model": settings.get("model"), "benchmark": settings.get("benchmark"), "n": n,
-        "temperature": settings.get("temperature"), "policy": settings.get("policy"), "problems": m,
-        "pass@1": p1, "pass@1_ci": {"low": lo, "high": hi, "level": level, "method": method},
-        "pass@k": {str(k): sum(pass_at_k(len(r["samples"]), c, k) for r, c in zip(records, counts)) / m
-                   for k in range(1, n + 1)},
+        "model": settings.get("model"),
+        "benchmark": settings.get("benchmark"),
+        "n": n,
+        "temperature": settings.get("temperature"),
+        "policy": settings.get("policy"),
+        "problems": m,
+        "pass@1": p1,
+        "pass@1_ci": {"low": lo, "high": hi, "level": level, "method": method},
+        "pass@k": {
+            str(k): sum(pass_at_k(len(r["samples"]), c, k) for r, c in zip(records, counts)) / m
+            for k in range(1, n + 1)
+        },
         "maj@n": maj / m,
         "mean_tokens": tokens / len(samples),
         "truncated_share": sum(s["finish_reason"] == "length" for s in samples) / len(samples),
         "truncated_correct_share": sum(s["finish_reason"] == "length" and bool(s["correct"]) for s in samples)
         / len(samples),
         "verdicts": {v: verdicts.get(v, 0) for v in ("correct", "incorrect", "unparsed", "timeout")},
-        "wall_seconds": round(wall, 2), "sessions": len(sessions),
+        "wall_seconds": round(wall, 2),
+        "sessions": len(sessions),
         "tokens_per_second": round(tokens / wall, 1) if wall > 0 else None,
         "backend": next((r["backend"] for r in reversed(records) if r.get("backend")), None),
     }
@@ -253,17 +305,21 @@ def pct(x: float) -> str:
 def result_line(s: dict) -> str:
     """`pass@1 = 12.5% [95% CI 8.1–17.0] on 200 arith problems`"""
     ci = s["pass@1_ci"]
-    line = (f"pass@1 = {pct(s['pass@1'])}% [{round(100 * ci['level'])}% CI {pct(ci['low'])}–{pct(ci['high'])}] "
-            f"on {s['problems']} {s['benchmark']} problems")
+    line = (
+        f"pass@1 = {pct(s['pass@1'])}% [{round(100 * ci['level'])}% CI {pct(ci['low'])}–{pct(ci['high'])}] "
+        f"on {s['problems']} {s['benchmark']} problems"
+    )
     return line + (f" (n={s['n']}, T={s['temperature']}; maj@{s['n']} = {pct(s['maj@n'])}%)" if s["n"] > 1 else "")
 
 
 def detail_line(s: dict, out: Path) -> str:
     v, tps = s["verdicts"], s["tokens_per_second"]
     speed = f" ({tps:.0f} tokens/s, {s['backend']})" if tps else ""
-    return (f"[eval] mean {s['mean_tokens']:.0f} tokens, {pct(s['truncated_share'])}% truncated "
-            f"({pct(s['truncated_correct_share'])}% truncated yet correct), {v['unparsed']} unparsed, "
-            f"{v['timeout']} verifier timeouts; {s['wall_seconds']:.0f} s generating{speed} -> {out}")
+    return (
+        f"[eval] mean {s['mean_tokens']:.0f} tokens, {pct(s['truncated_share'])}% truncated "
+        f"({pct(s['truncated_correct_share'])}% truncated yet correct), {v['unparsed']} unparsed, "
+        f"{v['timeout']} verifier timeouts; {s['wall_seconds']:.0f} s generating{speed} -> {out}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -282,12 +338,21 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """Options of `ssb eval` (the caller adds --config, --set, --run-dir and --force). Unset options keep the
     config's values (eval.* keys); --limit 'all' lifts eval.data.limit (default 200)."""
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--model", help="model to evaluate: alias, Hub id, local dir, LoRA adapter or ssb run dir "
-                   "(default: the run dir's trained adapter with --run-dir, else the config's model)")
-    g.add_argument("--benchmark", choices=BENCHMARK_CHOICES,
-                   help="benchmark (test split); default: eval.data, e.g. a local JSONL with --data")
-    g.add_argument("--data", help="local copy of the benchmark's records (e.g. gsm8k_test.jsonl), or any JSONL "
-                   "file of questions and answers when no --benchmark is given")
+    g.add_argument(
+        "--model",
+        help="model to evaluate: alias, Hub id, local dir, LoRA adapter or ssb run dir "
+        "(default: the run dir's trained adapter with --run-dir, else the config's model)",
+    )
+    g.add_argument(
+        "--benchmark",
+        choices=BENCHMARK_CHOICES,
+        help="benchmark (test split); default: eval.data, e.g. a local JSONL with --data",
+    )
+    g.add_argument(
+        "--data",
+        help="local copy of the benchmark's records (e.g. gsm8k_test.jsonl), or any JSONL "
+        "file of questions and answers when no --benchmark is given",
+    )
     g.add_argument("--n", type=int, help="samples per problem (eval.n)")
     g.add_argument("--temperature", type=float, help="0 = greedy (eval.temperature)")
     g.add_argument("--top-k", type=int, help="eval.top_k")
@@ -298,15 +363,25 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--offset", type=int, help="skip this many problems first (eval.data.offset)")
     g.add_argument("--level", type=int, help="arith difficulty 1-3 (eval.data.level)")
     g.add_argument("--policy", choices=("boxed", "lenient"), help="answer extraction policy (eval.policy)")
-    g.add_argument("--output-dir", help="where samples.jsonl and summary.json go "
-                   "(default with --run-dir: RUN/eval/<base|ssb|model name>/<benchmark>)")
+    g.add_argument(
+        "--output-dir",
+        help="where samples.jsonl and summary.json go "
+        "(default with --run-dir: RUN/eval/<base|ssb|model name>/<benchmark>)",
+    )
 
 
 def eval_from_args(cfg: Config, args: argparse.Namespace) -> int:
     """Apply `add_eval_args` options to cfg.eval and run `evaluate`. Returns the exit code (0)."""
     ec, data = cfg.eval, cfg.eval.data
-    for opt, key in (("n", "n"), ("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
-                     ("max_new_tokens", "max_new_tokens"), ("batch_size", "batch_size"), ("policy", "policy")):
+    for opt, key in (
+        ("n", "n"),
+        ("temperature", "temperature"),
+        ("top_k", "top_k"),
+        ("top_p", "top_p"),
+        ("max_new_tokens", "max_new_tokens"),
+        ("batch_size", "batch_size"),
+        ("policy", "policy"),
+    ):
         if getattr(args, opt, None) is not None:
             setattr(ec, key, getattr(args, opt))
     for opt in ("offset", "level"):

@@ -83,8 +83,11 @@ class Meter:
         return self.seconds + (time.time() - self._t0 if self._t0 is not None else 0.0)
 
     def to_dict(self) -> dict:
-        return {"generated_tokens": self.generated_tokens, "completions": self.completions,
-                "seconds": round(self.elapsed(), 2)}
+        return {
+            "generated_tokens": self.generated_tokens,
+            "completions": self.completions,
+            "seconds": round(self.elapsed(), 2),
+        }
 
     def restore(self, checkpoint: str) -> None:
         path = Path(checkpoint) / METER_FILE
@@ -105,12 +108,20 @@ def _callback(meter: Meter, metrics_path: Path):
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs or "loss" not in logs:
                 return  # the final train-summary log has train_loss, not loss
-            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "loss": logs.get("loss"),
-                   "reward": logs.get("reward"), "reward_std": logs.get("reward_std"), "kl": logs.get("kl"),
-                   "entropy": logs.get("entropy"), "grad_norm": logs.get("grad_norm"),
-                   "lr": logs.get("learning_rate"), "completion_len": logs.get("completions/mean_length"),
-                   "clipped_ratio": logs.get("completions/clipped_ratio"),
-                   "generated_tokens": meter.generated_tokens}
+            rec = {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0.0, 4),
+                "loss": logs.get("loss"),
+                "reward": logs.get("reward"),
+                "reward_std": logs.get("reward_std"),
+                "kl": logs.get("kl"),
+                "entropy": logs.get("entropy"),
+                "grad_norm": logs.get("grad_norm"),
+                "lr": logs.get("learning_rate"),
+                "completion_len": logs.get("completions/mean_length"),
+                "clipped_ratio": logs.get("completions/clipped_ratio"),
+                "generated_tokens": meter.generated_tokens,
+            }
             metrics_line(metrics_path, "grpo", rec, state.max_steps)
 
         def on_train_end(self, args, state, control, **kw):
@@ -138,19 +149,27 @@ def engine_rollout(cfg: Config, batch_size: int = 128):
 
     def rollout(prompts: list, trainer) -> dict:
         g = trainer.num_generations
-        grouped = len(prompts) % g == 0 and all(prompts[i:i + g] == [prompts[i]] * g
-                                                 for i in range(0, len(prompts), g))
+        grouped = len(prompts) % g == 0 and all(
+            prompts[i : i + g] == [prompts[i]] * g for i in range(0, len(prompts), g)
+        )
         unique, n = (prompts[::g], g) if grouped else (prompts, 1)
         model = trainer.accelerator.unwrap_model(trainer.model)
-        params = SamplingParams(temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p,
-                                max_new_tokens=gc.max_completion_length,
-                                seed=cfg.seed * 1_000_003 + trainer.state.global_step)
+        params = SamplingParams(
+            temperature=gc.temperature,
+            top_k=gc.top_k,
+            top_p=gc.top_p,
+            max_new_tokens=gc.max_completion_length,
+            seed=cfg.seed * 1_000_003 + trainer.state.global_step,
+        )
         prompt_ids = tokenize_prompts(trainer.processing_class, unique)  # once: id lists pass through the engine
         completions = Engine(model, trainer.processing_class, batch_size=batch_size, progress=False).generate(
-            prompt_ids, n, params)
-        return {"prompt_ids": [ids for ids in prompt_ids for _ in range(n)],
-                "completion_ids": [c.token_ids for group in completions for c in group],
-                "logprobs": None}  # only used by TRL's vLLM importance-sampling correction
+            prompt_ids, n, params
+        )
+        return {
+            "prompt_ids": [ids for ids in prompt_ids for _ in range(n)],
+            "completion_ids": [c.token_ids for group in completions for c in group],
+            "logprobs": None,
+        }  # only used by TRL's vLLM importance-sampling correction
 
     return rollout
 
@@ -166,22 +185,43 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter):
     from ssb.models import load_model, load_tokenizer
     from ssb.prompts import student_messages
 
-    gc, tc = cfg.grpo, cfg.train
+    gc = cfg.grpo
     questions = question_records(cfg.data.train)
     if not questions:
         raise ValueError(f"no training questions from data.train ({cfg.data.train.source})")
-    data = Dataset.from_list([{"prompt": student_messages(q["question"], cfg.rollout.system_prompt),
-                               "gold": q["answer"], "id": q["id"]} for q in questions])
+    data = Dataset.from_list(
+        [
+            {"prompt": student_messages(q["question"], cfg.rollout.system_prompt), "gold": q["answer"], "id": q["id"]}
+            for q in questions
+        ]
+    )
     device = train_device(cfg)
-    common = trainer_arguments(cfg, device, run.grpo_checkpoints, learning_rate=gc.learning_rate,
-                               logging_steps=gc.logging_steps, save_steps=gc.save_steps,
-                               save_total_limit=gc.save_total_limit)
+    common = trainer_arguments(
+        cfg,
+        device,
+        run.grpo_checkpoints,
+        learning_rate=gc.learning_rate,
+        logging_steps=gc.logging_steps,
+        save_steps=gc.save_steps,
+        save_total_limit=gc.save_total_limit,
+    )
     args = TRLGRPOConfig(
-        **common, num_generations=gc.num_generations, temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p,
-        max_completion_length=gc.max_completion_length, beta=gc.beta, loss_type=gc.loss_type,
+        **common,
+        num_generations=gc.num_generations,
+        temperature=gc.temperature,
+        top_k=gc.top_k,
+        top_p=gc.top_p,
+        max_completion_length=gc.max_completion_length,
+        beta=gc.beta,
+        loss_type=gc.loss_type,
         # TRL counts completions, not questions, in its batch size
-        per_device_train_batch_size=gc.batch_size * gc.num_generations, gradient_accumulation_steps=gc.grad_accum,
-        num_train_epochs=gc.epochs, max_steps=gc.max_steps or -1, use_vllm=False, log_completions=False)
+        per_device_train_batch_size=gc.batch_size * gc.num_generations,
+        gradient_accumulation_steps=gc.grad_accum,
+        num_train_epochs=gc.epochs,
+        max_steps=gc.max_steps or -1,
+        use_vllm=False,
+        log_completions=False,
+    )
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     policy = cfg.rollout.policy
@@ -190,10 +230,16 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter):
         meter.add(completion_ids)
         return verifier_reward(completions, gold, policy)
 
-    trainer = GRPOTrainer(model=model, reward_funcs=correctness, args=args, train_dataset=data,
-                          processing_class=tok, peft_config=lora_config(cfg),
-                          callbacks=[_callback(meter, run.grpo_metrics)],
-                          rollout_func=engine_rollout(cfg) if gc.generation == "ssb" else None)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=correctness,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=lora_config(cfg),
+        callbacks=[_callback(meter, run.grpo_metrics)],
+        rollout_func=engine_rollout(cfg) if gc.generation == "ssb" else None,
+    )
     place_tensorboard_logs(trainer, run.grpo_dir / "tb")
     trainer.remove_callback(PrinterCallback)  # our callback prints one line per step; TRL's raw dict is noise
     return trainer, tok, len(questions)
@@ -202,9 +248,22 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter):
 def grpo(cfg: Config, run: RunDir, force: bool = False) -> dict:
     out, ckpts, metrics = run.grpo_dir, run.grpo_checkpoints, run.grpo_metrics
     tc = cfg.train  # the LoRA and optimizer settings shared with SSB
-    parts = (cfg.model, cfg.data, cfg.grpo, tc.lora_r, tc.lora_alpha, tc.lora_dropout, tc.target_modules,
-             tc.lr_scheduler, tc.max_grad_norm, tc.weight_decay, tc.gradient_checkpointing,
-             cfg.rollout.system_prompt, cfg.rollout.policy, cfg.seed)
+    parts = (
+        cfg.model,
+        cfg.data,
+        cfg.grpo,
+        tc.lora_r,
+        tc.lora_alpha,
+        tc.lora_dropout,
+        tc.target_modules,
+        tc.lr_scheduler,
+        tc.max_grad_norm,
+        tc.weight_decay,
+        tc.gradient_checkpointing,
+        cfg.rollout.system_prompt,
+        cfg.rollout.policy,
+        cfg.seed,
+    )
     with stage(run, "grpo", parts, inputs=[], outputs=[out], force=force) as st:
         if st is None:
             return (run.stage_entry("grpo") or {}).get("counts", {})
@@ -213,8 +272,10 @@ def grpo(cfg: Config, run: RunDir, force: bool = False) -> dict:
         with quiet_trainer_warnings():
             trainer, tok, n_questions = build_trainer(cfg, run, meter)
         gc = cfg.grpo
-        st.say(f"[grpo] {n_questions} questions x {gc.num_generations} completions, {gc.batch_size} questions "
-               f"per step, lr {gc.learning_rate}, beta {gc.beta}, LoRA r={cfg.train.lora_r}")
+        st.say(
+            f"[grpo] {n_questions} questions x {gc.num_generations} completions, {gc.batch_size} questions "
+            f"per step, lr {gc.learning_rate}, beta {gc.beta}, LoRA r={cfg.train.lora_r}"
+        )
         resume = last_checkpoint(ckpts, st.resumed)
         if resume:
             st.say(f"[grpo] resuming from {resume}")
@@ -227,10 +288,18 @@ def grpo(cfg: Config, run: RunDir, force: bool = False) -> dict:
         save_adapter(cfg, trainer, run.grpo_adapter)
         rows = read_jsonl(metrics)
         rewards = [r["reward"] for r in rows if r.get("reward") is not None]
-        st.counts.update(questions=n_questions, steps=trainer.state.global_step, completions=meter.completions,
-                         generated_tokens=meter.generated_tokens, seconds_training=round(meter.elapsed(), 2),
-                         train_loss=round(result.training_loss, 6),
-                         reward_first=rewards[0] if rewards else None, reward_last=rewards[-1] if rewards else None)
-        st.say(f"[grpo] done: {trainer.state.global_step} steps, {meter.generated_tokens} tokens generated in "
-               f"{meter.completions} completions; adapter -> {run.grpo_adapter}")
+        st.counts.update(
+            questions=n_questions,
+            steps=trainer.state.global_step,
+            completions=meter.completions,
+            generated_tokens=meter.generated_tokens,
+            seconds_training=round(meter.elapsed(), 2),
+            train_loss=round(result.training_loss, 6),
+            reward_first=rewards[0] if rewards else None,
+            reward_last=rewards[-1] if rewards else None,
+        )
+        st.say(
+            f"[grpo] done: {trainer.state.global_step} steps, {meter.generated_tokens} tokens generated in "
+            f"{meter.completions} completions; adapter -> {run.grpo_adapter}"
+        )
         return dict(st.counts)

@@ -28,8 +28,7 @@ def needs_stored_logits(cfg: Config) -> bool:
 def logits(cfg: Config, run: RunDir, force: bool = False) -> dict:
     stored = needs_stored_logits(cfg)
     parts = (cfg.model, cfg.dtype, cfg.logits, cfg.train.temperature, stored)
-    with stage(run, "logits", parts, inputs=[run.pairs], outputs=[run.logits_dir] if stored else [],
-               force=force) as st:
+    with stage(run, "logits", parts, inputs=[run.pairs], outputs=[run.logits_dir] if stored else [], force=force) as st:
         if st is None:
             return run.stage_entry("logits")["counts"]
         if not stored:
@@ -42,10 +41,10 @@ def logits(cfg: Config, run: RunDir, force: bool = False) -> dict:
 
 
 def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print) -> dict:
-    from ssb.distill.pairs import encode_pairs, pad_batch, read_pairs
     from ssb.distill.loss import OutputHead, check_head, final_hidden
-    from ssb.models import load_from_config, model_fingerprint
+    from ssb.distill.pairs import encode_pairs, pad_batch, read_pairs
     from ssb.distill.store import TeacherStoreWriter, auto_top_k, bytes_per_token, sparsify
+    from ssb.models import load_from_config, model_fingerprint
 
     lc, T = cfg.logits, cfg.train.temperature
     records = read_pairs(run.pairs)
@@ -55,14 +54,25 @@ def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print)
     head = OutputHead.of(model)
     k = min(lc.top_k, head.vocab_size) if lc.top_k else auto_top_k(head.vocab_size)
     hidden_size = head.weight.shape[1]
-    writer = TeacherStoreWriter(run.logits_dir, temperature=T, top_k=k, vocab_size=head.vocab_size,
-                                fingerprint=model_fingerprint(model, tok), model=cfg.model, kind=lc.store,
-                                hidden_size=hidden_size, shard_size=lc.shard_size, resume=resume)
+    writer = TeacherStoreWriter(
+        run.logits_dir,
+        temperature=T,
+        top_k=k,
+        vocab_size=head.vocab_size,
+        fingerprint=model_fingerprint(model, tok),
+        model=cfg.model,
+        kind=lc.store,
+        hidden_size=hidden_size,
+        shard_size=lc.shard_size,
+        resume=resume,
+    )
     todo = [r for r in records if r["id"] not in writer.done]
     for r in todo:
         if max(r["solution_ids"]) >= head.vocab_size:
-            raise ValueError(f"{run.pairs}:{r['_line']}: field 'solution_ids': id {max(r['solution_ids'])} is outside "
-                             f"the model's vocabulary ({head.vocab_size})")
+            raise ValueError(
+                f"{run.pairs}:{r['_line']}: field 'solution_ids': id {max(r['solution_ids'])} is outside "
+                f"the model's vocabulary ({head.vocab_size})"
+            )
     if writer.done:
         say(f"[logits] resuming: {len(writer.done)} examples already stored, {len(todo)} to go")
     pairs = sorted(encode_pairs(todo, tok, student=False), key=lambda p: -p.teacher_len)  # longest first: OOM early
@@ -74,25 +84,35 @@ def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print)
     say(f"[logits] {len(pairs)} examples, {what}, {per_token} bytes/token -> {run.logits_dir}")
     t0, done_tokens = time.time(), 0
     for start in range(0, len(pairs), lc.batch_size):
-        chunk = pairs[start:start + lc.batch_size]
-        batch = pad_batch([p.teacher_prompt + p.solution_ids for p in chunk], [len(p.teacher_prompt) for p in chunk],
-                          tok.pad_token_id)
+        chunk = pairs[start : start + lc.batch_size]
+        batch = pad_batch(
+            [p.teacher_prompt + p.solution_ids for p in chunk], [len(p.teacher_prompt) for p in chunk], tok.pad_token_id
+        )
         with torch.no_grad():
             hidden = final_hidden(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
             for b, p in enumerate(chunk):
                 first = len(p.teacher_prompt) - 1
-                h = hidden[b, first:first + p.solution_len]  # [L, H]: the positions predicting the solution
+                h = hidden[b, first : first + p.solution_len]  # [L, H]: the positions predicting the solution
                 if lc.store == "hidden":
                     writer.add(p.id, h)
                 else:
-                    rows = [sparsify(head.logits(h[i:i + 256]), k, T) for i in range(0, len(h), 256)]
+                    rows = [sparsify(head.logits(h[i : i + 256]), k, T) for i in range(0, len(h), 256)]
                     writer.add(p.id, type(rows[0])(*(torch.cat(parts) for parts in zip(*rows))))
                 done_tokens += p.solution_len
         if (start // lc.batch_size) % 20 == 0 or start + lc.batch_size >= len(pairs):
-            say(f"[logits] {min(start + lc.batch_size, len(pairs))}/{len(pairs)} examples, "
-                f"{done_tokens / max(1e-9, time.time() - t0):.0f} tokens/s")
+            say(
+                f"[logits] {min(start + lc.batch_size, len(pairs))}/{len(pairs)} examples, "
+                f"{done_tokens / max(1e-9, time.time() - t0):.0f} tokens/s"
+            )
     counts = writer.close()
-    say(f"[logits] stored {counts['examples']} examples, {counts['tokens']} tokens, "
-        f"{counts['bytes'] / 2**20:.1f} MiB ({counts['bytes_per_token']} bytes/token)")
-    return {**counts, "store": lc.store, "top_k": k if lc.store == "topk" else 0, "temperature": T,
-            "vocab_size": head.vocab_size}
+    say(
+        f"[logits] stored {counts['examples']} examples, {counts['tokens']} tokens, "
+        f"{counts['bytes'] / 2**20:.1f} MiB ({counts['bytes_per_token']} bytes/token)"
+    )
+    return {
+        **counts,
+        "store": lc.store,
+        "top_k": k if lc.store == "topk" else 0,
+        "temperature": T,
+        "vocab_size": head.vocab_size,
+    }

@@ -50,12 +50,23 @@ def read_evals(root: Path) -> list[dict]:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         rel = path.parent.relative_to(root / "eval").parts
         ci = _need(s, "pass@1_ci", path)
-        rows.append({"tag": rel[0] if len(rel) > 1 else "-", "benchmark": s.get("benchmark") or rel[-1],
-                     "n": _need(s, "n", path), "problems": _need(s, "problems", path),
-                     "pass1": _need(s, "pass@1", path), "low": _need(ci, "low", path), "high": _need(ci, "high", path),
-                     "level": ci.get("level", 0.95), "maj": _need(s, "maj@n", path),
-                     "mean_tokens": _need(s, "mean_tokens", path), "truncated": _need(s, "truncated_share", path),
-                     "seconds": s.get("wall_seconds"), "model": s.get("model")})
+        rows.append(
+            {
+                "tag": rel[0] if len(rel) > 1 else "-",
+                "benchmark": s.get("benchmark") or rel[-1],
+                "n": _need(s, "n", path),
+                "problems": _need(s, "problems", path),
+                "pass1": _need(s, "pass@1", path),
+                "low": _need(ci, "low", path),
+                "high": _need(ci, "high", path),
+                "level": ci.get("level", 0.95),
+                "maj": _need(s, "maj@n", path),
+                "mean_tokens": _need(s, "mean_tokens", path),
+                "truncated": _need(s, "truncated_share", path),
+                "seconds": s.get("wall_seconds"),
+                "model": s.get("model"),
+            }
+        )
     return rows
 
 
@@ -66,10 +77,19 @@ def read_examples(run: RunDir, k: int = N_EXAMPLES) -> list[dict]:
     out = []
     for p in pairs:
         c = curated.get(p["id"], {})
-        out.append({"id": p["id"], "question": _need(p, "question", run.pairs), "gold": p.get("gold"),
-                    "solution": _need(p, "solution", run.pairs), "extracted": p.get("extracted"),
-                    "wrong_answer": c.get("wrong_answer"), "wrong": c.get("wrong"),
-                    "wrong_count": c.get("wrong_answer_count"), "correct_answer": c.get("correct_answer")})
+        out.append(
+            {
+                "id": p["id"],
+                "question": _need(p, "question", run.pairs),
+                "gold": p.get("gold"),
+                "solution": _need(p, "solution", run.pairs),
+                "extracted": p.get("extracted"),
+                "wrong_answer": c.get("wrong_answer"),
+                "wrong": c.get("wrong"),
+                "wrong_count": c.get("wrong_answer_count"),
+                "correct_answer": c.get("correct_answer"),
+            }
+        )
     return out
 
 
@@ -79,9 +99,16 @@ def read_run(root: Path, label: str) -> dict:
     run = RunDir(root)
     stages = run.read_manifest().get("stages", {})
     teach_tokens = sum(a.get("num_tokens", 0) for a in _jsonl(run.teach_attempts)) if "teach" in stages else None
-    return {"label": label, "root": root, "stages": stages, "metrics": _jsonl(run.metrics),
-            "grpo_metrics": _jsonl(RunDir(root).grpo_dir / "metrics.jsonl"), "evals": read_evals(root),
-            "examples": read_examples(run), "teach_tokens": teach_tokens}
+    return {
+        "label": label,
+        "root": root,
+        "stages": stages,
+        "metrics": _jsonl(run.metrics),
+        "grpo_metrics": _jsonl(RunDir(root).grpo_dir / "metrics.jsonl"),
+        "evals": read_evals(root),
+        "examples": read_examples(run),
+        "teach_tokens": teach_tokens,
+    }
 
 
 def _counts(r: dict, stage: str) -> dict:
@@ -91,9 +118,14 @@ def _counts(r: dict, stage: str) -> dict:
 def funnel(r: dict) -> dict[str, int | None]:
     """Bar name -> count (None where the stage has not run), in funnel order."""
     ro, cu, te = _counts(r, "rollout"), _counts(r, "curate"), _counts(r, "teach")
-    return {"questions": ro.get("questions", cu.get("questions")), "all correct": cu.get("all_correct"),
-            "all wrong": cu.get("all_wrong"), "unparsed": cu.get("unparsed"), "mixed (kept)": cu.get("mixed"),
-            "verified pairs": te.get("pairs")}
+    return {
+        "questions": ro.get("questions", cu.get("questions")),
+        "all correct": cu.get("all_correct"),
+        "all wrong": cu.get("all_wrong"),
+        "unparsed": cu.get("unparsed"),
+        "mixed (kept)": cu.get("mixed"),
+        "verified pairs": te.get("pairs"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -138,8 +170,14 @@ def _funnel_blocks(runs: list[dict]) -> list:
     rows = []
     for r in runs:
         f, te, ro = funnel(r), _counts(r, "teach"), _counts(r, "rollout")
-        rows.append([r["label"], *[_num(v) for v in f.values()], _pct(ro.get("correct_share")),
-                     _pct(te.get("pass_rate_first_attempt"))])
+        rows.append(
+            [
+                r["label"],
+                *[_num(v) for v in f.values()],
+                _pct(ro.get("correct_share")),
+                _pct(te.get("pass_rate_first_attempt")),
+            ]
+        )
     blocks.append(("table", ["run", *funnel(runs[0]).keys(), "rollouts correct", "teacher pass rate"], rows))
     png = plots.funnel_plot({r["label"]: funnel(r) for r in runs})
     blocks.append(("img", "funnel.png", png, "Curation funnel") if png else ("p", f"Curation: {NOT_RUN}."))
@@ -150,14 +188,22 @@ def _training_blocks(runs: list[dict]) -> list:
     blocks: list = [("h2", "Training dynamics")]
     ssb = {r["label"]: r["metrics"] for r in runs if r["metrics"]}
     png = plots.training_plot(ssb) if ssb else None
-    blocks.append(("img", "training.png", png, "SSB training dynamics") if png
-                  else ("p", f"SSB training: {NOT_RUN} (no metrics.jsonl)."))
+    blocks.append(
+        ("img", "training.png", png, "SSB training dynamics")
+        if png
+        else ("p", f"SSB training: {NOT_RUN} (no metrics.jsonl).")
+    )
     for r in runs:
         t = _counts(r, "train")
         if t:
-            blocks.append(("p", f"{r['label']}: {_val(t.get('steps'))} steps on {_val(t.get('pairs'))} pairs "
-                                f"({_val(t.get('solution_tokens'))} solution tokens), final mean loss "
-                                f"{_val(t.get('train_loss'))}, teacher {t.get('teacher', '?')}."))
+            blocks.append(
+                (
+                    "p",
+                    f"{r['label']}: {_val(t.get('steps'))} steps on {_val(t.get('pairs'))} pairs "
+                    f"({_val(t.get('solution_tokens'))} solution tokens), final mean loss "
+                    f"{_val(t.get('train_loss'))}, teacher {t.get('teacher', '?')}.",
+                )
+            )
     grpo = {r["label"]: r["grpo_metrics"] for r in runs if r["grpo_metrics"]}
     png = plots.grpo_plot(grpo) if grpo else None
     if png:
@@ -165,9 +211,14 @@ def _training_blocks(runs: list[dict]) -> list:
     for r in runs:
         g = _counts(r, "grpo")
         if g:
-            blocks.append(("p", f"{r['label']} GRPO baseline: {_val(g.get('steps'))} steps, "
-                                f"{_val(g.get('completions'))} completions, mean reward {_val(g.get('reward_first'))} "
-                                f"at the first logged step and {_val(g.get('reward_last'))} at the last."))
+            blocks.append(
+                (
+                    "p",
+                    f"{r['label']} GRPO baseline: {_val(g.get('steps'))} steps, "
+                    f"{_val(g.get('completions'))} completions, mean reward {_val(g.get('reward_first'))} "
+                    f"at the first logged step and {_val(g.get('reward_last'))} at the last.",
+                )
+            )
     return blocks
 
 
@@ -177,16 +228,50 @@ def _eval_blocks(runs: list[dict]) -> list:
     for r in runs:
         for e in r["evals"]:
             ci = f"{100 * e['pass1']:.1f}% [{100 * e['low']:.1f}–{100 * e['high']:.1f}]"
-            rows.append([r["label"], e["tag"], e["benchmark"], str(e["n"]), str(e["problems"]), ci,
-                         _pct(e["maj"]), f"{e['mean_tokens']:.0f}", _pct(e["truncated"])])
+            rows.append(
+                [
+                    r["label"],
+                    e["tag"],
+                    e["benchmark"],
+                    str(e["n"]),
+                    str(e["problems"]),
+                    ci,
+                    _pct(e["maj"]),
+                    f"{e['mean_tokens']:.0f}",
+                    _pct(e["truncated"]),
+                ]
+            )
             label = e["tag"] if len(runs) == 1 else f"{r['label']}/{e['tag']}"
-            bars.append({"label": label, "benchmark": e["benchmark"], "pass1": e["pass1"], "low": e["low"],
-                         "high": e["high"], "level": e["level"]})
+            bars.append(
+                {
+                    "label": label,
+                    "benchmark": e["benchmark"],
+                    "pass1": e["pass1"],
+                    "low": e["low"],
+                    "high": e["high"],
+                    "level": e["level"],
+                }
+            )
     if not rows:
         return blocks + [("p", f"Evaluation: {NOT_RUN} (no summary.json under eval/).")]
     level = runs[0]["evals"][0]["level"] if runs[0]["evals"] else 0.95
-    blocks.append(("table", ["run", "model", "benchmark", "n", "problems", f"pass@1 [{round(100 * level)}% CI]",
-                             "maj@n", "mean tokens", "truncated"], rows))
+    blocks.append(
+        (
+            "table",
+            [
+                "run",
+                "model",
+                "benchmark",
+                "n",
+                "problems",
+                f"pass@1 [{round(100 * level)}% CI]",
+                "maj@n",
+                "mean tokens",
+                "truncated",
+            ],
+            rows,
+        )
+    )
     blocks.append(("img", "eval.png", plots.eval_plot(bars), "pass@1 with confidence intervals"))
     return blocks
 
@@ -215,9 +300,14 @@ def _time_blocks(runs: list[dict]) -> list:
             sec = sum(r["stages"][s].get("seconds") or 0 for s in ssb)
             tok = sum(_tokens(r, s) or 0 for s in ("rollout", "teach"))
             g = r["stages"]["grpo"]
-            blocks.append(("p", f"{r['label']}: SSB stages ({', '.join(ssb)}) took {_secs(sec)} and generated "
-                                f"{tok} tokens; GRPO took {_secs(g.get('seconds'))} and generated "
-                                f"{_num(_tokens(r, 'grpo'))} tokens."))
+            blocks.append(
+                (
+                    "p",
+                    f"{r['label']}: SSB stages ({', '.join(ssb)}) took {_secs(sec)} and generated "
+                    f"{tok} tokens; GRPO took {_secs(g.get('seconds'))} and generated "
+                    f"{_num(_tokens(r, 'grpo'))} tokens.",
+                )
+            )
     blocks.insert(1, ("table", ["run", "stage", "status", "wall time", "generated tokens"], rows))
     return blocks
 
@@ -233,8 +323,9 @@ def _example_blocks(runs: list[dict]) -> list:
 
 
 def build_blocks(runs: list[dict]) -> list:
-    return (_funnel_blocks(runs) + _training_blocks(runs) + _eval_blocks(runs) + _time_blocks(runs)
-            + _example_blocks(runs))
+    return (
+        _funnel_blocks(runs) + _training_blocks(runs) + _eval_blocks(runs) + _time_blocks(runs) + _example_blocks(runs)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -248,22 +339,35 @@ pre{white-space:pre-wrap;background:#f8f8f8;padding:0.6em;margin:0.3em 0;font-si
 
 def _html_example(ex: dict) -> str:
     e = html.escape
-    hint = (f"<p><b>Wrong answer shown in the hint:</b> {e(str(ex['wrong_answer']))}"
+    hint = (
+        (
+            f"<p><b>Wrong answer shown in the hint:</b> {e(str(ex['wrong_answer']))}"
             + (f" <span class='muted'>({ex['wrong_count']} rollouts gave it)</span>" if ex.get("wrong_count") else "")
-            + "</p>" + (f"<details><summary>wrong rollout</summary><pre>{e(ex['wrong'])}</pre></details>"
-                        if ex.get("wrong") else "")) if ex.get("wrong_answer") else \
-        "<p class='muted'>No wrong answer in the hint.</p>"
+            + "</p>"
+            + (
+                f"<details><summary>wrong rollout</summary><pre>{e(ex['wrong'])}</pre></details>"
+                if ex.get("wrong")
+                else ""
+            )
+        )
+        if ex.get("wrong_answer")
+        else "<p class='muted'>No wrong answer in the hint.</p>"
+    )
     run = f" <span class='muted'>({e(ex['run'])})</span>" if ex.get("run") else ""
-    return (f"<div class='ex'><div><p><b>Question</b> <code>{e(str(ex['id']))}</code>{run}</p>"
-            f"<pre>{e(ex['question'])}</pre><p><b>Gold answer:</b> {e(str(ex['gold']))}</p>{hint}</div>"
-            f"<div><p><b>Teacher solution</b> <span class='muted'>(answer {e(str(ex['extracted']))})</span></p>"
-            f"<pre>{e(ex['solution'])}</pre></div></div>")
+    return (
+        f"<div class='ex'><div><p><b>Question</b> <code>{e(str(ex['id']))}</code>{run}</p>"
+        f"<pre>{e(ex['question'])}</pre><p><b>Gold answer:</b> {e(str(ex['gold']))}</p>{hint}</div>"
+        f"<div><p><b>Teacher solution</b> <span class='muted'>(answer {e(str(ex['extracted']))})</span></p>"
+        f"<pre>{e(ex['solution'])}</pre></div></div>"
+    )
 
 
 def render_html(blocks: list, title: str, subtitle: str) -> str:
     e = html.escape
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
-           f"</head><body><h1>{e(title)}</h1><p class='muted'>{e(subtitle)}</p>"]
+    out = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
+        f"</head><body><h1>{e(title)}</h1><p class='muted'>{e(subtitle)}</p>"
+    ]
     for b in blocks:
         if b[0] in ("h2", "p"):
             out.append(f"<{b[0]}>{e(b[1])}</{b[0]}>")

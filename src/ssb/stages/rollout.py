@@ -10,9 +10,9 @@ from collections import Counter
 
 from ssb.config import Config
 from ssb.data import question_records
+from ssb.files import JsonlWriter, read_jsonl, write_jsonl
 from ssb.models import generation_dtype_name
 from ssb.prompts import student_messages
-from ssb.files import JsonlWriter, read_jsonl, write_jsonl
 from ssb.rundir import RunDir, stage
 
 
@@ -35,27 +35,47 @@ def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
         if todo:
             model, tok = load_from_config(cfg, generation=True)
             engine = Engine(model, tok, batch_size=rc.batch_size)
-            params = SamplingParams(temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
-                                    max_new_tokens=rc.max_new_tokens, seed=cfg.seed)
+            params = SamplingParams(
+                temperature=rc.temperature,
+                top_k=rc.top_k,
+                top_p=rc.top_p,
+                max_new_tokens=rc.max_new_tokens,
+                seed=cfg.seed,
+            )
             prompts = [student_messages(q["question"], rc.system_prompt) for q in todo]
             with Verifier() as verifier, JsonlWriter(run.rollouts) as out:
+
                 def save(i: int, comps) -> None:
                     q = todo[i]
                     verdicts = verifier.check_many([(c.text, q["answer"]) for c in comps], policy=rc.policy)
-                    out.write({
-                        "id": q["id"], "question": q["question"], "gold": q["answer"], "source": q["source"],
-                        "backend": engine.backend,
-                        "rollouts": [{"text": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason,
-                                      **v.to_dict()} for c, v in zip(comps, verdicts)],
-                    })
+                    out.write(
+                        {
+                            "id": q["id"],
+                            "question": q["question"],
+                            "gold": q["answer"],
+                            "source": q["source"],
+                            "backend": engine.backend,
+                            "rollouts": [
+                                {
+                                    "text": c.text,
+                                    "num_tokens": c.num_tokens,
+                                    "finish_reason": c.finish_reason,
+                                    **v.to_dict(),
+                                }
+                                for c, v in zip(comps, verdicts)
+                            ],
+                        }
+                    )
 
                 st.say(f"[rollout] {len(todo)} questions x {rc.k} samples (T={rc.temperature}, top-k {rc.top_k})")
                 engine.generate(prompts, n=rc.k, params=params, callback=save)
         records = read_jsonl(run.rollouts)
         st.counts.update(rollout_counts(records))
         c = st.counts
-        st.say(f"[rollout] {c['questions']} questions, {c['rollouts']} rollouts: {c['correct_share']:.1%} correct, "
-               f"{c['unparsed']} unparsed, {c['truncated']} truncated, mean {c['mean_tokens']:.0f} tokens")
+        st.say(
+            f"[rollout] {c['questions']} questions, {c['rollouts']} rollouts: {c['correct_share']:.1%} correct, "
+            f"{c['unparsed']} unparsed, {c['truncated']} truncated, mean {c['mean_tokens']:.0f} tokens"
+        )
         return dict(st.counts)
 
 

@@ -51,8 +51,11 @@ def ssb_round(cfg: Config, run: RunDir, force: bool) -> dict | None:
         print(f"\n=== {name} ({run.root}) ===", flush=True)
         results[name] = load(name)(cfg, run, force=force)
         if name == "curate" and not results[name].get("kept"):
-            print("[run] no question had both a correct and a wrong rollout: nothing to teach. Try more questions "
-                  "(data.train.limit), more rollouts (rollout.k) or easier data.", flush=True)
+            print(
+                "[run] no question had both a correct and a wrong rollout: nothing to teach. Try more questions "
+                "(data.train.limit), more rollouts (rollout.k) or easier data.",
+                flush=True,
+            )
             return None
         if name == "teach" and not results[name].get("pairs"):
             print("[run] the teacher produced no verified solution: nothing to train on.", flush=True)
@@ -95,8 +98,10 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
         dirs.append(out)
     print(f"\n=== held-out {bench}: {', '.join(t for t, _ in models)} ===", flush=True)
     print(compare(dirs), flush=True)
-    print(f"[run] finished in {time.time() - t0:.0f} s; run directory: {run.root}; "
-          f"report: ssb report {run.root}", flush=True)
+    print(
+        f"[run] finished in {time.time() - t0:.0f} s; run directory: {run.root}; report: ssb report {run.root}",
+        flush=True,
+    )
     return results
 
 

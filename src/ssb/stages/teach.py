@@ -9,8 +9,8 @@ so later stages append them to either prompt without re-tokenising joined string
 from __future__ import annotations
 
 from ssb.config import Config
-from ssb.models import generation_dtype_name
 from ssb.files import JsonlWriter, read_jsonl
+from ssb.models import generation_dtype_name
 from ssb.rundir import RunDir, stage
 
 
@@ -21,8 +21,7 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
 
     tc = cfg.teach
     parts = (cfg.model, tc, cfg.rollout.policy, cfg.seed, generation_dtype_name(cfg))
-    with stage(run, "teach", parts, inputs=[run.curated],
-               outputs=[run.pairs, run.teach_attempts], force=force) as st:
+    with stage(run, "teach", parts, inputs=[run.curated], outputs=[run.pairs, run.teach_attempts], force=force) as st:
         if st is None:
             return run.stage_entry("teach")["counts"]
         if not run.curated.exists():
@@ -45,38 +44,64 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
                     model, tok = load_from_config(cfg, generation=True)
                     engine = Engine(model, tok, batch_size=tc.batch_size)
                 st.say(f"[teach] attempt {round_ + 1}/{tc.attempts}: {len(todo)} questions (T={tc.temperature})")
-                params = SamplingParams(temperature=tc.temperature, top_k=tc.top_k, top_p=tc.top_p,
-                                        max_new_tokens=tc.max_new_tokens, seed=cfg.seed * 1000 + round_)
+                params = SamplingParams(
+                    temperature=tc.temperature,
+                    top_k=tc.top_k,
+                    top_p=tc.top_p,
+                    max_new_tokens=tc.max_new_tokens,
+                    seed=cfg.seed * 1000 + round_,
+                )
 
-                def save(i: int, comps, todo=todo, round_=round_) -> None:
+                def save(i: int, comps, todo=todo, round_=round_, backend=engine.backend) -> None:
                     c, sol = todo[i], comps[0]
                     v = verifier.check_many([(sol.text, c["gold"])], policy=cfg.rollout.policy)[0]
                     keep = v.correct and sol.finish_reason == "stop"
-                    log.write({"id": c["id"], "attempt": round_, "text": sol.text, "num_tokens": sol.num_tokens,
-                               "finish_reason": sol.finish_reason, "kept": keep, "backend": engine.backend,
-                               **v.to_dict()})
+                    log.write(
+                        {
+                            "id": c["id"],
+                            "attempt": round_,
+                            "text": sol.text,
+                            "num_tokens": sol.num_tokens,
+                            "finish_reason": sol.finish_reason,
+                            "kept": keep,
+                            "backend": backend,
+                            **v.to_dict(),
+                        }
+                    )
                     tries[c["id"]] = tries.get(c["id"], 0) + 1
                     if keep:
                         kept_ids.add(c["id"])
-                        pairs.write({
-                            "id": c["id"], "question": c["question"], "gold": c["gold"],
-                            "teacher_messages": c["teacher_messages"], "student_messages": c["student_messages"],
-                            "solution": sol.text, "solution_ids": list(sol.token_ids),
-                            "extracted": v.extracted, "attempt": round_, "backend": engine.backend,
-                        })
+                        pairs.write(
+                            {
+                                "id": c["id"],
+                                "question": c["question"],
+                                "gold": c["gold"],
+                                "teacher_messages": c["teacher_messages"],
+                                "student_messages": c["student_messages"],
+                                "solution": sol.text,
+                                "solution_ids": list(sol.token_ids),
+                                "extracted": v.extracted,
+                                "attempt": round_,
+                                "backend": backend,
+                            }
+                        )
 
                 engine.generate([c["teacher_messages"] for c in todo], n=1, params=params, callback=save)
         attempts = read_jsonl(run.teach_attempts)
         first = [a for a in attempts if a["attempt"] == 0]
         n_pairs = len(read_jsonl(run.pairs))
         st.counts.update(
-            questions=len(curated), attempts=len(attempts), pairs=n_pairs,
+            questions=len(curated),
+            attempts=len(attempts),
+            pairs=n_pairs,
             pass_rate_first_attempt=sum(a["correct"] for a in first) / max(1, len(first)),
             kept_share=n_pairs / max(1, len(curated)),
             truncated=sum(a["finish_reason"] == "length" for a in attempts),
             solution_tokens=sum(a["num_tokens"] for a in attempts if a["kept"]),
         )
         c = st.counts
-        st.say(f"[teach] {n_pairs} pairs from {len(curated)} questions: teacher pass rate "
-               f"{c['pass_rate_first_attempt']:.1%} on the first attempt, {c['truncated']} truncated")
+        st.say(
+            f"[teach] {n_pairs} pairs from {len(curated)} questions: teacher pass rate "
+            f"{c['pass_rate_first_attempt']:.1%} on the first attempt, {c['truncated']} truncated"
+        )
         return dict(st.counts)

@@ -6,9 +6,10 @@ the stored sparse logits (logits.mode=offline), or the same model with the adapt
 (online). kd_weight=0, ce_weight=1 is the SFT baseline on identical data and needs no teacher logits.
 
 Runs single-process or under `accelerate launch` (DDP, DeepSpeed, FSDP): only the main process touches the
-manifest, metrics and the saved adapter. Outputs: RUN/train/ (checkpoints; TensorBoard in train/tb with train.report_to=[tensorboard]), RUN/metrics.jsonl,
-RUN/adapter/ (PeftModel.from_pretrained + ssb_base.json naming the base), RUN/merged/ with train.merge. The LoRA,
-Trainer arguments and adapter saving are shared with GRPO (`ssb.training`).
+manifest, metrics and the saved adapter. Outputs: RUN/train/ (checkpoints; TensorBoard logs in train/tb with
+train.report_to=[tensorboard]), RUN/metrics.jsonl, RUN/adapter/ (PeftModel.from_pretrained + ssb_base.json naming
+the base), RUN/merged/ with train.merge. The LoRA, Trainer arguments and adapter saving are shared with GRPO
+(`ssb.training`).
 """
 
 from __future__ import annotations
@@ -75,11 +76,16 @@ def train(cfg: Config, run: RunDir, force: bool = False) -> dict:
             run.metrics.unlink()
         result = trainer.train(resume_from_checkpoint=resume)
         _save(cfg, run, trainer)
-        st.counts.update(steps=trainer.state.global_step, train_loss=round(result.training_loss, 6),
-                         seconds_training=round(result.metrics.get("train_runtime", 0.0), 2))
+        st.counts.update(
+            steps=trainer.state.global_step,
+            train_loss=round(result.training_loss, 6),
+            seconds_training=round(result.metrics.get("train_runtime", 0.0), 2),
+        )
         if trainer.is_world_process_zero():
-            st.say(f"[train] done: {trainer.state.global_step} steps, mean loss {result.training_loss:.4f}; "
-                   f"adapter -> {run.adapter_dir}")
+            st.say(
+                f"[train] done: {trainer.state.global_step} steps, mean loss {result.training_loss:.4f}; "
+                f"adapter -> {run.adapter_dir}"
+            )
         return dict(st.counts)
 
 
@@ -89,11 +95,11 @@ def build_trainer(cfg: Config, run: RunDir, say=print):
     from peft import get_peft_model
     from transformers import TrainingArguments, set_seed
 
-    from ssb.distill.pairs import DistillCollator, PairDataset, encode_pairs, read_pairs
-    from ssb.distill.trainer import DistillTrainer
     from ssb.distill.loss import DistillLoss, OutputHead, check_head
-    from ssb.models import load_model, load_tokenizer, model_fingerprint
+    from ssb.distill.pairs import DistillCollator, PairDataset, encode_pairs, read_pairs
     from ssb.distill.store import TeacherStore
+    from ssb.distill.trainer import DistillTrainer
+    from ssb.models import load_model, load_tokenizer, model_fingerprint
 
     tc = cfg.train
     mode = "none" if tc.kd_weight == 0 else ("stored" if cfg.logits.mode == "offline" else "online")
@@ -107,42 +113,69 @@ def build_trainer(cfg: Config, run: RunDir, say=print):
     if not kept:
         raise ValueError(f"{run.pairs}: all {len(pairs)} pairs are longer than train.max_length={tc.max_length}")
     if len(kept) < len(pairs):
-        say(f"[train] dropped {len(pairs) - len(kept)} of {len(pairs)} pairs longer than "
-            f"train.max_length={tc.max_length} tokens")
+        say(
+            f"[train] dropped {len(pairs) - len(kept)} of {len(pairs)} pairs longer than "
+            f"train.max_length={tc.max_length} tokens"
+        )
     check_head(model, head, torch.tensor([kept[0].student_prompt], device=model.device))
     store = None
     if mode == "stored":
         store = TeacherStore(run.logits_dir)
-        store.check(temperature=tc.temperature, vocab_size=head.vocab_size,
-                    fingerprint=model_fingerprint(model, tok))
+        store.check(temperature=tc.temperature, vocab_size=head.vocab_size, fingerprint=model_fingerprint(model, tok))
         for p in kept:
             if p.id not in store:
                 raise ValueError(f"{run.logits_dir}: no teacher logits for pair {p.id!r}; rerun `ssb logits`")
             if store.length(p.id) != p.solution_len:
-                raise ValueError(f"{run.logits_dir}: teacher logits for {p.id!r} cover {store.length(p.id)} tokens, "
-                                 f"the solution has {p.solution_len}; rerun `ssb logits --force`")
+                raise ValueError(
+                    f"{run.logits_dir}: teacher logits for {p.id!r} cover {store.length(p.id)} tokens, "
+                    f"the solution has {p.solution_len}; rerun `ssb logits --force`"
+                )
     set_seed(cfg.seed)  # LoRA initialisation
     model = get_peft_model(model, lora_config(cfg))
-    common = trainer_arguments(cfg, device, run.train_dir, learning_rate=tc.learning_rate,
-                               logging_steps=tc.logging_steps, save_steps=tc.save_steps,
-                               save_total_limit=tc.save_total_limit)
+    common = trainer_arguments(
+        cfg,
+        device,
+        run.train_dir,
+        learning_rate=tc.learning_rate,
+        logging_steps=tc.logging_steps,
+        save_steps=tc.save_steps,
+        save_total_limit=tc.save_total_limit,
+    )
     precision = "bf16" if common["bf16"] else ("fp16" if common["fp16"] else "none")
     args = TrainingArguments(
-        **common, per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
-        num_train_epochs=tc.epochs, remove_unused_columns=False, dataloader_num_workers=0,
-        ddp_find_unused_parameters=False)
+        **common,
+        per_device_train_batch_size=tc.batch_size,
+        gradient_accumulation_steps=tc.grad_accum,
+        num_train_epochs=tc.epochs,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
     trainer = DistillTrainer(
-        model=model, args=args, train_dataset=PairDataset(kept),
+        model=model,
+        args=args,
+        train_dataset=PairDataset(kept),
         data_collator=DistillCollator(tok.pad_token_id, store=store, online=mode == "online"),
-        processing_class=tok, teacher=mode, metrics_path=run.metrics,
-        distill_loss=DistillLoss(tc.temperature, kd_weight=tc.kd_weight, ce_weight=tc.ce_weight))
+        processing_class=tok,
+        teacher=mode,
+        metrics_path=run.metrics,
+        distill_loss=DistillLoss(tc.temperature, kd_weight=tc.kd_weight, ce_weight=tc.ce_weight),
+    )
     place_tensorboard_logs(trainer, run.train_dir / "tb")
     n_tok = sum(p.solution_len for p in kept)
-    say(f"[train] {len(kept)} pairs ({n_tok} solution tokens), teacher: {mode}, T={tc.temperature}, "
+    say(
+        f"[train] {len(kept)} pairs ({n_tok} solution tokens), teacher: {mode}, T={tc.temperature}, "
         f"kd {tc.kd_weight} ce {tc.ce_weight}, LoRA r={tc.lora_r} alpha={tc.lora_alpha}, "
-        f"{trainer.accelerator.num_processes} process(es) on {device}, mixed precision: {precision}")
-    info = {"pairs": len(kept), "dropped_too_long": len(pairs) - len(kept), "solution_tokens": n_tok,
-            "teacher": mode, "processes": trainer.accelerator.num_processes, "mixed_precision": precision}
+        f"{trainer.accelerator.num_processes} process(es) on {device}, mixed precision: {precision}"
+    )
+    info = {
+        "pairs": len(kept),
+        "dropped_too_long": len(pairs) - len(kept),
+        "solution_tokens": n_tok,
+        "teacher": mode,
+        "processes": trainer.accelerator.num_processes,
+        "mixed_precision": precision,
+    }
     return trainer, info
 
 

@@ -9,6 +9,14 @@ from ssb.verify.extract import GOLD_FORMATS, POLICIES, Extraction, extract_answe
 from ssb.verify.verifier import VERDICTS, Verdict, Verifier, check, is_equivalent
 
 __all__ = [
-    "GOLD_FORMATS", "POLICIES", "VERDICTS", "Extraction", "Verdict", "Verifier", "check", "extract_answer",
-    "is_equivalent", "normalize_gold",
+    "GOLD_FORMATS",
+    "POLICIES",
+    "VERDICTS",
+    "Extraction",
+    "Verdict",
+    "Verifier",
+    "check",
+    "extract_answer",
+    "is_equivalent",
+    "normalize_gold",
 ]

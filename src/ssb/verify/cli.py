@@ -79,8 +79,10 @@ def _verify_file(args) -> int:
         verdicts = verifier.equivalent_many([(f.answer or "", r[2]) for f, r in zip(found, records)])
         stats = verifier.stats
     out = [
-        json.dumps({**rec, "extracted": f.answer, "rule": f.rule, "verdict": v, "correct": v == "correct"},
-                   ensure_ascii=False) + "\n"
+        json.dumps(
+            {**rec, "extracted": f.answer, "rule": f.rule, "verdict": v, "correct": v == "correct"}, ensure_ascii=False
+        )
+        + "\n"
         for (rec, *_), f, v in zip(records, found, verdicts)
     ]
     if args.output:
@@ -89,9 +91,14 @@ def _verify_file(args) -> int:
         sys.stdout.writelines(out)
     seconds = time.perf_counter() - start
     counts = Counter(verdicts)
-    summary = {"lines": len(records), **{v: counts[v] for v in VERDICTS}, "skipped": skipped,
-               "pooled": stats["pooled"], "seconds": round(seconds, 3),
-               "lines_per_s": round(len(records) / seconds, 1) if seconds > 0 else None}
+    summary = {
+        "lines": len(records),
+        **{v: counts[v] for v in VERDICTS},
+        "skipped": skipped,
+        "pooled": stats["pooled"],
+        "seconds": round(seconds, 3),
+        "lines_per_s": round(len(records) / seconds, 1) if seconds > 0 else None,
+    }
     print(json.dumps(summary), file=sys.stdout if args.output else sys.stderr)
     return 0
 

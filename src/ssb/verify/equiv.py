@@ -68,8 +68,7 @@ def parse_answer(answer: str):
     if not text or not brace_depth_ok(text):
         return None
     # Wrapped in \boxed{} so math-verify reads the whole answer (a bare `1,-2` parses as `1`).
-    found = parse("\\boxed{" + text + "}", [LatexExtractionConfig(), ExprExtractionConfig()],
-                  parsing_timeout=None)
+    found = parse("\\boxed{" + text + "}", [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
     if not found or not isinstance(found[0], (Basic, MatrixBase)):
         return None
     if len(found) > 1 and isinstance(found[1], str) and not brace_depth_ok(found[1]):
@@ -193,7 +192,8 @@ def _scalar_eq(a, b) -> bool:
 
 
 def _round6(x):
-    from sympy import re as real, im
+    from sympy import im
+    from sympy import re as real
 
     return (round(float(real(x)), 6), round(float(im(x)), 6))
 
@@ -227,8 +227,13 @@ def _recheck(g, p):
         if g.lhs == p.lhs:
             return _recheck(g.rhs, p.rhs)
         return None
-    if (isinstance(g, Expr) and isinstance(p, Expr) and g.free_symbols
-            and g.free_symbols == p.free_symbols and not (g.is_Symbol or p.is_Symbol)):
+    if (
+        isinstance(g, Expr)
+        and isinstance(p, Expr)
+        and g.free_symbols
+        and g.free_symbols == p.free_symbols
+        and not (g.is_Symbol or p.is_Symbol)
+    ):
         symbols = sorted(g.free_symbols, key=str)
         rng = random.Random(0)
         for _ in range(3):  # exact rational points: chop-free, so x/2^98 and x/2^99 differ

@@ -4,8 +4,8 @@ A completion is reduced to one answer string by an extraction policy (`ssb.verif
 gold answer is normalised per source, and the two are compared:
   1. fast path, in process: when both sides are plain numbers (`2,125`, `025`, `27.0`, `3/4`,
      `\\frac{1}{2}`) they are compared exactly as fractions; most GSM8K / AIME / AMC answers end here.
-  2. otherwise math-verify plus our guards (`ssb.verify.equiv.compare` via `ssb.verify.worker`) in a small pool of worker
-     processes, each item with its own deadline; an item that overruns gets the verdict "timeout"
+  2. otherwise math-verify plus our guards (`ssb.verify.equiv.compare`) in a small pool of worker
+     processes (`ssb.verify.worker`), each item with its own deadline; an item that overruns gets the verdict "timeout"
      and its worker is replaced, so one pathological answer costs at most `timeout` seconds.
 Verdicts: "correct", "incorrect", "unparsed" (no answer could be extracted, or it did not parse and
 did not match the gold as text) and "timeout".
@@ -13,17 +13,11 @@ did not match the gold as text) and "timeout".
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import re
-import sys
 import threading
-import time
 import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from ssb.verify.extract import (
     GOLD_FORMATS,
@@ -32,14 +26,21 @@ from ssb.verify.extract import (
     as_fraction,
     clean_answer,
     extract_answer,
-    extract_or_whole,
     normalize_gold,
 )
 from ssb.verify.worker import WorkerPool
 
 __all__ = [
-    "Extraction", "Verdict", "Verifier", "check", "extract_answer", "is_equivalent",
-    "normalize_gold", "POLICIES", "GOLD_FORMATS", "VERDICTS",
+    "Extraction",
+    "Verdict",
+    "Verifier",
+    "check",
+    "extract_answer",
+    "is_equivalent",
+    "normalize_gold",
+    "POLICIES",
+    "GOLD_FORMATS",
+    "VERDICTS",
 ]
 
 VERDICTS = ("correct", "incorrect", "unparsed", "timeout")
@@ -57,8 +58,11 @@ class Verdict:
         return asdict(self)
 
 
-_SAME_TEXT = [(re.compile(r"\\[dt]frac"), r"\\frac"), (re.compile(r"\\(?:left|right)(?=[()\[\]|.]|\\[{}])"), ""),
-              (re.compile(r"\s*([-+=,;()\[\]{}^_/])\s*"), r"\1")]
+_SAME_TEXT = [
+    (re.compile(r"\\[dt]frac"), r"\\frac"),
+    (re.compile(r"\\(?:left|right)(?=[()\[\]|.]|\\[{}])"), ""),
+    (re.compile(r"\s*([-+=,;()\[\]{}^_/])\s*"), r"\1"),
+]
 
 
 def _same_text(s: str) -> str:
@@ -107,8 +111,12 @@ class Verifier:
     @property
     def stats(self) -> dict:
         """Verdict counts so far, plus items sent to the pool, timeouts and worker crashes."""
-        return {**{v: self.counts[v] for v in VERDICTS}, "pooled": self.counts["pooled"],
-                "worker_timeouts": self._pool.timeouts, "worker_crashes": self._pool.crashes}
+        return {
+            **{v: self.counts[v] for v in VERDICTS},
+            "pooled": self.counts["pooled"],
+            "worker_timeouts": self._pool.timeouts,
+            "worker_crashes": self._pool.crashes,
+        }
 
     def equivalent_many(self, items: list[tuple[str, str]], *, timeout: float | None = None) -> list[str]:
         """Verdicts for (pred, gold) pairs of already-extracted answers, in order. Golds are

@@ -113,7 +113,10 @@ class _Worker:
             # -c, not -m: running a package's submodule as __main__ would import it twice; os._exit skips a
             # slow interpreter teardown of sympy's modules
             [sys.executable, "-c", _WORKER_MAIN, str(os.getpid()), str(memory_limit)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            bufsize=0,
         )
         self.buf = b""
         self.state, self.task, self.deadline = "starting", None, time.monotonic() + start_timeout
