@@ -48,6 +48,21 @@ def test_round_trip_across_shards(tmp_path):
         store["x"]
 
 
+def test_shard_files_get_the_usual_permissions_not_0600(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    w = TeacherStoreWriter(tmp_path, shard_size=2, **META)
+    for i in range(3):
+        w.add(f"e{i}", _rows(3, i))
+    w.close()
+    files = [p for p in tmp_path.iterdir() if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    for p in files:
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p.name
+
+
 def test_hidden_state_store_round_trip_and_any_temperature(tmp_path):
     from ssb.distill.loss import DenseTeacher
 

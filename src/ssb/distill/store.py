@@ -21,15 +21,13 @@ they expect (temperature, vocabulary, model fingerprint) and refuse a mismatch w
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ssb.distill.loss import DenseTeacher, SparseTeacher, _compute_dtype
-from ssb.files import atomic_write_json
+from ssb.files import atomic_write_bytes, atomic_write_json
 
 SCHEMA_VERSION = 2  # 2: 16-bit ids for vocabularies up to 65,536
 FORMAT = "ssb-sparse-teacher-logits"
@@ -81,19 +79,6 @@ def auto_top_k(vocab_size: int, budget: int = MAX_BYTES_PER_TOKEN) -> int:
     """
     per_id = bytes_per_token(1, vocab_size=vocab_size) - bytes_per_token(0, vocab_size=vocab_size)
     return min(vocab_size, (budget - bytes_per_token(0, vocab_size=vocab_size)) // per_id)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _meta(
@@ -196,7 +181,7 @@ class TeacherStoreWriter:
         tensors = {name: torch.cat([r[name] for _, r in self._buf]).contiguous() for name in self._buf[0][1]}
         meta = {k: str(v) for k, v in self.index.items() if k not in ("shards", "complete")}
         data = save(tensors, metadata=meta)
-        _atomic_write_bytes(self.root / name, data)
+        atomic_write_bytes(self.root / name, data)
         self.index["shards"].append({"file": name, "tokens": row, "bytes": len(data), "examples": examples})
         atomic_write_json(self.root / INDEX, self.index)
         self.done.update(e for e, _ in self._buf)
