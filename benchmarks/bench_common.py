@@ -1,8 +1,10 @@
-"""What the benchmark scripts share: turning a model spec into a directory, and writing a result file."""
+"""What the benchmark scripts share: turning a model spec into a directory, finding benchmark data, and writing a
+result file."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +24,16 @@ def model_dir(spec: str) -> str:
     from ssb.models import resolve
 
     return str(resolve(spec))
+
+
+def data_file(name: str) -> Path | None:
+    """A local benchmark file such as 'gsm8k_test.jsonl': in $SSB_DATA_DIR, else in ../shared/data beside the
+    repository; None when neither has it."""
+    for folder in filter(None, [os.environ.get("SSB_DATA_DIR"), ROOT.parent / "shared" / "data"]):
+        path = Path(folder) / name
+        if path.exists():
+            return path
+    return None
 
 
 def save_result(name: str, result: dict) -> Path:

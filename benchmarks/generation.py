@@ -32,16 +32,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench_common import model_dir, save_result  # noqa: E402
+from bench_common import data_file, model_dir, save_result  # noqa: E402
 from ssb.engine.engine import Engine, SamplingParams  # noqa: E402
 
 SYSTEM = "You are a helpful math tutor. Solve the problem step by step and give the final answer as \\boxed{}."
-GSM8K = Path("/work/shared/data/gsm8k_test.jsonl")
+GSM8K = data_file("gsm8k_test.jsonl")  # $SSB_DATA_DIR or ../shared/data
 
 
 def questions(count: int) -> list[str]:
     """The first `count` GSM8K test questions if the file is present, else generated arithmetic word problems."""
-    if GSM8K.exists():
+    if GSM8K is not None:
         with GSM8K.open() as f:
             qs = [json.loads(line)["question"] for line, _ in zip(f, range(count))]
         if len(qs) == count:

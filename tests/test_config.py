@@ -107,3 +107,22 @@ def test_ablation_values():
     sft = load_config(root / "sft.yaml").train
     assert (sft.kd_weight, sft.ce_weight) == (0.0, 1.0)
     assert load_config(Path(__file__).parents[1] / "configs" / "full.yaml").data.train.limit == 256
+
+
+def test_an_override_changes_only_what_it_names_and_the_preset_stays(tmp_path, monkeypatch):
+    """`ssb run --set seed=1` is the quick preset with seed 1, never the paper-size defaults; a run directory's
+    saved config is reused when no --config or --preset is given."""
+    from ssb.cli import build_parser, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    parse = build_parser().parse_args
+    quick, _, origin = resolve_config(parse(["run"]))
+    seeded, run, origin1 = resolve_config(parse(["run", "--set", "seed=1"]))
+    assert seeded.seed == 1 and seeded.data.train.limit == quick.data.train.limit == 96
+    assert seeded.eval == quick.eval and seeded.rollout == quick.rollout
+    assert "preset 'quick'" in origin and "preset 'quick'" in origin1 and "--set seed=1" in origin1
+    fresh, _, _ = resolve_config(parse(["run", "--run-dir", "elsewhere", "--set", "seed=2"]))
+    assert fresh.seed == 2 and fresh.data.train.limit == 96
+    save_config(load_config(None, ["data.train.limit=7"]), tmp_path / "mine" / "config.yaml")
+    saved, _, origin2 = resolve_config(parse(["curate", "--run-dir", "mine", "--set", "seed=3"]))
+    assert saved.data.train.limit == 7 and saved.seed == 3 and "config saved in" in origin2

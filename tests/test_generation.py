@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssb.engine.engine import Completion, Engine, SamplingParams, _ThreadTuner
+from ssb.engine.engine import Completion, Engine, SamplingParams
 from ssb.engine.sampling import sample_next
+from ssb.engine.scheduler import ThreadTuner
 from ssb.testing import make_tiny_model
 
 # Prompts of very different lengths (the long one is ~10x the short one in tokens).
@@ -21,16 +22,6 @@ MESSAGES = [
     [{"role": "user", "content": "A train travels 60 miles in 2 hours. What is its speed?"}],
     [{"role": "user", "content": "12 - 5 = ?"}],
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared CPU every OpenMP region of a 2-thread pool waits
-    for a descheduled worker (measured: 100x slower under load), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +151,7 @@ def test_scheduling_with_early_stops_matches_one_big_batch(tiny):
 
 
 def test_attention_chunks():
-    from ssb.engine.engine import _chunks
+    from ssb.engine.scheduler import _chunks
 
     assert _chunks([9, 9, 9, 9, 9]) == [(0, 5, 10)]
     # ages 100.., then 10..: a new chunk once padding would waste > 1/8, at least 4 rows per chunk
@@ -331,7 +322,7 @@ def test_thread_tuner_keeps_the_faster_thread_count_and_restores(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    tuner = _ThreadTuner(period=10, trial=3)
+    tuner = ThreadTuner(period=10, trial=3)
     used = []
     for slow_threads in (2, 1):  # first period: 2 threads are slow (a busy machine); second: 1 thread is
         for _ in range(10):

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from ssb.cli import main
 from ssb.files import read_jsonl
 from ssb.rundir import RunDir
@@ -38,10 +40,13 @@ grpo: {{max_steps: 1, batch_size: 2, num_generations: 2, max_completion_length: 
     assert (run.adapter_dir / "adapter_config.json").exists()
     assert (run.sft_run.adapter_dir / "adapter_config.json").exists()
     assert read_jsonl(run.metrics) and read_jsonl(run.sft_run.metrics)
+    table = out.split("=== held-out q:")[-1]
     for tag in ("base", "ssb", "sft", "grpo"):
         summary = json.loads((run.eval_dir(tag, "q") / "summary.json").read_text())
-        assert summary["problems"] == 8 and 0.0 <= summary["pass@1"] <= 1.0
-    assert "| base" in out or "base" in out.split("===")[-1]
+        samples = read_jsonl(run.eval_dir(tag, "q") / "samples.jsonl")
+        assert summary["problems"] == len(samples) == 8
+        assert summary["pass@1"] == pytest.approx(sum(s["correct"] for s in samples) / 8)
+        assert f"| {run.eval_dir(tag, 'q')} |" in table  # every model is a row of the final comparison
     # A rerun skips every finished stage.
     assert main(["run", "--config", str(cfg), "--run-dir", str(run.root)]) == 0
     again = capsys.readouterr().out

@@ -14,14 +14,6 @@ from ssb.rundir import RunDir
 META = dict(temperature=2.0, top_k=4, vocab_size=50, fingerprint="abc", model="m")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny matmuls on a shared 2-core machine: thread hand-offs cost more than the work
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _rows(n, seed):
     g = torch.Generator().manual_seed(seed)
     return sparsify(torch.randn(n, 50, generator=g) * 3, k=4, temperature=2.0)

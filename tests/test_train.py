@@ -18,14 +18,6 @@ from ssb.rundir import RunDir
 SYSTEM = "You are a helpful math tutor."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny matmuls on a shared 2-core machine: thread hand-offs cost more than the work
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The random tiny model made context-dependent and peaked, so hinted and plain prompts disagree."""

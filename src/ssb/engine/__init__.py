@@ -1,9 +1,12 @@
 """Batched generation for every stage that samples from a model (rollouts, teacher solutions, eval, GRPO).
 
-`engine` holds `Engine` (continuous batching) and its request/result types, `cache` the model wrapper with
-preallocated KV caches it decodes through, `sampling` the seeded per-sequence token sampler.
+`engine` holds `Engine` (prompts in, completions out), `scheduler` the continuous-batching loop behind it,
+`cache` the model wrapper with preallocated KV caches it decodes through, and `sampling` the sampling
+parameters and the seeded per-sequence token sampler.
 """
 
-from ssb.engine.engine import Completion, Engine, SamplingParams, stop_token_ids, tokenize_prompts
+from ssb.engine.engine import Engine, stop_token_ids, tokenize_prompts
+from ssb.engine.sampling import SamplingParams
+from ssb.engine.scheduler import Completion
 
 __all__ = ["Completion", "Engine", "SamplingParams", "stop_token_ids", "tokenize_prompts"]

@@ -8,8 +8,18 @@ depend only on (seed, prompt, sample index), not on which other sequences share 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 => greedy
+    top_k: int = 0  # 0 => off
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
 
 
 def sequence_uniforms(seed: int, prompt_ids: list[int], sample_index: int, length: int) -> torch.Tensor:
