@@ -82,6 +82,11 @@ class CurateConfig:
         "placeholders (default: built-in; no-negative uses {question}, {correct}), or "
         "'short': a built-in terse instruction that tiny models follow more often",
     )
+    order: Literal["correct_first", "wrong_first"] = opt(
+        "correct_first",
+        "Which attempt the hint shows first (the paper: correct first); 'wrong_first' is the hint-order ablation "
+        "(configs/ablations/wrong-first.yaml). A template file must place its placeholders in this order",
+    )
 
 
 @dataclass
