@@ -42,7 +42,12 @@ class DatasetSpec:
         "'arith' (built-in word-problem generator), a benchmark name (gsm8k, math500, "
         "aime24, amc23), a local .jsonl/.json/.parquet file, or a Hugging Face Hub dataset id",
     )
-    split: str = opt("train", "Split: 'train' or 'test' for arith and benchmarks, any split name for Hub datasets")
+    split: str = opt(
+        "train",
+        "Split: 'train' or 'test' for arith and benchmarks, any split name for Hub datasets. arith also has "
+        "'val' (a quarter of the training calculations, for choosing settings) and 'fit' (the other training "
+        "calculations, to train on while validating); never the test ones (docs/quality.md)",
+    )
     subset: str | None = opt(None, "Hub dataset config name (e.g. 'main' for openai/gsm8k)")
     level: int = opt(1, "arith only: difficulty 1 (one operation), 2 (two steps) or 3 (three steps)")
     limit: int | None = opt(None, "Use at most this many examples (after offset; arith: 500 when unset)")
