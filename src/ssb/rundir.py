@@ -9,6 +9,9 @@ All stages read and write through `RunDir`, so the layout is defined here and no
     RUN/curated.jsonl            questions kept for teaching, with the hinted teacher prompt
     RUN/pairs.jsonl              verified teacher solutions: teacher/student messages + solution token ids
     RUN/teach_attempts.jsonl     every teacher attempt, kept or not
+    RUN/batches/batch-N/         with teach.target_pairs: further question batches (rollouts, curated, pairs,
+                                 teach_attempts, manifest), each a run directory of its own; their pairs are
+                                 appended to RUN/pairs.jsonl up to the target
     RUN/logits/                  sparse teacher distributions (sharded safetensors + index.json)
     RUN/train/                   trainer checkpoints and TensorBoard logs
     RUN/metrics.jsonl            training metrics, one line per logging step
@@ -78,6 +81,14 @@ class RunDir:
     def sft_run(self) -> RunDir:
         """The SFT baseline: a run directory of its own holding a copy of pairs.jsonl."""
         return RunDir(self.root / "sft")
+
+    @property
+    def batches_dir(self) -> Path:
+        return self.root / "batches"
+
+    def batch_dir(self, n: int) -> RunDir:
+        """Batch n (1-based after the run's own questions, batch 0) drawn to reach teach.target_pairs."""
+        return RunDir(self.batches_dir / f"batch-{n}")
 
     def round_dir(self, n: int) -> RunDir:
         return RunDir(self.root / f"round-{n}")

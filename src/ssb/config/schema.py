@@ -101,6 +101,16 @@ class TeachConfig:
     top_p: float = opt(1.0, "Nucleus sampling threshold, 1.0 = off")
     max_new_tokens: int = opt(512, "Longest teacher solution in tokens")
     attempts: int = opt(1, "Teacher tries per question until one verifies (paper: 1)")
+    target_pairs: int | None = opt(
+        None,
+        "Reach this many verified pairs (paper: 256) by drawing further batches of data.train.limit fresh "
+        "training questions (rollout, curate, teach each, in RUN/batches/) until the target or max_batches; "
+        "null = off: one batch. Further batches add pairs only up to the target (the first batch's are all kept); "
+        "the yield funnel is in the manifest's teach counts",
+    )
+    max_batches: int = opt(
+        8, "With target_pairs: at most this many question batches in all (the run's own first batch included)"
+    )
     batch_size: int = opt(64, "Sequences generated at once")
 
 
@@ -279,6 +289,8 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "data.train.level": ("must be 1, 2 or 3", lambda v: v in (1, 2, 3)),
     "rollout.k": ("must be >= 1", lambda v: v >= 1),
     "teach.attempts": ("must be >= 1", lambda v: v >= 1),
+    "teach.target_pairs": ("must be >= 1 or null", lambda v: v is None or v >= 1),
+    "teach.max_batches": ("must be >= 1", lambda v: v >= 1),
     "logits.top_k": ("must be >= 0 (0 = auto)", lambda v: v >= 0),
     "train.lora_r": ("must be >= 1", lambda v: v >= 1),
     "train.batch_size": ("must be >= 1", lambda v: v >= 1),
@@ -311,6 +323,11 @@ def validate(cfg: Config) -> None:
     for b in cfg.baselines:
         if b not in ("sft", "grpo"):
             raise ConfigError(f"config key 'baselines': unknown baseline {b!r} (choose from sft, grpo)")
+    if cfg.rounds > 1 and cfg.teach.target_pairs is not None:
+        raise ConfigError(
+            "config keys 'rounds' and 'teach.target_pairs': both draw fresh training questions after the first "
+            "data.train.limit; use one of them"
+        )
     if cfg.rounds > 1 and cfg.data.train.limit is None:
         raise ConfigError("config key 'rounds': iterated rounds need data.train.limit (questions per round)")
     if cfg.train.kd_weight == 0 and cfg.train.ce_weight == 0:
