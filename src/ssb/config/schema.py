@@ -207,7 +207,20 @@ class GRPOConfig:
         "pass (TRL's default; the original GRPO paper used 0.04)",
     )
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = opt(
-        "dapo", "Token-loss normalisation (TRL's default 'dapo': over all completion tokens in the batch)"
+        "dapo",
+        "Token-loss normalisation (TRL's default 'dapo': over all completion tokens in the batch; 'dr_grpo': a "
+        "constant, max_completion_length; 'grpo': each completion's length; 'bnpo': the local batch's tokens)",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = opt(
+        "group",
+        "Divide advantages by the reward std of the group (TRL default), of the batch, or not at all "
+        "('none': Dr. GRPO's choice; the dr_grpo baseline sets it)",
+    )
+    match_compute: Literal["none", "tokens"] = opt(
+        "none",
+        "'tokens': set max_steps so GRPO's generated + trained tokens match SSB's rollout + teach + logits + "
+        "train tokens of the same run directory (the SSB stages must have run; rule in docs/quality.md); "
+        "'none': use max_steps / epochs as given",
     )
     epochs: float = opt(1.0, "Passes over the training questions")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides epochs; null: use epochs)")
@@ -271,7 +284,8 @@ class Config:
     baselines: list[str] = opt(
         ["sft", "grpo"],
         "Baselines `ssb run` trains and evaluates beside SSB: 'sft' "
-        "(same pairs, cross-entropy only) and 'grpo' (TRL GRPO, same questions and reward)",
+        "(same pairs, cross-entropy only), 'grpo' (TRL GRPO, same questions and reward) and 'dr_grpo' (the same "
+        "GRPO settings with Dr. GRPO's loss and unscaled rewards, in RUN/dr_grpo)",
     )
     rounds: int = opt(
         1,
@@ -321,8 +335,8 @@ def validate(cfg: Config) -> None:
         if last in ("top_k", "offset") and value < 0:
             raise ConfigError(f"config key '{key}': must be >= 0, got {value!r}")
     for b in cfg.baselines:
-        if b not in ("sft", "grpo"):
-            raise ConfigError(f"config key 'baselines': unknown baseline {b!r} (choose from sft, grpo)")
+        if b not in ("sft", "grpo", "dr_grpo"):
+            raise ConfigError(f"config key 'baselines': unknown baseline {b!r} (choose from sft, grpo, dr_grpo)")
     if cfg.rounds > 1 and cfg.teach.target_pairs is not None:
         raise ConfigError(
             "config keys 'rounds' and 'teach.target_pairs': both draw fresh training questions after the first "
