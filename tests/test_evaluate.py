@@ -117,6 +117,7 @@ def test_compare_pairs_runs_on_same_problems(tmp_path):
     rows = table.splitlines()
     assert rows[2].startswith("| 1 |") and "70.0% [39.7–89.2]" in rows[2] and "| 10 | 0.0% |" in rows[2]
     assert "30.0% [10.8–60.3]" in rows[3] and "| 20 | 100.0% |" in rows[3]
+    assert rows[2].endswith("| 0.0% | 0.0% | 0.0% | 0.0% |")  # truncated, looping, wrong step, right yet wrong
     # A right / B wrong on q2..q6 (5), the reverse on q7 (1): McNemar exact p = 2 * (1 + 6) / 64
     pair = next(r for r in rows if r.startswith("| 1 | 2 |"))
     assert "| 10 | +40.0 pts |" in pair and f"| {2 * 7 / 64:.3g} | McNemar exact |" in pair
