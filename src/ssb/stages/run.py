@@ -51,7 +51,7 @@ def ssb_round(cfg: Config, run: RunDir, force: bool) -> dict | None:
     for name in PIPELINE:
         print(f"\n=== {name} ({run.root}) ===", flush=True)
         results[name] = load(name)(cfg, run, force=force)
-        if name == "curate" and not results[name].get("kept"):
+        if name == "curate" and not results[name].get("kept") and cfg.teach.target_pairs is None:
             print(
                 "[run] no question had both a correct and a wrong rollout: nothing to teach. Try more questions "
                 "(data.train.limit), more rollouts (rollout.k) or easier data.",
