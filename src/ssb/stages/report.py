@@ -24,6 +24,7 @@ from ssb import plots
 from ssb.compute import budget_lines
 from ssb.files import atomic_write_text, read_jsonl
 from ssb.rundir import RunDir
+from ssb.stages.target import funnel_line
 
 NOT_RUN = "not run"
 STAGE_ORDER = ("rollout", "curate", "teach", "logits", "train", "grpo", "dr_grpo")
@@ -206,6 +207,10 @@ def _funnel_blocks(runs: list[dict]) -> list:
     blocks.append(("table", ["run", *funnel(runs[0]).keys(), "rollouts correct", "teacher pass rate"], rows))
     png = plots.funnel_plot({r["label"]: funnel(r) for r in runs})
     blocks.append(("img", "funnel.png", png, "Curation funnel") if png else ("p", f"Curation: {NOT_RUN}."))
+    for r in runs:  # the teach stage's yield funnel over all question batches (teach.target_pairs)
+        te = _counts(r, "teach")
+        if te.get("funnel"):
+            blocks.append(("p", f"{r['label']}: yield {funnel_line(te).removeprefix('[teach] funnel: ')}."))
     return blocks
 
 
