@@ -92,7 +92,7 @@ def test_shipped_configs_load_and_their_templates_fit(path):
     from ssb.prompts import load_template
 
     cfg = load_config(path)
-    assert load_template(cfg.curate.template, negative=cfg.curate.negative)
+    assert load_template(cfg.curate.template, negative=cfg.curate.negative, order=cfg.curate.order)
     if path.parent.name == "ablations":  # an ablation changes one thing against the quick preset
         quick = load_config(preset_path("quick"))
         changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(quick, f.name)]
@@ -103,6 +103,7 @@ def test_ablation_values():
     root = Path(__file__).parents[1] / "configs" / "ablations"
     assert load_config(root / "k2.yaml").rollout.k == 2 and load_config(root / "k8.yaml").rollout.k == 8
     assert load_config(root / "no-negative.yaml").curate.negative is False
+    assert load_config(root / "wrong-first.yaml").curate.order == "wrong_first"
     assert load_config(root / "kl-t1.yaml").train.temperature == 1.0
     sft = load_config(root / "sft.yaml").train
     assert (sft.kd_weight, sft.ce_weight) == (0.0, 1.0)

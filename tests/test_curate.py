@@ -94,3 +94,35 @@ def test_curate_stage_funnel_and_records(tmp_path):
     assert nn["kept"] == 1
     (rec,) = read_jsonl(run.curated)
     assert rec["wrong"] is None and "answer 4" not in rec["teacher_messages"][1]["content"]
+
+
+@pytest.mark.parametrize("template", [None, "short"])
+def test_hint_order_wrong_first(template):
+    """curate.order=wrong_first: the same hint with the wrong attempt shown before the correct one."""
+    first = load_template(template, order="correct_first")
+    wrong_first = load_template(template, order="wrong_first")
+    text = hinted_user_prompt(wrong_first, "Q?", "CORRECT-ROLLOUT", "WRONG-ROLLOUT")
+    assert text.index("WRONG-ROLLOUT") < text.index("CORRECT-ROLLOUT")
+    text = hinted_user_prompt(first, "Q?", "CORRECT-ROLLOUT", "WRONG-ROLLOUT")
+    assert text.index("CORRECT-ROLLOUT") < text.index("WRONG-ROLLOUT")
+    assert load_template(template, negative=False, order="wrong_first") == load_template(template, negative=False)
+
+
+def test_hint_order_of_a_template_file_must_match(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("{question} {correct} {wrong}")
+    with pytest.raises(ValueError, match=r"t\.txt: curate.order is 'wrong_first' but the template shows the correct"):
+        load_template(f, order="wrong_first")
+    f.write_text("{question} {wrong} {correct}")
+    assert load_template(f, order="wrong_first")
+
+
+def test_curate_stage_with_wrong_first_order(tmp_path):
+    run = RunDir(tmp_path).mkdir()
+    _rollouts(run)
+    counts = curate(load_config(None, ["curate.order=wrong_first"]), run)
+    assert counts["kept"] == 1
+    (rec,) = read_jsonl(run.curated)
+    prompt = rec["teacher_messages"][1]["content"]
+    assert prompt.index("Attempt A (wrong final answer)") < prompt.index("Attempt B (correct final answer)")
+    assert prompt.index("answer 4") < prompt.index("answer 3")

@@ -122,3 +122,23 @@ def test_missing_file_and_duplicate_ids(tmp_path):
     write_jsonl(f, [{"id": 1, "question": "a", "answer": "1"}, {"id": 1, "question": "b", "answer": "2"}])
     with pytest.raises(DataError, match="duplicate id"):
         load_examples(DatasetSpec(source=str(f)))
+
+
+def test_arith_validation_slice_comes_from_training_calculations_only():
+    """split val: one training calculation in four (31 of 118 at level 1, 912 problems); fit: the other 87
+    (2,464 problems; pool sizes measured by asking for more). Neither shares a calculation with test; together
+    they are train's calculations."""
+    keys = {
+        split: {p.key for p in arith.generate(split, 1, n)}
+        for split, n in (("train", 1500), ("test", 1500), ("val", 400), ("fit", 1100))
+    }
+    assert {s: len(k) for s, k in keys.items()} == {"train": 118, "test": 97, "val": 31, "fit": 87}
+    assert keys["val"] | keys["fit"] == keys["train"] and not keys["val"] & keys["fit"]
+    assert not (keys["val"] | keys["fit"]) & keys["test"]
+    for level in (2, 3):
+        val, test = arith.generate("val", level, 50), arith.generate("test", level, 200)
+        assert not {p.key for p in val} & {p.key for p in test}
+    examples = load_examples(DatasetSpec(source="arith", split="val", limit=5))
+    assert len(examples) == 5 and {e.answer for e in examples} and all(e.source == "arith-l1" for e in examples)
+    with pytest.raises(ValueError, match="one of train, test, val, fit"):
+        arith.generate("dev", 1, 5)

@@ -117,6 +117,7 @@ def test_compare_pairs_runs_on_same_problems(tmp_path):
     rows = table.splitlines()
     assert rows[2].startswith("| 1 |") and "70.0% [39.7–89.2]" in rows[2] and "| 10 | 0.0% |" in rows[2]
     assert "30.0% [10.8–60.3]" in rows[3] and "| 20 | 100.0% |" in rows[3]
+    assert rows[2].endswith("| 0.0% | 0.0% | 0.0% | 0.0% |")  # truncated, looping, wrong step, right yet wrong
     # A right / B wrong on q2..q6 (5), the reverse on q7 (1): McNemar exact p = 2 * (1 + 6) / 64
     pair = next(r for r in rows if r.startswith("| 1 | 2 |"))
     assert "| 10 | +40.0 pts |" in pair and f"| {2 * 7 / 64:.3g} | McNemar exact |" in pair
@@ -298,3 +299,18 @@ def test_real_model_arith_smoke(tmp_path):
     cfg.eval.data.limit = 8
     s = evaluate(cfg, model, "arith", tmp_path / "eval")
     assert s["problems"] == 8 and s["verdicts"]["unparsed"] < 8  # the instruct model answers most questions
+
+
+def test_summary_reports_wrong_steps_and_looping_and_reads_old_summaries(tmp_path):
+    records = [_rec(f"p{i}", [("7", True, 10, "stop")]) for i in range(4)]
+    texts = ["3 + 4 = 7, \\boxed{7}", "3 + 4 = 8, \\boxed{7}", "no steps", "7\n" * 12 + "7"]
+    for r, text in zip(records, texts):
+        r["samples"][0]["text"] = text
+    records[3]["samples"][0].update(finish_reason="length", correct=False)
+    s = build_summary(records, {"model": "m", "benchmark": "arith", "n": 1, "temperature": 0.0})
+    assert (s["wrong_step_share"], s["correct_with_wrong_step_share"], s["looping_share"]) == (0.25, 0.25, 0.25)
+    assert s["step_checked_share"] == 0.5
+    line = ev.detail_line(s, tmp_path)
+    assert "25.0% looping; 25.0% with a wrong arithmetic step (25.0% right answer yet a wrong step)" in line
+    old = {k: v for k, v in s.items() if "step" not in k and "looping" not in k}  # a summary from before
+    assert "looping" not in ev.detail_line(old, tmp_path) and "truncated" in ev.detail_line(old, tmp_path)

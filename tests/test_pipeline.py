@@ -27,13 +27,15 @@ logits: {{top_k: 8, batch_size: 4}}
 train: {{epochs: 2, batch_size: 2, lora_r: 4, lora_alpha: 8, save_steps: 2}}
 eval: {{data: {{source: {data}}}, max_new_tokens: 16}}
 grpo: {{max_steps: 1, batch_size: 2, num_generations: 2, max_completion_length: 8}}
+baselines: [sft, grpo, dr_grpo]
 """)
     run = RunDir(tmp_path / "run")
     assert main(["run", "--config", str(cfg), "--run-dir", str(run.root)]) == 0
     out = capsys.readouterr().out
     stages = run.read_manifest()["stages"]
-    for name in ("rollout", "curate", "teach", "logits", "train", "grpo"):
+    for name in ("rollout", "curate", "teach", "logits", "train", "grpo", "dr_grpo"):
         assert stages[name]["status"] == "done", name
+    assert stages["dr_grpo"]["counts"]["loss_type"] == "dr_grpo"
     assert stages["curate"]["counts"]["kept"] >= 1
     pairs = read_jsonl(run.pairs)
     assert pairs and all("answer is 4" in p["solution"] for p in pairs)
@@ -41,12 +43,13 @@ grpo: {{max_steps: 1, batch_size: 2, num_generations: 2, max_completion_length: 
     assert (run.sft_run.adapter_dir / "adapter_config.json").exists()
     assert read_jsonl(run.metrics) and read_jsonl(run.sft_run.metrics)
     table = out.split("=== held-out q:")[-1]
-    for tag in ("base", "ssb", "sft", "grpo"):
+    for tag in ("base", "ssb", "sft", "grpo", "dr_grpo"):
         summary = json.loads((run.eval_dir(tag, "q") / "summary.json").read_text())
         samples = read_jsonl(run.eval_dir(tag, "q") / "samples.jsonl")
         assert summary["problems"] == len(samples) == 8
         assert summary["pass@1"] == pytest.approx(sum(s["correct"] for s in samples) / 8)
         assert f"| {run.eval_dir(tag, 'q')} |" in table  # every model is a row of the final comparison
+    assert "[compute] SSB: " in out and "[compute] GRPO: " in out and "[compute] Dr. GRPO: " in out
     # A rerun skips every finished stage.
     assert main(["run", "--config", str(cfg), "--run-dir", str(run.root)]) == 0
     again = capsys.readouterr().out

@@ -247,3 +247,33 @@ def test_report_compares_two_runs_and_checks_inputs(tmp_path):
     bad.write_text(json.dumps(s))
     with pytest.raises(ValueError, match=r"summary\.json: missing field 'maj@n'"):
         report([a.root])
+
+
+def test_report_shows_completion_length_per_arm_quality_shares_and_compute(tmp_path):
+    run, evals = _full_run(tmp_path / "run1")
+    run.update_stage("logits", status="done", seconds=8.0, counts={"mode": "offline", "tokens": 900})
+    teach = run.stage_entry("teach")["counts"]
+    funnel = {"questions": 40, "mixed": 18, "teacher_attempts": 18, "verified": 15, "kept": 14, "pairs": 10}
+    teach.update(funnel=funnel, target_pairs=10, target_reached=True, batches=2, shortfall_reason=None)
+    run.update_stage("teach", counts=teach)
+    text = report([run.root]).read_text()
+    assert (
+        "run1: yield 40 questions -&gt; 18 mixed -&gt; 18 teacher attempts -&gt; 15 verified -&gt; 14 kept -&gt; "
+        "10 pairs; target 10 reached with 2 batches."
+    ) in text
+    # SSB: solution lengths 121..126 along training, 80 tokens at eval; GRPO: 90 and 90, not evaluated; base 100
+    assert "<tr><td>run1</td><td>SSB</td><td>121</td><td>126</td><td>80</td></tr>" in text
+    assert "<tr><td>run1</td><td>GRPO</td><td>90</td><td>90</td><td>-</td></tr>" in text
+    assert "<tr><td>run1</td><td>base</td><td>-</td><td>-</td><td>100</td></tr>" in text
+    # compute: 12,345 rollout + 999 teach + 900 teacher forward + 900 x 3 epochs trained; GRPO 2 x 4,321
+    assert "run1: SSB: 16,944 tokens (generated 13,344 = rollout 12,345 + teach 999" in text
+    assert "run1: GRPO: 8,642 tokens (generated 4,321, trained 4,321; 4 steps), 250 s: 0.51x SSB&#x27;s tokens" in text
+    # quality shares: measured by the step checker on the samples ('... 1' has no steps, none loops)
+    assert "<td>10.0%</td><td>0.0%</td><td>0.0%</td><td>0.0%</td></tr>" in text
+    # a summary from before the step checker: '-' in those columns
+    path = run.eval_dir("ssb", "arith") / "summary.json"
+    s = json.loads(path.read_text())
+    for key in ("looping_share", "wrong_step_share", "correct_with_wrong_step_share"):
+        del s[key]
+    path.write_text(json.dumps(s))
+    assert "<td>-</td><td>-</td><td>-</td></tr>" in report([run.root]).read_text()

@@ -18,20 +18,29 @@ def student_messages(question: str, system_prompt: str) -> list[dict]:
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
 
 
-def load_template(path: str | Path | None, negative: bool = True) -> str:
+def load_template(path: str | Path | None, negative: bool = True, order: str = "correct_first") -> str:
     """Read a hinted-prompt template (a path, or the name of a built-in: "short") and check its placeholders.
     Errors name the file.
 
     Placeholders are the literal tokens {question}, {correct} and {wrong}; every other brace is kept as written
-    (templates speak LaTeX: `\\boxed{answer}` stays as it is).
+    (templates speak LaTeX: `\\boxed{answer}` stays as it is). `order` ("correct_first" or "wrong_first") says
+    which attempt the hint shows first: built-ins have a variant for each; a template file must already place
+    its {correct} and {wrong} in that order. Without a negative there is one attempt and order does not apply.
     """
+    if order not in ("correct_first", "wrong_first"):
+        raise ValueError(f"hint order must be 'correct_first' or 'wrong_first', got {order!r}")
+    suffix = "_no_negative" if not negative else ("_wrong_first" if order == "wrong_first" else "")
     if path is None:
-        path = TEMPLATES / ("hint.txt" if negative else "hint_no_negative.txt")
+        path = TEMPLATES / f"hint{suffix}.txt"
     elif "/" not in str(path) and (TEMPLATES / f"hint_{path}.txt").exists():  # a built-in by name, e.g. "short"
-        path = TEMPLATES / (f"hint_{path}.txt" if negative else f"hint_{path}_no_negative.txt")
+        path = TEMPLATES / f"hint_{path}{suffix}.txt"
     path = Path(path)
     if not path.exists():
-        names = sorted(p.stem[len("hint_") :] for p in TEMPLATES.glob("hint_*.txt") if "negative" not in p.stem)
+        names = sorted(
+            p.stem[len("hint_") :]
+            for p in TEMPLATES.glob("hint_*.txt")
+            if "negative" not in p.stem and "first" not in p.stem
+        )
         raise ValueError(f"hint template not found: {path} (give a file path or a built-in name: {', '.join(names)})")
     text = path.read_text(encoding="utf-8")
     found = set(_FIELD.findall(text))
@@ -40,6 +49,13 @@ def load_template(path: str | Path | None, negative: bool = True) -> str:
         raise ValueError(f"{path}: template lacks placeholder(s) {sorted('{' + m + '}' for m in required - found)}")
     if not negative and "wrong" in found:
         raise ValueError(f"{path}: the no-negative variant has no wrong attempt to fill {{wrong}}")
+    if negative:
+        wrong_first = text.index("{wrong}") < text.index("{correct}")
+        if wrong_first != (order == "wrong_first"):
+            raise ValueError(
+                f"{path}: curate.order is {order!r} but the template shows the "
+                f"{'wrong' if wrong_first else 'correct'} attempt first; reorder its placeholders or set curate.order"
+            )
     return text
 
 

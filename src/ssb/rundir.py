@@ -9,6 +9,9 @@ All stages read and write through `RunDir`, so the layout is defined here and no
     RUN/curated.jsonl            questions kept for teaching, with the hinted teacher prompt
     RUN/pairs.jsonl              verified teacher solutions: teacher/student messages + solution token ids
     RUN/teach_attempts.jsonl     every teacher attempt, kept or not
+    RUN/batches/batch-N/         with teach.target_pairs: further question batches (rollouts, curated, pairs,
+                                 teach_attempts, manifest), each a run directory of its own; their pairs are
+                                 appended to RUN/pairs.jsonl up to the target
     RUN/logits/                  sparse teacher distributions (sharded safetensors + index.json)
     RUN/train/                   trainer checkpoints and TensorBoard logs
     RUN/metrics.jsonl            training metrics, one line per logging step
@@ -17,6 +20,7 @@ All stages read and write through `RunDir`, so the layout is defined here and no
     RUN/eval/<model>/<bench>/    samples.jsonl + summary.json + eval_config.json per model and benchmark
     RUN/sft/                     SFT baseline: a run directory of its own (pairs.jsonl copy, adapter/, metrics)
     RUN/grpo/                    GRPO baseline: adapter/, metrics.jsonl, checkpoints/ (`RunDir.grpo_*`)
+    RUN/dr_grpo/                 Dr. GRPO baseline (baselines: [..., dr_grpo]): the same layout (`RunDir.rl_*`)
     RUN/report/                  report.html + report.md
     RUN/round-N/                 later rounds of iterated SSB, each a run directory of its own
 
@@ -66,10 +70,28 @@ class RunDir:
     adapter_dir = property(lambda self: self.root / "adapter")
     merged_dir = property(lambda self: self.root / "merged")
     report_dir = property(lambda self: self.root / "report")
-    grpo_dir = property(lambda self: self.root / "grpo")
-    grpo_adapter = property(lambda self: self.root / "grpo" / "adapter")
-    grpo_metrics = property(lambda self: self.root / "grpo" / "metrics.jsonl")
-    grpo_checkpoints = property(lambda self: self.root / "grpo" / "checkpoints")
+    grpo_dir = property(lambda self: self.rl_dir("grpo"))
+    grpo_adapter = property(lambda self: self.rl_adapter("grpo"))
+    grpo_metrics = property(lambda self: self.rl_metrics("grpo"))
+    grpo_checkpoints = property(lambda self: self.rl_checkpoints("grpo"))
+
+    # An RL baseline's files by its name: "grpo" (RUN/grpo) or "dr_grpo" (RUN/dr_grpo); the manifest stage has
+    # the same name.
+    RL_BASELINES = ("grpo", "dr_grpo")
+
+    def rl_dir(self, name: str) -> Path:
+        if name not in self.RL_BASELINES:
+            raise ValueError(f"unknown RL baseline {name!r} (choose from {', '.join(self.RL_BASELINES)})")
+        return self.root / name
+
+    def rl_adapter(self, name: str) -> Path:
+        return self.rl_dir(name) / "adapter"
+
+    def rl_metrics(self, name: str) -> Path:
+        return self.rl_dir(name) / "metrics.jsonl"
+
+    def rl_checkpoints(self, name: str) -> Path:
+        return self.rl_dir(name) / "checkpoints"
 
     def eval_dir(self, model_tag: str, benchmark: str) -> Path:
         return self.root / "eval" / model_tag / benchmark
@@ -78,6 +100,14 @@ class RunDir:
     def sft_run(self) -> RunDir:
         """The SFT baseline: a run directory of its own holding a copy of pairs.jsonl."""
         return RunDir(self.root / "sft")
+
+    @property
+    def batches_dir(self) -> Path:
+        return self.root / "batches"
+
+    def batch_dir(self, n: int) -> RunDir:
+        """Batch n (1-based after the run's own questions, batch 0) drawn to reach teach.target_pairs."""
+        return RunDir(self.batches_dir / f"batch-{n}")
 
     def round_dir(self, n: int) -> RunDir:
         return RunDir(self.root / f"round-{n}")

@@ -42,7 +42,12 @@ class DatasetSpec:
         "'arith' (built-in word-problem generator), a benchmark name (gsm8k, math500, "
         "aime24, amc23), a local .jsonl/.json/.parquet file, or a Hugging Face Hub dataset id",
     )
-    split: str = opt("train", "Split: 'train' or 'test' for arith and benchmarks, any split name for Hub datasets")
+    split: str = opt(
+        "train",
+        "Split: 'train' or 'test' for arith and benchmarks, any split name for Hub datasets. arith also has "
+        "'val' (a quarter of the training calculations, for choosing settings) and 'fit' (the other training "
+        "calculations, to train on while validating); never the test ones (docs/quality.md)",
+    )
     subset: str | None = opt(None, "Hub dataset config name (e.g. 'main' for openai/gsm8k)")
     level: int = opt(1, "arith only: difficulty 1 (one operation), 2 (two steps) or 3 (three steps)")
     limit: int | None = opt(None, "Use at most this many examples (after offset; arith: 500 when unset)")
@@ -82,6 +87,11 @@ class CurateConfig:
         "placeholders (default: built-in; no-negative uses {question}, {correct}), or "
         "'short': a built-in terse instruction that tiny models follow more often",
     )
+    order: Literal["correct_first", "wrong_first"] = opt(
+        "correct_first",
+        "Which attempt the hint shows first (the paper: correct first); 'wrong_first' is the hint-order ablation "
+        "(configs/ablations/wrong-first.yaml). A template file must place its placeholders in this order",
+    )
 
 
 @dataclass
@@ -91,6 +101,16 @@ class TeachConfig:
     top_p: float = opt(1.0, "Nucleus sampling threshold, 1.0 = off")
     max_new_tokens: int = opt(512, "Longest teacher solution in tokens")
     attempts: int = opt(1, "Teacher tries per question until one verifies (paper: 1)")
+    target_pairs: int | None = opt(
+        None,
+        "Reach this many verified pairs (paper: 256) by drawing further batches of data.train.limit fresh "
+        "training questions (rollout, curate, teach each, in RUN/batches/) until the target or max_batches; "
+        "null = off: one batch. Further batches add pairs only up to the target (the first batch's are all kept); "
+        "the yield funnel is in the manifest's teach counts",
+    )
+    max_batches: int = opt(
+        8, "With target_pairs: at most this many question batches in all (the run's own first batch included)"
+    )
     batch_size: int = opt(64, "Sequences generated at once")
 
 
@@ -187,7 +207,20 @@ class GRPOConfig:
         "pass (TRL's default; the original GRPO paper used 0.04)",
     )
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = opt(
-        "dapo", "Token-loss normalisation (TRL's default 'dapo': over all completion tokens in the batch)"
+        "dapo",
+        "Token-loss normalisation (TRL's default 'dapo': over all completion tokens in the batch; 'dr_grpo': a "
+        "constant, max_completion_length; 'grpo': each completion's length; 'bnpo': the local batch's tokens)",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = opt(
+        "group",
+        "Divide advantages by the reward std of the group (TRL default), of the batch, or not at all "
+        "('none': Dr. GRPO's choice; the dr_grpo baseline sets it)",
+    )
+    match_compute: Literal["none", "tokens"] = opt(
+        "none",
+        "'tokens': set max_steps so GRPO's generated + trained tokens match SSB's rollout + teach + logits + "
+        "train tokens of the same run directory (the SSB stages must have run; rule in docs/quality.md); "
+        "'none': use max_steps / epochs as given",
     )
     epochs: float = opt(1.0, "Passes over the training questions")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides epochs; null: use epochs)")
@@ -251,7 +284,8 @@ class Config:
     baselines: list[str] = opt(
         ["sft", "grpo"],
         "Baselines `ssb run` trains and evaluates beside SSB: 'sft' "
-        "(same pairs, cross-entropy only) and 'grpo' (TRL GRPO, same questions and reward)",
+        "(same pairs, cross-entropy only), 'grpo' (TRL GRPO, same questions and reward) and 'dr_grpo' (the same "
+        "GRPO settings with Dr. GRPO's loss and unscaled rewards, in RUN/dr_grpo)",
     )
     rounds: int = opt(
         1,
@@ -269,6 +303,8 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "data.train.level": ("must be 1, 2 or 3", lambda v: v in (1, 2, 3)),
     "rollout.k": ("must be >= 1", lambda v: v >= 1),
     "teach.attempts": ("must be >= 1", lambda v: v >= 1),
+    "teach.target_pairs": ("must be >= 1 or null", lambda v: v is None or v >= 1),
+    "teach.max_batches": ("must be >= 1", lambda v: v >= 1),
     "logits.top_k": ("must be >= 0 (0 = auto)", lambda v: v >= 0),
     "train.lora_r": ("must be >= 1", lambda v: v >= 1),
     "train.batch_size": ("must be >= 1", lambda v: v >= 1),
@@ -299,8 +335,13 @@ def validate(cfg: Config) -> None:
         if last in ("top_k", "offset") and value < 0:
             raise ConfigError(f"config key '{key}': must be >= 0, got {value!r}")
     for b in cfg.baselines:
-        if b not in ("sft", "grpo"):
-            raise ConfigError(f"config key 'baselines': unknown baseline {b!r} (choose from sft, grpo)")
+        if b not in ("sft", "grpo", "dr_grpo"):
+            raise ConfigError(f"config key 'baselines': unknown baseline {b!r} (choose from sft, grpo, dr_grpo)")
+    if cfg.rounds > 1 and cfg.teach.target_pairs is not None:
+        raise ConfigError(
+            "config keys 'rounds' and 'teach.target_pairs': both draw fresh training questions after the first "
+            "data.train.limit; use one of them"
+        )
     if cfg.rounds > 1 and cfg.data.train.limit is None:
         raise ConfigError("config key 'rounds': iterated rounds need data.train.limit (questions per round)")
     if cfg.train.kd_weight == 0 and cfg.train.ce_weight == 0:

@@ -6,6 +6,12 @@ numbers (operands of + and x in either order count as one), so no test problem s
 training problem, whatever the seeds or sizes. Within a split, the same arithmetic can come back in another
 wording or with another item (level 1 has 215 such calculations, 118 of them in training and 97 in test, which
 make 3,376 and 2,784 distinct problems); names alone never make a problem new.
+
+Validation: two more splits carve a validation slice out of the training calculations (never the test ones), so
+settings can be chosen without looking at the test split: `val` holds the problems of one training calculation in
+`VAL_SHARE` (chosen by a second hash), `fit` the problems of the other training calculations. `val` and `fit` are
+disjoint by calculation, and together they are exactly `train`'s calculations. Choose settings by training on
+`fit` and evaluating on `val`; then train on `train` and evaluate once on `test` (docs/quality.md).
 Generation is seeded and deterministic; ids are content hashes, stable across runs.
 
     >>> [p.answer for p in generate("train", level=1, n=2, seed=0)] == [p.answer for p in generate("train", 1, 2, 0)]
@@ -65,6 +71,8 @@ ITEMS = [
 ]
 CONTAINERS = ["boxes", "bags", "baskets", "jars", "packs", "crates"]
 TEST_SHARE = 2  # one calculation in two belongs to the test split
+VAL_SHARE = 4  # one training calculation in four belongs to the validation slice (split "val")
+SPLITS = ("train", "test", "val", "fit")
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,15 @@ class ArithProblem:
 
 def _split_of(key: str) -> str:
     return "test" if int(hashlib.sha256(key.encode()).hexdigest(), 16) % TEST_SHARE == 0 else "train"
+
+
+def _in_split(key: str, split: str) -> bool:
+    """Whether a calculation belongs to `split`: train/test by the first hash; val/fit subdivide train."""
+    home = _split_of(key)
+    if split in ("train", "test"):
+        return home == split
+    in_val = int(hashlib.sha256(f"val|{key}".encode()).hexdigest(), 16) % VAL_SHARE == 0
+    return home == "train" and in_val == (split == "val")
 
 
 # Each step maps (rng, current value or None) -> (sentence, key part, new value). Values stay positive integers.
@@ -186,8 +203,8 @@ def _chain(rng: random.Random, steps: int) -> tuple[str, str, int, str] | None:
 
 def generate(split: str, level: int = 1, n: int = 100, seed: int = 0, offset: int = 0) -> list[ArithProblem]:
     """The first `offset + n` distinct problems of `split` for this seed and level, minus the first `offset`."""
-    if split not in ("train", "test"):
-        raise ValueError(f"arith split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"arith split must be one of {', '.join(SPLITS)}, got {split!r}")
     if level not in (1, 2, 3):
         raise ValueError(f"arith level must be 1, 2 or 3, got {level!r}")
     rng = random.Random(f"ssb-arith-{seed}-{split}-{level}")
@@ -206,7 +223,7 @@ def generate(split: str, level: int = 1, n: int = 100, seed: int = 0, offset: in
             continue
         question, key, answer, variant = made
         identity = f"{key}|{variant}" if variant else key  # what makes two problems the same, names aside
-        if identity in seen or _split_of(key) != split:
+        if identity in seen or not _in_split(key, split):
             continue
         seen.add(identity)
         pid = f"arith-l{level}-" + hashlib.sha256(identity.encode()).hexdigest()[:10]

@@ -30,15 +30,21 @@ def compare(dirs: list[Path], *, iters: int = 10000, seed: int = 0) -> str:
     """Markdown: one row per eval output directory, then a paired test for every two runs on the same problems."""
     runs = [_load_run(Path(d)) for d in dirs]
     lines = [
-        "| # | run | model | benchmark | n | pass@1 [95% CI] | maj@n | mean tokens | truncated |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| # | run | model | benchmark | n | pass@1 [95% CI] | maj@n | mean tokens | truncated | looping "
+        "| wrong step | right answer, wrong step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, (d, (s, _)) in enumerate(zip(dirs, runs), 1):
         ci = s["pass@1_ci"]
         lines.append(
             f"| {i} | {d} | {s['model']} | {s['benchmark']} | {s['n']} | {pct(s['pass@1'])}% "
             f"[{pct(ci['low'])}–{pct(ci['high'])}] | {pct(s['maj@n'])}% | {s['mean_tokens']:.0f} | "
-            f"{pct(s['truncated_share'])}% |"
+            f"{pct(s['truncated_share'])}% | "
+            + " | ".join(  # docs/quality.md; '-' in summaries written before the step checker
+                f"{pct(s[k])}%" if k in s else "-"
+                for k in ("looping_share", "wrong_step_share", "correct_with_wrong_step_share")
+            )
+            + " |"
         )
     if len(runs) < 2:
         return "\n".join(lines)

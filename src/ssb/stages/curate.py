@@ -7,6 +7,7 @@ From it we take one correct rollout (seeded random choice) and a rollout carryin
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -58,8 +59,11 @@ def choose_pair(rollouts: list[dict], rng: random.Random, negative: bool = True)
 
 
 def curate(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    parts = (cfg.curate, cfg.rollout.system_prompt, cfg.seed)
-    template = load_template(cfg.curate.template, negative=cfg.curate.negative)
+    curate_cfg = dataclasses.asdict(cfg.curate)
+    if curate_cfg["order"] == "correct_first":  # the default: runs from before the option keep their hash
+        del curate_cfg["order"]
+    parts = (curate_cfg, cfg.rollout.system_prompt, cfg.seed)
+    template = load_template(cfg.curate.template, negative=cfg.curate.negative, order=cfg.curate.order)
     with stage(run, "curate", parts + (template,), inputs=[run.rollouts], outputs=[run.curated], force=force) as st:
         if st is None:
             return run.stage_entry("curate")["counts"]

@@ -33,6 +33,7 @@ from ssb.files import JsonlWriter, atomic_write_json, file_digest, read_jsonl
 from ssb.metrics import majority_vote, mean_ci, pass_at_k, wilson_ci
 from ssb.models import generation_dtype_name
 from ssb.rundir import EVAL_CONFIG, SAMPLES, SUMMARY, RunDir
+from ssb.verify.steps import step_stats
 
 BENCHMARK_CHOICES = ("gsm8k", "math500", "aime24", "amc23", "arith")
 
@@ -242,7 +243,9 @@ def build_summary(records: list[dict], settings: dict, level: float = 0.95) -> d
     Keys: pass@1 and pass@1_ci {low, high, level, method}; pass@k {"1".."n"} (unbiased estimator, averaged over
     problems); maj@n (share of problems whose most common extracted answer, ties to the first seen, was judged
     correct); mean_tokens, truncated_share and truncated_correct_share (cut off at the token limit yet judged
-    correct: an answer stated before the model ran on, often in a loop) over all samples; verdicts (sample
+    correct: an answer stated before the model ran on, often in a loop) over all samples; the reasoning-quality
+    shares of `ssb.verify.steps.step_stats` (step_checked_share, wrong_step_share, correct_with_wrong_step_share,
+    looping_share, steps_checked, steps_wrong; summaries written before they existed lack them); verdicts (sample
     counts); wall_seconds (generation + verification time, model loading excluded, summed over resumed sessions)
     and tokens_per_second.
     """
@@ -289,6 +292,7 @@ def build_summary(records: list[dict], settings: dict, level: float = 0.95) -> d
         "truncated_share": sum(s["finish_reason"] == "length" for s in samples) / len(samples),
         "truncated_correct_share": sum(s["finish_reason"] == "length" and bool(s["correct"]) for s in samples)
         / len(samples),
+        **step_stats(samples),
         "verdicts": {v: verdicts.get(v, 0) for v in ("correct", "incorrect", "unparsed", "timeout")},
         "wall_seconds": round(wall, 2),
         "sessions": len(sessions),
@@ -315,9 +319,15 @@ def result_line(s: dict) -> str:
 def detail_line(s: dict, out: Path) -> str:
     v, tps = s["verdicts"], s["tokens_per_second"]
     speed = f" ({tps:.0f} tokens/s, {s['backend']})" if tps else ""
+    quality = ""
+    if "wrong_step_share" in s:  # summaries written before the step checker lack these
+        quality = (
+            f", {pct(s['looping_share'])}% looping; {pct(s['wrong_step_share'])}% with a wrong arithmetic step "
+            f"({pct(s['correct_with_wrong_step_share'])}% right answer yet a wrong step)"
+        )
     return (
         f"[eval] mean {s['mean_tokens']:.0f} tokens, {pct(s['truncated_share'])}% truncated "
-        f"({pct(s['truncated_correct_share'])}% truncated yet correct), {v['unparsed']} unparsed, "
+        f"({pct(s['truncated_correct_share'])}% truncated yet correct){quality}, {v['unparsed']} unparsed, "
         f"{v['timeout']} verifier timeouts; {s['wall_seconds']:.0f} s generating{speed} -> {out}"
     )
 

@@ -13,12 +13,16 @@ Outputs, under RUN/grpo/:
     checkpoints/    trainer checkpoints; each also holds ssb_grpo_meter.json (tokens generated and seconds
                     trained so far), so a resumed run keeps counting compute from where the checkpoint left off
 
+`ssb run` with `dr_grpo` among its baselines trains a second one, Dr. GRPO (`dr_grpo_config`), with the same
+layout under RUN/dr_grpo/ and a manifest entry of that name.
+
 The manifest's `grpo` entry counts steps, completions, generated_tokens and seconds_training (summed over
 resumed sessions) for a compute comparison with SSB's rollout + teach + train stages.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -97,7 +101,7 @@ class Meter:
             self.seconds = d["seconds"]
 
 
-def _callback(meter: Meter, metrics_path: Path):
+def _callback(meter: Meter, metrics_path: Path, name: str = "grpo"):
     """A TrainerCallback: metrics lines on each log, the meter saved into each checkpoint."""
     from transformers import TrainerCallback
 
@@ -122,7 +126,7 @@ def _callback(meter: Meter, metrics_path: Path):
                 "clipped_ratio": logs.get("completions/clipped_ratio"),
                 "generated_tokens": meter.generated_tokens,
             }
-            metrics_line(metrics_path, "grpo", rec, state.max_steps)
+            metrics_line(metrics_path, name, rec, state.max_steps)
 
         def on_train_end(self, args, state, control, **kw):
             meter.seconds, meter._t0 = meter.elapsed(), None
@@ -174,8 +178,9 @@ def engine_rollout(cfg: Config, batch_size: int = 128):
     return rollout
 
 
-def build_trainer(cfg: Config, run: RunDir, meter: Meter):
-    """TRL's GRPOTrainer for this config: the base model, LoRA from cfg.train, the verifier reward."""
+def build_trainer(cfg: Config, run: RunDir, meter: Meter, name: str = "grpo"):
+    """TRL's GRPOTrainer for this config: the base model, LoRA from cfg.train, the verifier reward; files under
+    RUN/<name> (grpo or dr_grpo)."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import GRPOConfig as TRLGRPOConfig
@@ -199,7 +204,7 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter):
     common = trainer_arguments(
         cfg,
         device,
-        run.grpo_checkpoints,
+        run.rl_checkpoints(name),
         learning_rate=gc.learning_rate,
         logging_steps=gc.logging_steps,
         save_steps=gc.save_steps,
@@ -214,6 +219,7 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter):
         max_completion_length=gc.max_completion_length,
         beta=gc.beta,
         loss_type=gc.loss_type,
+        scale_rewards=gc.scale_rewards,
         # TRL counts completions, not questions, in its batch size
         per_device_train_batch_size=gc.batch_size * gc.num_generations,
         gradient_accumulation_steps=gc.grad_accum,
@@ -237,21 +243,46 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter):
         train_dataset=data,
         processing_class=tok,
         peft_config=lora_config(cfg),
-        callbacks=[_callback(meter, run.grpo_metrics)],
+        callbacks=[_callback(meter, run.rl_metrics(name), name)],
         rollout_func=engine_rollout(cfg) if gc.generation == "ssb" else None,
     )
-    place_tensorboard_logs(trainer, run.grpo_dir / "tb")
+    place_tensorboard_logs(trainer, run.rl_dir(name) / "tb")
     trainer.remove_callback(PrinterCallback)  # our callback prints one line per step; TRL's raw dict is noise
     return trainer, tok, len(questions)
 
 
-def grpo(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    out, ckpts, metrics = run.grpo_dir, run.grpo_checkpoints, run.grpo_metrics
+def dr_grpo_config(cfg: Config) -> Config:
+    """The Dr. GRPO baseline (Liu et al. 2025, arXiv 2503.20783): GRPO's settings with TRL's `dr_grpo` loss (token
+    losses summed and divided by a constant, max_completion_length, not by each completion's length) and rewards
+    not scaled by the group's standard deviation (`scale_rewards: none`), the paper's two changes."""
+    return dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, loss_type="dr_grpo", scale_rewards="none"))
+
+
+def grpo(cfg: Config, run: RunDir, force: bool = False, name: str = "grpo") -> dict:
+    """Train the RL baseline `name` ("grpo", or "dr_grpo" with `dr_grpo_config(cfg)`) into RUN/<name>."""
+    out, ckpts, metrics, adapter = (
+        run.rl_dir(name),
+        run.rl_checkpoints(name),
+        run.rl_metrics(name),
+        run.rl_adapter(name),
+    )
     tc = cfg.train  # the LoRA and optimizer settings shared with SSB
+    gc = cfg.grpo
+    steps_note = ""
+    if gc.match_compute == "tokens":
+        from ssb.compute import matched_grpo_steps
+
+        steps, steps_note = matched_grpo_steps(cfg, run)
+        gc = dataclasses.replace(gc, max_steps=steps)
+        cfg = dataclasses.replace(cfg, grpo=gc)
+    grpo_cfg = dataclasses.asdict(gc)
+    for key, default in (("scale_rewards", "group"), ("match_compute", "none")):
+        if grpo_cfg[key] == default:  # runs from before these options keep their hash
+            del grpo_cfg[key]
     parts = (
         cfg.model,
         cfg.data,
-        cfg.grpo,
+        grpo_cfg,
         tc.lora_r,
         tc.lora_alpha,
         tc.lora_dropout,
@@ -264,28 +295,29 @@ def grpo(cfg: Config, run: RunDir, force: bool = False) -> dict:
         cfg.rollout.policy,
         cfg.seed,
     )
-    with stage(run, "grpo", parts, inputs=[], outputs=[out], force=force) as st:
+    with stage(run, name, parts, inputs=[], outputs=[out], force=force) as st:
         if st is None:
-            return (run.stage_entry("grpo") or {}).get("counts", {})
+            return (run.stage_entry(name) or {}).get("counts", {})
+        if steps_note:
+            st.say(f"[{name}] {steps_note}")
         out.mkdir(parents=True, exist_ok=True)
         meter = Meter()
         with quiet_trainer_warnings():
-            trainer, tok, n_questions = build_trainer(cfg, run, meter)
-        gc = cfg.grpo
+            trainer, tok, n_questions = build_trainer(cfg, run, meter, name)
         st.say(
-            f"[grpo] {n_questions} questions x {gc.num_generations} completions, {gc.batch_size} questions "
-            f"per step, lr {gc.learning_rate}, beta {gc.beta}, LoRA r={cfg.train.lora_r}"
+            f"[{name}] {n_questions} questions x {gc.num_generations} completions, {gc.batch_size} questions "
+            f"per step, lr {gc.learning_rate}, beta {gc.beta}, loss {gc.loss_type}, LoRA r={cfg.train.lora_r}"
         )
         resume = last_checkpoint(ckpts, st.resumed)
         if resume:
-            st.say(f"[grpo] resuming from {resume}")
+            st.say(f"[{name}] resuming from {resume}")
             meter.restore(resume)
             trim_metrics(metrics, int(resume.rsplit("-", 1)[-1]))
         elif metrics.exists():
             metrics.unlink()
         with quiet_trainer_warnings():
             result = trainer.train(resume_from_checkpoint=resume)
-        save_adapter(cfg, trainer, run.grpo_adapter)
+        save_adapter(cfg, trainer, adapter)
         rows = read_jsonl(metrics)
         rewards = [r["reward"] for r in rows if r.get("reward") is not None]
         st.counts.update(
@@ -297,9 +329,11 @@ def grpo(cfg: Config, run: RunDir, force: bool = False) -> dict:
             train_loss=round(result.training_loss, 6),
             reward_first=rewards[0] if rewards else None,
             reward_last=rewards[-1] if rewards else None,
+            loss_type=gc.loss_type,
+            max_steps=gc.max_steps,
         )
         st.say(
-            f"[grpo] done: {trainer.state.global_step} steps, {meter.generated_tokens} tokens generated in "
-            f"{meter.completions} completions; adapter -> {run.grpo_adapter}"
+            f"[{name}] done: {trainer.state.global_step} steps, {meter.generated_tokens} tokens generated in "
+            f"{meter.completions} completions; adapter -> {adapter}"
         )
         return dict(st.counts)

@@ -3,8 +3,10 @@ markdown twin (report.md with the PNGs beside it) summarising one or more run di
 
 Sections: the curation funnel (manifest counts of the rollout, curate and teach stages), training dynamics
 (RUN/metrics.jsonl, and RUN/grpo/metrics.jsonl for the GRPO baseline), every eval summary under RUN/eval/ with
-its confidence interval, wall time and generated tokens per stage, and three teacher solutions beside their
-questions. Whatever a run has not produced yet is shown as "not run". The report only reads the run directories.
+its confidence interval and reasoning-quality shares, completion length per arm (training and eval), wall time and
+generated tokens per stage with the compute budgets of SSB and the RL baselines (ssb.compute), and three teacher
+solutions beside their questions. Whatever a run has not produced yet is shown as "not run". The report only
+reads the run directories.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import time
 from pathlib import Path
 
 from ssb import plots
+from ssb.compute import budget_lines
 from ssb.files import atomic_write_text, read_jsonl
 from ssb.rundir import RunDir
+from ssb.stages.target import funnel_line
 
 NOT_RUN = "not run"
-STAGE_ORDER = ("rollout", "curate", "teach", "logits", "train", "grpo")
+STAGE_ORDER = ("rollout", "curate", "teach", "logits", "train", "grpo", "dr_grpo")
 N_EXAMPLES = 3
 
 
@@ -63,6 +67,9 @@ def read_evals(root: Path) -> list[dict]:
                 "maj": _need(s, "maj@n", path),
                 "mean_tokens": _need(s, "mean_tokens", path),
                 "truncated": _need(s, "truncated_share", path),
+                "looping": s.get("looping_share"),  # the reasoning-quality shares: absent in older summaries
+                "wrong_step": s.get("wrong_step_share"),
+                "right_wrong_step": s.get("correct_with_wrong_step_share"),
                 "seconds": s.get("wall_seconds"),
                 "model": s.get("model"),
             }
@@ -105,10 +112,29 @@ def read_run(root: Path, label: str) -> dict:
         "stages": stages,
         "metrics": _jsonl(run.metrics),
         "grpo_metrics": _jsonl(RunDir(root).grpo_dir / "metrics.jsonl"),
+        "arm_metrics": {
+            "SSB": _jsonl(run.metrics),
+            "SFT": _jsonl(run.sft_run.metrics),
+            "GRPO": _jsonl(run.rl_metrics("grpo")),
+            "Dr. GRPO": _jsonl(run.rl_metrics("dr_grpo")),
+        },
+        "epochs": _train_epochs(run),
         "evals": read_evals(root),
         "examples": read_examples(run),
         "teach_tokens": teach_tokens,
     }
+
+
+def _train_epochs(run: RunDir) -> float:
+    """train.epochs of the run's saved config (the default when it has none), for the compute budget."""
+    from ssb.config import TrainConfig, load_config
+
+    if not run.config.exists():
+        return TrainConfig().epochs
+    try:
+        return load_config(run.config).train.epochs
+    except ValueError:  # an unreadable config: the budget falls back to the default, the report still renders
+        return TrainConfig().epochs
 
 
 def _counts(r: dict, stage: str) -> dict:
@@ -181,6 +207,10 @@ def _funnel_blocks(runs: list[dict]) -> list:
     blocks.append(("table", ["run", *funnel(runs[0]).keys(), "rollouts correct", "teacher pass rate"], rows))
     png = plots.funnel_plot({r["label"]: funnel(r) for r in runs})
     blocks.append(("img", "funnel.png", png, "Curation funnel") if png else ("p", f"Curation: {NOT_RUN}."))
+    for r in runs:  # the teach stage's yield funnel over all question batches (teach.target_pairs)
+        te = _counts(r, "teach")
+        if te.get("funnel"):
+            blocks.append(("p", f"{r['label']}: yield {funnel_line(te).removeprefix('[teach] funnel: ')}."))
     return blocks
 
 
@@ -239,6 +269,9 @@ def _eval_blocks(runs: list[dict]) -> list:
                     _pct(e["maj"]),
                     f"{e['mean_tokens']:.0f}",
                     _pct(e["truncated"]),
+                    _share(e["looping"]),
+                    _share(e["wrong_step"]),
+                    _share(e["right_wrong_step"]),
                 ]
             )
             label = e["tag"] if len(runs) == 1 else f"{r['label']}/{e['tag']}"
@@ -268,17 +301,70 @@ def _eval_blocks(runs: list[dict]) -> list:
                 "maj@n",
                 "mean tokens",
                 "truncated",
+                "looping",
+                "wrong step",
+                "right answer, wrong step",
             ],
             rows,
         )
     )
     blocks.append(("img", "eval.png", plots.eval_plot(bars), "pass@1 with confidence intervals"))
+    blocks.append(
+        (
+            "p",
+            "Looping: cut at the token limit while the last lines repeat; wrong step: a written `a op b = c` that "
+            "does not hold; right answer, wrong step: both at once (docs/quality.md). '-': a summary written "
+            "before these were measured.",
+        )
+    )
     return blocks
+
+
+def _share(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _length_blocks(runs: list[dict]) -> list:
+    """Completion length per arm along training (first and last logged step) and at evaluation."""
+    rows = []
+    eval_tags = {"SSB": "ssb", "SFT": "sft", "GRPO": "grpo", "Dr. GRPO": "dr_grpo"}
+    for r in runs:
+        evals = {e["tag"]: e for e in r["evals"]}
+        if "base" in evals:
+            rows.append([r["label"], "base", "-", "-", f"{evals['base']['mean_tokens']:.0f}"])
+        for arm, rows_ in r["arm_metrics"].items():
+            lens = [m["completion_len"] for m in rows_ if m.get("completion_len") is not None]
+            at_eval = evals.get(eval_tags[arm])
+            if not lens and not at_eval:
+                continue
+            rows.append(
+                [
+                    r["label"],
+                    arm,
+                    f"{lens[0]:.0f}" if lens else "-",
+                    f"{lens[-1]:.0f}" if lens else "-",
+                    f"{at_eval['mean_tokens']:.0f}" if at_eval else "-",
+                ]
+            )
+    if not rows:
+        return []
+    return [
+        ("h2", "Completion length per arm"),
+        ("table", ["run", "arm", "training: first step", "training: last step", "eval: mean tokens"], rows),
+        (
+            "p",
+            "Training lengths are mean tokens per example at the first and last logged step: for SSB and SFT the "
+            "teacher solutions trained on, for GRPO the completions it sampled. Eval: the trained model's own "
+            "greedy answers on the held-out problems.",
+        ),
+    ]
 
 
 def _tokens(r: dict, stage: str):
     c = _counts(r, stage)
-    return {"rollout": c.get("tokens"), "teach": r["teach_tokens"], "grpo": c.get("generated_tokens")}.get(stage)
+    if stage in ("grpo", "dr_grpo"):
+        return c.get("generated_tokens")
+    return {"rollout": c.get("tokens"), "teach": r["teach_tokens"]}.get(stage)
 
 
 def _time_blocks(runs: list[dict]) -> list:
@@ -295,19 +381,8 @@ def _time_blocks(runs: list[dict]) -> list:
             rows.append([r["label"], f"eval {e['tag']}/{e['benchmark']}", "done", _secs(e["seconds"]), str(gen)])
         if not names and not r["evals"]:
             rows.append([r["label"], "(no stage)", NOT_RUN, "-", "-"])
-        ssb = [s for s in STAGE_ORDER[:5] if s in r["stages"]]
-        if ssb and "grpo" in r["stages"]:
-            sec = sum(r["stages"][s].get("seconds") or 0 for s in ssb)
-            tok = sum(_tokens(r, s) or 0 for s in ("rollout", "teach"))
-            g = r["stages"]["grpo"]
-            blocks.append(
-                (
-                    "p",
-                    f"{r['label']}: SSB stages ({', '.join(ssb)}) took {_secs(sec)} and generated "
-                    f"{tok} tokens; GRPO took {_secs(g.get('seconds'))} and generated "
-                    f"{_num(_tokens(r, 'grpo'))} tokens.",
-                )
-            )
+        for line in budget_lines(RunDir(r["root"]), r["epochs"]):
+            blocks.append(("p", f"{r['label']}: {line.removeprefix('[compute] ')}"))
     blocks.insert(1, ("table", ["run", "stage", "status", "wall time", "generated tokens"], rows))
     return blocks
 
@@ -324,7 +399,12 @@ def _example_blocks(runs: list[dict]) -> list:
 
 def build_blocks(runs: list[dict]) -> list:
     return (
-        _funnel_blocks(runs) + _training_blocks(runs) + _eval_blocks(runs) + _time_blocks(runs) + _example_blocks(runs)
+        _funnel_blocks(runs)
+        + _training_blocks(runs)
+        + _eval_blocks(runs)
+        + _length_blocks(runs)
+        + _time_blocks(runs)
+        + _example_blocks(runs)
     )
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from ssb.compute import budget_lines
 from ssb.config import Config, ConfigError
 from ssb.files import read_jsonl, write_jsonl
 from ssb.rundir import RunDir
@@ -50,7 +51,7 @@ def ssb_round(cfg: Config, run: RunDir, force: bool) -> dict | None:
     for name in PIPELINE:
         print(f"\n=== {name} ({run.root}) ===", flush=True)
         results[name] = load(name)(cfg, run, force=force)
-        if name == "curate" and not results[name].get("kept"):
+        if name == "curate" and not results[name].get("kept") and cfg.teach.target_pairs is None:
             print(
                 "[run] no question had both a correct and a wrong rollout: nothing to teach. Try more questions "
                 "(data.train.limit), more rollouts (rollout.k) or easier data.",
@@ -98,6 +99,8 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
         dirs.append(out)
     print(f"\n=== held-out {bench}: {', '.join(t for t, _ in models)} ===", flush=True)
     print(compare(dirs), flush=True)
+    for line in budget_lines(run, cfg.train.epochs):  # the compute each arm spent (ssb.compute)
+        print(line, flush=True)
     print(
         f"[run] finished in {time.time() - t0:.0f} s; run directory: {run.root}; report: ssb report {run.root}",
         flush=True,
@@ -120,4 +123,10 @@ def baselines(cfg: Config, run: RunDir, force: bool, models: list) -> dict:
         print("\n=== baseline: GRPO on the same questions ===", flush=True)
         out["grpo"] = load("grpo")(cfg, run, force=force)
         models.append(("grpo", str(run.grpo_adapter)))
+    if "dr_grpo" in cfg.baselines:
+        from ssb.stages.grpo import dr_grpo_config
+
+        print("\n=== baseline: Dr. GRPO on the same questions ===", flush=True)
+        out["dr_grpo"] = load("grpo")(dr_grpo_config(cfg), run, force=force, name="dr_grpo")
+        models.append(("dr_grpo", str(run.rl_adapter("dr_grpo"))))
     return out

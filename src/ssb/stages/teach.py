@@ -4,9 +4,15 @@ Up to `teach.attempts` tries per question. Every attempt is logged in RUN/teach_
 kept in RUN/pairs.jsonl only if it stopped on its own (not cut at max_new_tokens) and its answer verifies.
 The solution is tokenised once, here: `solution_ids` are the generated ids including the end-of-turn token,
 so later stages append them to either prompt without re-tokenising joined strings.
+
+With `teach.target_pairs` set, the stage goes on drawing batches of fresh training questions until the run holds
+that many pairs (or `teach.max_batches` is reached, or the data runs out; the reason is logged): see
+`ssb.stages.target`. The manifest's teach counts then carry the yield funnel over all batches.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from ssb.config import Config
 from ssb.files import JsonlWriter, read_jsonl
@@ -15,93 +21,117 @@ from ssb.rundir import RunDir, stage
 
 
 def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    from ssb.engine.engine import Engine, SamplingParams
-    from ssb.models import load_from_config
-    from ssb.verify import Verifier
+    from ssb.stages.target import draw_batches, funnel, funnel_line
 
     tc = cfg.teach
-    parts = (cfg.model, tc, cfg.rollout.policy, cfg.seed, generation_dtype_name(cfg))
-    with stage(run, "teach", parts, inputs=[run.curated], outputs=[run.pairs, run.teach_attempts], force=force) as st:
+    teach_cfg = dataclasses.asdict(tc)
+    outputs = [run.pairs, run.teach_attempts]
+    if tc.target_pairs is None:  # off: the hash of runs from before the option stays the same
+        del teach_cfg["target_pairs"], teach_cfg["max_batches"]
+        parts: tuple = (cfg.model, teach_cfg, cfg.rollout.policy, cfg.seed, generation_dtype_name(cfg))
+    else:  # further batches run rollout and curate too, so their settings count
+        parts = (cfg.model, teach_cfg, cfg.rollout, cfg.data, cfg.curate, cfg.seed, generation_dtype_name(cfg))
+        outputs.append(run.batches_dir)
+    with stage(run, "teach", parts, inputs=[run.curated], outputs=outputs, force=force) as st:
         if st is None:
             return run.stage_entry("teach")["counts"]
         if not run.curated.exists():
             raise FileNotFoundError(f"{run.curated}: missing; run `ssb curate` first")
         curated = read_jsonl(run.curated)
-        attempts = read_jsonl(run.teach_attempts)
-        kept_ids = {p["id"] for p in read_jsonl(run.pairs)}
-        tries: dict[str, int] = {}
-        for a in attempts:
-            tries[a["id"]] = tries.get(a["id"], 0) + 1
-        if attempts:
-            st.say(f"[teach] resuming: {len(kept_ids)} pairs kept from {len(attempts)} earlier attempts")
-        model = tok = engine = None
-        with Verifier() as verifier, JsonlWriter(run.teach_attempts) as log, JsonlWriter(run.pairs) as pairs:
-            for round_ in range(tc.attempts):
-                todo = [c for c in curated if c["id"] not in kept_ids and tries.get(c["id"], 0) <= round_]
-                if not todo:
-                    continue
-                if engine is None:
-                    model, tok = load_from_config(cfg, generation=True)
-                    engine = Engine(model, tok, batch_size=tc.batch_size)
-                st.say(f"[teach] attempt {round_ + 1}/{tc.attempts}: {len(todo)} questions (T={tc.temperature})")
-                params = SamplingParams(
-                    temperature=tc.temperature,
-                    top_k=tc.top_k,
-                    top_p=tc.top_p,
-                    max_new_tokens=tc.max_new_tokens,
-                    seed=cfg.seed * 1000 + round_,
-                )
-
-                def save(i: int, comps, todo=todo, round_=round_, backend=engine.backend) -> None:
-                    c, sol = todo[i], comps[0]
-                    v = verifier.check_many([(sol.text, c["gold"])], policy=cfg.rollout.policy)[0]
-                    keep = v.correct and sol.finish_reason == "stop"
-                    log.write(
-                        {
-                            "id": c["id"],
-                            "attempt": round_,
-                            "text": sol.text,
-                            "num_tokens": sol.num_tokens,
-                            "finish_reason": sol.finish_reason,
-                            "kept": keep,
-                            "backend": backend,
-                            **v.to_dict(),
-                        }
-                    )
-                    tries[c["id"]] = tries.get(c["id"], 0) + 1
-                    if keep:
-                        kept_ids.add(c["id"])
-                        pairs.write(
-                            {
-                                "id": c["id"],
-                                "question": c["question"],
-                                "gold": c["gold"],
-                                "teacher_messages": c["teacher_messages"],
-                                "student_messages": c["student_messages"],
-                                "solution": sol.text,
-                                "solution_ids": list(sol.token_ids),
-                                "extracted": v.extracted,
-                                "attempt": round_,
-                                "backend": backend,
-                            }
-                        )
-
-                engine.generate([c["teacher_messages"] for c in todo], n=1, params=params, callback=save)
-        attempts = read_jsonl(run.teach_attempts)
+        teach_questions(cfg, run, curated, st)
+        batches, target_counts = [run], {}
+        if tc.target_pairs is not None:
+            more, target_counts = draw_batches(cfg, run)
+            batches += more
+        attempts = [a for b in batches for a in read_jsonl(b.teach_attempts)]
         first = [a for a in attempts if a["attempt"] == 0]
         n_pairs = len(read_jsonl(run.pairs))
+        n_curated = sum(len(read_jsonl(b.curated)) for b in batches)
         st.counts.update(
-            questions=len(curated),
+            questions=n_curated,
             attempts=len(attempts),
             pairs=n_pairs,
             pass_rate_first_attempt=sum(a["correct"] for a in first) / max(1, len(first)),
-            kept_share=n_pairs / max(1, len(curated)),
+            kept_share=n_pairs / max(1, n_curated),
             truncated=sum(a["finish_reason"] == "length" for a in attempts),
             solution_tokens=sum(a["num_tokens"] for a in attempts if a["kept"]),
+            funnel=funnel(batches, n_pairs),
         )
+        st.counts.update(target_counts)  # with a target: target_pairs, target_reached, batches, shortfall_reason
         c = st.counts
         st.say(
-            f"[teach] {n_pairs} pairs from {len(curated)} questions: teacher pass rate "
+            f"[teach] {n_pairs} pairs from {n_curated} questions: teacher pass rate "
             f"{c['pass_rate_first_attempt']:.1%} on the first attempt, {c['truncated']} truncated"
         )
+        st.say(funnel_line(c))
         return dict(st.counts)
+
+
+def teach_questions(cfg: Config, run: RunDir, curated: list[dict], st) -> None:
+    """Up to teach.attempts tries for each curated question without a kept pair, appending to the run's
+    teach_attempts.jsonl and pairs.jsonl; resumes from what those files hold."""
+    from ssb.engine.engine import Engine, SamplingParams
+    from ssb.models import load_from_config
+    from ssb.verify import Verifier
+
+    tc = cfg.teach
+    attempts = read_jsonl(run.teach_attempts)
+    kept_ids = {p["id"] for p in read_jsonl(run.pairs)} | {a["id"] for a in attempts if a["kept"]}
+    tries: dict[str, int] = {}
+    for a in attempts:
+        tries[a["id"]] = tries.get(a["id"], 0) + 1
+    if attempts:
+        st.say(f"[teach] resuming: {len(kept_ids)} pairs kept from {len(attempts)} earlier attempts")
+    model = tok = engine = None
+    with Verifier() as verifier, JsonlWriter(run.teach_attempts) as log, JsonlWriter(run.pairs) as pairs:
+        for round_ in range(tc.attempts):
+            todo = [c for c in curated if c["id"] not in kept_ids and tries.get(c["id"], 0) <= round_]
+            if not todo:
+                continue
+            if engine is None:
+                model, tok = load_from_config(cfg, generation=True)
+                engine = Engine(model, tok, batch_size=tc.batch_size)
+            st.say(f"[teach] attempt {round_ + 1}/{tc.attempts}: {len(todo)} questions (T={tc.temperature})")
+            params = SamplingParams(
+                temperature=tc.temperature,
+                top_k=tc.top_k,
+                top_p=tc.top_p,
+                max_new_tokens=tc.max_new_tokens,
+                seed=cfg.seed * 1000 + round_,
+            )
+
+            def save(i: int, comps, todo=todo, round_=round_, backend=engine.backend) -> None:
+                c, sol = todo[i], comps[0]
+                v = verifier.check_many([(sol.text, c["gold"])], policy=cfg.rollout.policy)[0]
+                keep = v.correct and sol.finish_reason == "stop"
+                if keep:  # the pair first: a kill between the two writes leaves a pair, not a lost one
+                    pairs.write(
+                        {
+                            "id": c["id"],
+                            "question": c["question"],
+                            "gold": c["gold"],
+                            "teacher_messages": c["teacher_messages"],
+                            "student_messages": c["student_messages"],
+                            "solution": sol.text,
+                            "solution_ids": list(sol.token_ids),
+                            "extracted": v.extracted,
+                            "attempt": round_,
+                            "backend": backend,
+                        }
+                    )
+                    kept_ids.add(c["id"])
+                log.write(
+                    {
+                        "id": c["id"],
+                        "attempt": round_,
+                        "text": sol.text,
+                        "num_tokens": sol.num_tokens,
+                        "finish_reason": sol.finish_reason,
+                        "kept": keep,
+                        "backend": backend,
+                        **v.to_dict(),
+                    }
+                )
+                tries[c["id"]] = tries.get(c["id"], 0) + 1
+
+            engine.generate([c["teacher_messages"] for c in todo], n=1, params=params, callback=save)
