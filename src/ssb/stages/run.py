@@ -16,7 +16,7 @@ from ssb.config import Config, ConfigError
 from ssb.files import read_jsonl, write_jsonl
 from ssb.rundir import RunDir
 from ssb.stages import PIPELINE, load
-from ssb.stages.compare import compare
+from ssb.stages.compare import compare, findings
 from ssb.stages.evaluate import evaluate
 
 
@@ -98,6 +98,9 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
         dirs.append(out)
     print(f"\n=== held-out {bench}: {', '.join(t for t, _ in models)} ===", flush=True)
     print(compare(dirs), flush=True)
+    print("\n[run] what this run found:", flush=True)
+    for line in findings({tag: d for (tag, _), d in zip(models, dirs)}):
+        print(f"- {line}", flush=True)
     print(
         f"[run] finished in {time.time() - t0:.0f} s; run directory: {run.root}; report: ssb report {run.root}",
         flush=True,
