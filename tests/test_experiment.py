@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from ssb.rundir import RunDir
 from ssb.stats import Scores, crossed_bootstrap, paired_crossed_bootstrap, replicates
 
 QUESTIONS = 6
+EXPERIMENTS = Path(__file__).parents[1] / "configs" / "experiments"
 
 
 def _experiment(tmp_path, model, arms: str, seeds: str = "[0, 1]") -> object:
@@ -153,6 +155,12 @@ def spec0_model(spec) -> str:
     from ssb.experiment.spec import base_config
 
     return base_config(spec).model
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_experiments_load(path):
+    spec = load_spec(path)  # builds every arm's config too
+    assert spec.name == path.stem and len(spec.seeds) >= 3 and "base" in spec.arms
 
 
 def test_spec_errors_name_the_key(tmp_path):
