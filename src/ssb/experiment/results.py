@@ -161,12 +161,14 @@ def render(res: dict, spec: ExperimentSpec) -> str:
                     f"| {p['a']} | {p['b']} | {p['seeds']} | {_signed(p['diff'])} | [{_signed(p['low'])}, "
                     f"{_signed(p['high'])}] | {p['p']:.3g} | {reading} |"
                 )
-            half = [100 * (p["high"] - p["low"]) / 2 for p in ev["paired"]]
+            half = {(p["a"], p["b"]): 100 * (p["high"] - p["low"]) / 2 for p in ev["paired"]}
+            main = next((f" ({a} − {b}: {h:.1f})" for (a, b), h in half.items() if b == "base"), "")
             lines += [
                 "",
-                f"What this design can resolve: the paired intervals' half-widths are {min(half):.1f} to "
-                f"{max(half):.1f} points, so a true difference smaller than about {min(half):.0f} points would "
-                f"usually not be told apart from zero here.",
+                f"What this design can resolve: the paired intervals' half-widths are {min(half.values()):.1f} to "
+                f"{max(half.values()):.1f} points{main}; a true difference smaller than about that would usually "
+                f"read 'not distinguishable' here, and such a reading bounds the difference to its interval rather "
+                f"than showing there is none.",
             ]
     fun = res.get("funnel") or {}
     if fun:
