@@ -163,6 +163,18 @@ def test_shipped_experiments_load(path):
     assert spec.name == path.stem and len(spec.seeds) >= 3 and "base" in spec.arms
 
 
+def test_dry_run_shows_the_plan_and_what_is_shared(capsys):
+    from ssb.experiment.cli import experiment_main
+
+    assert experiment_main([str(EXPERIMENTS / "negative-context.yaml"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "4 arms x 3 seeds x 1 eval sets" in plan
+    assert "sft: rollout, curate, teach copied from ssb" in plan and "no-negative: rollout copied from ssb" in plan
+    assert experiment_main([str(EXPERIMENTS / "k-sensitivity.yaml"), "--dry-run", "--seeds", "5,6"]) == 0
+    plan = capsys.readouterr().out
+    assert "6 arms x 2 seeds" in plan and "k2: rollouts = the first 2 of 10 samples of k10" in plan
+
+
 def test_spec_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("preset: quick\narms: {ssb: {kind: ppo}}\n")

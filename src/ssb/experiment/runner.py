@@ -33,8 +33,8 @@ from pathlib import Path
 
 from ssb.config import Config, config_hash, save_config
 from ssb.experiment.spec import ExperimentSpec, arm_config, dump_spec
-from ssb.files import atomic_write_text, read_jsonl, write_jsonl
-from ssb.rundir import RunDir, record_done
+from ssb.files import atomic_write_text, file_digest, read_jsonl, write_jsonl
+from ssb.rundir import RunDir, record_done, stage_hashes
 from ssb.stages import PIPELINE, load
 
 TRAINED = ("ssb", "sft")
@@ -147,16 +147,19 @@ def derive_rollouts(ar: ArmRun, donor: ArmRun) -> bool:
     entry = donor.run.stage_entry("rollout") or {}
     if entry.get("status") != "done" or not donor.run.rollouts.exists():
         return False
+    source = file_digest(donor.run.rollouts)
     mine = ar.run.stage_entry("rollout") or {}
-    if mine.get("status") == "done" and mine.get("derived_from") == str(donor.run.root):
-        return True
+    chash, _ = stage_hashes(rollout_parts(ar.cfg), [])
+    if mine.get("status") == "done" and mine.get("config_hash") == chash and mine.get("derived_from_digest") == source:
+        return True  # derived earlier from the same donor rollouts
     k = ar.cfg.rollout.k
     records = [{**r, "rollouts": r["rollouts"][:k]} for r in read_jsonl(donor.run.rollouts)]
     ar.run.mkdir()
     write_jsonl(ar.run.train_data, read_jsonl(donor.run.train_data))
     write_jsonl(ar.run.rollouts, records)
     counts = rollout_counts(records)
-    record_done(ar.run, "rollout", rollout_parts(ar.cfg), [], counts, derived_from=str(donor.run.root), first_k=k)
+    note = {"derived_from": str(donor.run.root), "derived_from_digest": source, "first_k": k}
+    record_done(ar.run, "rollout", rollout_parts(ar.cfg), [], counts, **note)
     print(f"[rollout] {ar.arm}: the first {k} of {donor.cfg.rollout.k} samples per question of {donor.arm}", flush=True)
     return True
 
