@@ -26,6 +26,14 @@ All stages read and write through `RunDir`, so the layout is defined here and no
 
 Files are written through `ssb.files` (atomic writes, appended JSONL), so a killed stage never leaves a
 half-written file that a later run trusts.
+
+Sharing between run directories (`ssb experiment`): a `RunDir(root, share=INDEX_DIR)` registers each stage it
+finishes in INDEX_DIR under the stage's config and input hashes, the same two hashes `stage` checks before
+skipping. When another run directory of the same share reaches a stage with equal hashes, `stage` copies the
+outputs and the manifest entry (marked `shared_from`) instead of running it: equal hashes are exactly the condition
+under which a stage's outputs would be reused within one run directory, so a shared stage is valid wherever a
+skipped one is. The copy is checked against the donor's manifest first; a missing or changed donor means the stage
+simply runs.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,9 +63,13 @@ SAMPLES, SUMMARY, EVAL_CONFIG = "samples.jsonl", "summary.json", "eval_config.js
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+    # a stage index shared by several run directories (`ssb experiment`): a stage finished in one of them with the
+    # same config and input hashes is copied instead of run again (`stage`, `StageIndex`)
+    share: Path | None = None
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, share: str | Path | None = None):
         object.__setattr__(self, "root", Path(root))
+        object.__setattr__(self, "share", Path(share) if share is not None else None)
 
     config = property(lambda self: self.root / "config.yaml")
     manifest_path = property(lambda self: self.root / "manifest.json")
@@ -159,12 +173,14 @@ def stage(
     stage starts over; `force` does the same for a finished stage.
     """
     run.mkdir()
-    chash = config_hash(*config_parts)
-    ihash = hashlib.sha256("".join(file_digest(p) for p in inputs).encode()).hexdigest()[:16]
+    chash, ihash = stage_hashes(config_parts, inputs)
     entry = run.stage_entry(name) or {}
     same = entry.get("config_hash") == chash and entry.get("inputs_hash") == ihash
     if entry.get("status") == "done" and same and not force and all(p.exists() for p in outputs):
         print(f"[{name}] already done with the same config and inputs; skipping (--force reruns it)")
+        yield None
+        return
+    if run.share is not None and not force and _adopt_shared(run, name, chash, ihash, outputs):
         yield None
         return
     resumed = bool(entry) and same and not force and entry.get("status") in ("running", "failed")
@@ -202,3 +218,79 @@ def stage(
         counts=st.counts,
         error=None,
     )
+    if run.share is not None:
+        _index_path(run.share, name, chash, ihash).parent.mkdir(parents=True, exist_ok=True)
+        if not _index_path(run.share, name, chash, ihash).exists():
+            atomic_write_json(_index_path(run.share, name, chash, ihash), {"run": str(run.root), "stage": name})
+
+
+def stage_hashes(config_parts: tuple, inputs: list[Path]) -> tuple[str, str]:
+    """(config hash, inputs hash) as the manifest records them: equal hashes mean the stage's outputs are valid."""
+    ihash = hashlib.sha256("".join(file_digest(p) for p in inputs).encode()).hexdigest()[:16]
+    return config_hash(*config_parts), ihash
+
+
+def record_done(run: RunDir, name: str, config_parts: tuple, inputs: list[Path], counts: dict, **note: Any) -> None:
+    """Mark stage `name` finished for outputs a caller wrote itself (e.g. rollouts derived from a larger K), so
+    `stage` skips it while the config and inputs stay the same."""
+    chash, ihash = stage_hashes(config_parts, inputs)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    run.update_stage(
+        name,
+        status="done",
+        started=now,
+        ended=now,
+        seconds=0.0,
+        config_hash=chash,
+        inputs_hash=ihash,
+        counts=counts,
+        error=None,
+        **note,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- sharing
+
+
+def _index_path(share: Path, name: str, chash: str, ihash: str) -> Path:
+    return share / f"{name}-{chash}-{ihash}.json"
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a file or directory to `dst` through a temporary name, so a kill never leaves half a copy there."""
+    tmp = dst.with_name(f".{dst.name}.copy-tmp")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    elif tmp.exists():
+        tmp.unlink()
+    if src.is_dir():
+        shutil.copytree(src, tmp)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _adopt_shared(run: RunDir, name: str, chash: str, ihash: str, outputs: list[Path]) -> bool:
+    """Copy a finished stage with the same config and input hashes from another run directory of the share, and
+    record it as done here (with `shared_from`). False when there is none, or its outputs are gone or changed."""
+    index = _index_path(run.share, name, chash, ihash)
+    if not index.exists():
+        return False
+    donor = RunDir(json.loads(index.read_text())["run"])
+    if donor.root.resolve() == run.root.resolve():
+        return False
+    entry = donor.stage_entry(name) or {}
+    sources = [donor.root / p.relative_to(run.root) for p in outputs]
+    ok = entry.get("status") == "done" and entry.get("config_hash") == chash and entry.get("inputs_hash") == ihash
+    if not ok or not all(p.exists() for p in sources):
+        return False
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for src, dst in zip(sources, outputs):
+        if dst.exists():
+            dst.rename(dst.with_name(f"{dst.name}.stale-{stamp}"))
+        _copy(src, dst)
+    fields = {k: v for k, v in entry.items() if k not in ("resumed", "error")}
+    run.update_stage(name, **fields, shared_from=str(donor.root), error=None)
+    print(f"[{name}] same config and inputs as in {donor.root}: copied its outputs (shared, not rerun)", flush=True)
+    return True

@@ -38,6 +38,9 @@ class Example:
     question: str
     answer: str
     source: str
+    # problems that are not independent draws share a cluster: built-in arithmetic problems asking for the same
+    # calculation (ArithProblem.key); None = the problem is its own cluster. Bootstraps resample clusters.
+    cluster: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +148,7 @@ def load_examples(spec: DatasetSpec, data_file: str | Path | None = None) -> lis
     if src == "arith":
         n = spec.limit if spec.limit is not None else 500
         probs = arith.generate(spec.split, level=spec.level, n=n, offset=spec.offset)
-        return [Example(p.id, p.question, str(p.answer), f"arith-l{spec.level}") for p in probs]
+        return [Example(p.id, p.question, str(p.answer), f"arith-l{spec.level}", cluster=p.key) for p in probs]
     fmt = spec.answer_format
     if src in BENCHMARKS:
         hub, subset, _, _, bench_fmt = BENCHMARKS[src]
@@ -204,4 +207,4 @@ def _check_unique_ids(examples: list[Example], where: str) -> None:
 
 def question_records(spec: DatasetSpec) -> list[dict]:
     """The questions of a data spec as plain dicts (id, question, answer, source), as stages store them."""
-    return [e.to_dict() for e in load_examples(spec)]
+    return [{k: v for k, v in e.to_dict().items() if k != "cluster"} for e in load_examples(spec)]

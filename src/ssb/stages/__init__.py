@@ -39,6 +39,13 @@ VERBS: dict[str, Verb] = {
             True,
         ),
         Verb("report", "ssb.stages.report", "report_main", "HTML + markdown report of one or more runs", True),
+        Verb(
+            "experiment",
+            "ssb.experiment.cli",
+            "experiment_main",
+            "arms x seeds x eval sets from one YAML, with intervals over seeds and problems",
+            True,
+        ),
         Verb("verify", "ssb.verify.cli", "verify_main", "check answers against gold answers", True),
     )
 }

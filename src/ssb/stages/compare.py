@@ -83,6 +83,52 @@ def compare(dirs: list[Path], *, iters: int = 10000, seed: int = 0) -> str:
     return "\n".join(lines + ([""] + unpaired if unpaired else []))
 
 
+# which experiment config measures each comparison over seeds (the follow-up named in `findings`)
+FOLLOW_UP = {
+    "ssb": "configs/experiments/negative-context.yaml",
+    "sft": "configs/experiments/hard-vs-soft.yaml",
+}
+LABELS = {"ssb": "SSB", "sft": "SFT", "grpo": "GRPO"}
+
+
+def _scores_and_clusters(d: Path) -> tuple[dict[str, float], dict[str, str]]:
+    records = read_jsonl(Path(d) / SAMPLES, repair=False)
+    scores = {r["id"]: r["correct"] / len(r["samples"]) for r in records}
+    return scores, {r["id"]: r.get("cluster") or r["id"] for r in records}
+
+
+def findings(runs: dict[str, Path], *, reference: str = "base", iters: int = 10000, seed: int = 0) -> list[str]:
+    """One plain sentence per model vs the reference (`runs`: tag -> eval output directory, one seed each):
+    the pass@1 difference with a 95% paired bootstrap interval over problems (resampled by calculation for the
+    built-in arithmetic, whose problems repeat calculations), whether it resolves a difference, and which
+    `ssb experiment` config measures it over seeds."""
+    from ssb.stats import Scores, difference_sentence, paired_crossed_bootstrap
+
+    ref_scores, ref_clusters = _scores_and_clusters(runs[reference])
+    ref = Scores({0: ref_scores}, ref_clusters)
+    lines = []
+    for tag, d in runs.items():
+        if tag == reference:
+            continue
+        scores, clusters = _scores_and_clusters(d)
+        if set(scores) != set(ref_scores):
+            continue
+        result = paired_crossed_bootstrap(Scores({0: scores}, clusters), ref, iters=iters, seed=seed)
+        kind = "ssb" if tag.startswith("ssb") else tag
+        config = FOLLOW_UP.get(kind)
+        label = LABELS.get(tag, tag.replace("ssb-round", "SSB round "))
+        follow = (
+            f"`ssb experiment {config}` measures it with 3 seeds"
+            if config
+            else f"`ssb experiment` with a base arm and a {kind} arm measures it over seeds (docs/experiments.md)"
+        )
+        if result["low"] > 0 or result["high"] < 0:
+            follow = f"one seed only; {follow}"
+        clustered = any(clusters[i] != i for i in clusters)
+        lines.append(difference_sentence(label, reference, result, clustered=clustered, follow_up=follow))
+    return lines
+
+
 def compare_main(argv: list[str]) -> int:
     """`ssb compare DIR [DIR ...] [--iters N] [--seed S] [--output FILE.md]`: print the comparison table."""
     p = argparse.ArgumentParser(prog="ssb compare", description="Table of eval summaries with paired tests")

@@ -5,8 +5,9 @@ the model's chat template), generates cfg.eval.n samples per problem (greedy whe
 verifies each with the cfg.eval.policy extraction policy and writes, in the output directory:
 
     samples.jsonl      one line per problem, appended as soon as its samples are verified (resumable):
-                       id, question, gold, correct (count), samples [{text, num_tokens, finish_reason,
-                       extracted, rule, verdict, correct, policy}], session, t (seconds into the session), backend
+                       id, question, gold, cluster (Example.cluster, else the id), correct (count),
+                       samples [{text, num_tokens, finish_reason, extracted, rule, verdict, correct, policy}],
+                       session, t (seconds into the session), backend
     eval_config.json   what the results depend on (model, data, sampling, policy, prompt, seed); a rerun with a
                        different one stops with an error unless `force`, which moves old outputs aside
     summary.json       written once every problem is done; see `build_summary`
@@ -225,6 +226,7 @@ def _generate(cfg: Config, model: str, todo: list[Example], samples_path: Path, 
                     "id": ex.id,
                     "question": ex.question,
                     "gold": ex.answer,
+                    "cluster": ex.cluster or ex.id,
                     "correct": sum(s["correct"] for s in samples),
                     "samples": samples,
                     "session": session,

@@ -22,8 +22,8 @@ def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
     from ssb.verify import Verifier
 
     questions = question_records(cfg.data.train)
-    parts = (cfg.model, cfg.data, cfg.rollout, cfg.seed, generation_dtype_name(cfg))
-    with stage(run, "rollout", parts, inputs=[], outputs=[run.rollouts, run.train_data], force=force) as st:
+    outputs = [run.rollouts, run.train_data]
+    with stage(run, "rollout", rollout_parts(cfg), inputs=[], outputs=outputs, force=force) as st:
         if st is None:
             return run.stage_entry("rollout")["counts"]
         write_jsonl(run.train_data, questions)
@@ -77,6 +77,12 @@ def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
             f"{c['unparsed']} unparsed, {c['truncated']} truncated, mean {c['mean_tokens']:.0f} tokens"
         )
         return dict(st.counts)
+
+
+def rollout_parts(cfg: Config) -> tuple:
+    """What the rollouts depend on (the manifest's config hash); `ssb experiment` uses it to derive a K=k run from
+    the first k samples of a larger K."""
+    return (cfg.model, cfg.data, cfg.rollout, cfg.seed, generation_dtype_name(cfg))
 
 
 def rollout_counts(records: list[dict]) -> dict:

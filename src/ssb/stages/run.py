@@ -17,7 +17,7 @@ from ssb.config import Config, ConfigError
 from ssb.files import read_jsonl, write_jsonl
 from ssb.rundir import RunDir
 from ssb.stages import PIPELINE, load
-from ssb.stages.compare import compare
+from ssb.stages.compare import compare, findings
 from ssb.stages.evaluate import evaluate
 
 
@@ -101,6 +101,9 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
     print(compare(dirs), flush=True)
     for line in budget_lines(run, cfg.train.epochs):  # the compute each arm spent (ssb.compute)
         print(line, flush=True)
+    print("\n[run] what this run found:", flush=True)
+    for line in findings({tag: d for (tag, _), d in zip(models, dirs)}):
+        print(f"- {line}", flush=True)
     print(
         f"[run] finished in {time.time() - t0:.0f} s; run directory: {run.root}; report: ssb report {run.root}",
         flush=True,

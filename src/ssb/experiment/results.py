@@ -1,0 +1,208 @@
+"""An experiment's results: per eval set, each arm's mean pass@1 over seeds with a 95% interval over seeds and
+problems, the per-seed rows, paired differences against base and against SSB, the yield funnel per seed, and
+figures. Written to OUT/results.md, OUT/results.json and OUT/*.png; reads only finished evaluations and manifests,
+so it can be rewritten at any time (after every seed, or by hand: `ssb experiment CONFIG --results-only`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ssb.experiment.runner import arm_runs, eval_dir
+from ssb.experiment.spec import ExperimentSpec
+from ssb.files import atomic_write_json, atomic_write_text, read_jsonl
+from ssb.rundir import SAMPLES, SUMMARY
+from ssb.stats import Scores, crossed_bootstrap, paired_crossed_bootstrap
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _signed(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def load_arm(out: Path, spec: ExperimentSpec, arm: str, eval_name: str, seeds: list[int]) -> tuple[Scores, dict]:
+    """(scores by seed, per-seed eval summaries) of one arm on one eval set, over the seeds that finished."""
+    by_seed: dict[int, dict[str, float]] = {}
+    cluster: dict[str, str] = {}
+    summaries: dict[int, dict] = {}
+    for seed in seeds:
+        ar = next(a for a in arm_runs(spec, out, seed) if a.arm == arm)
+        d = eval_dir(out, ar, eval_name)
+        if not (d / SUMMARY).exists():
+            continue
+        summaries[seed] = json.loads((d / SUMMARY).read_text())
+        records = read_jsonl(d / SAMPLES)
+        by_seed[seed] = {r["id"]: r["correct"] / len(r["samples"]) for r in records}
+        cluster.update({r["id"]: r.get("cluster") or r["id"] for r in records})
+    return Scores(by_seed, cluster), summaries
+
+
+def funnel(out: Path, spec: ExperimentSpec, seeds: list[int]) -> dict[str, dict[int, dict]]:
+    """Per trained arm and seed: questions, rollout correct share, mixed share, teacher pass rate, pairs trained."""
+    rows: dict[str, dict[int, dict]] = {}
+    for seed in seeds:
+        for ar in arm_runs(spec, out, seed):
+            if ar.kind not in ("ssb", "sft", "grpo") or not ar.run.manifest_path.exists():
+                continue
+            st = ar.run.read_manifest()["stages"]
+            c = {k: (st.get(k) or {}).get("counts") or {} for k in ("rollout", "curate", "teach", "train", "grpo")}
+            row = {
+                "k": ar.cfg.rollout.k,
+                "questions": c["rollout"].get("questions"),
+                "rollout_correct_share": c["rollout"].get("correct_share"),
+                "mixed": c["curate"].get("mixed"),
+                "mixed_share": (c["curate"]["mixed"] / c["curate"]["questions"])
+                if c["curate"].get("questions")
+                else None,
+                "teacher_pass_rate": c["teach"].get("pass_rate_first_attempt"),
+                "teacher_attempts": c["teach"].get("attempts"),
+                "pairs": c["teach"].get("pairs"),
+                "pairs_trained": c["train"].get("pairs"),
+                "train_steps": c["train"].get("steps") or c["grpo"].get("steps"),
+            }
+            rows.setdefault(ar.arm, {})[seed] = row
+    return rows
+
+
+def _reference(spec: ExperimentSpec, kind: str) -> str | None:
+    """The arm named like `kind`, else the first arm of that kind."""
+    if kind in spec.arms:
+        return kind
+    return next((a for a, s in spec.arms.items() if s.kind == kind), None)
+
+
+def collect(spec: ExperimentSpec, out: Path, seeds: list[int], iters: int) -> dict:
+    result: dict = {"name": spec.name, "seeds": seeds, "bootstrap_iters": iters, "eval": {}}
+    refs = [r for r in (_reference(spec, "base"), _reference(spec, "ssb")) if r]
+    for ev in spec.eval:
+        arms, scores = {}, {}
+        for arm, a in spec.arms.items():
+            sc, summaries = load_arm(out, spec, arm, ev.name, seeds)
+            if not sc.by_seed:
+                arms[arm] = {"kind": a.kind, "seeds_done": []}
+                continue
+            scores[arm] = sc
+            boot = crossed_bootstrap(sc, iters=iters)
+            n = len(summaries)
+            arms[arm] = {
+                "kind": a.kind,
+                "seeds_done": sorted(sc.by_seed),
+                "pass@1": boot["mean"],
+                "low": boot["low"],
+                "high": boot["high"],
+                "problems": boot["problems"],
+                "clusters": boot["clusters"],
+                "per_seed": {s: summaries[s]["pass@1"] for s in sorted(summaries)},
+                "mean_tokens": sum(s["mean_tokens"] for s in summaries.values()) / n,
+                "truncated_share": sum(s["truncated_share"] for s in summaries.values()) / n,
+            }
+        paired = []
+        for ref in refs:
+            if ref not in scores:
+                continue
+            for arm in spec.arms:
+                if arm == ref or arm not in scores or any(p["a"] == ref and p["b"] == arm for p in paired):
+                    continue
+                try:
+                    d = paired_crossed_bootstrap(scores[arm], scores[ref], iters=iters)
+                except ValueError:
+                    continue
+                paired.append({"a": arm, "b": ref, **d})
+        result["eval"][ev.name] = {"source": ev.data.source, "level": ev.data.level, "arms": arms, "paired": paired}
+    result["funnel"] = funnel(out, spec, seeds)
+    return result
+
+
+def render(res: dict, spec: ExperimentSpec) -> str:
+    lines = [f"# Experiment `{res['name']}`", ""]
+    lines.append(
+        f"Seeds: {', '.join(map(str, res['seeds']))}. Reproduce: `ssb experiment {spec.source}` (resumes if "
+        f"interrupted). Intervals: 95% percentile intervals from a bootstrap that resamples seeds and clusters of "
+        f"problems ({res['bootstrap_iters']} resamples; built-in arithmetic problems are clustered by calculation, "
+        f"other problems are their own cluster); differences are paired (the same resampled seeds and clusters for "
+        f"both arms). See docs/experiments.md."
+    )
+    for name, ev in res["eval"].items():
+        lines += ["", f"## Eval set `{name}`", ""]
+        some = next((a for a in ev["arms"].values() if a.get("seeds_done")), None)
+        if some is None:
+            lines.append("No finished evaluation yet.")
+            continue
+        lines.append(f"{some['problems']} problems in {some['clusters']} clusters.")
+        lines += [
+            "",
+            "| arm | kind | seeds | pass@1 mean [95% CI] | per seed | mean tokens | truncated |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for arm, a in ev["arms"].items():
+            if not a.get("seeds_done"):
+                lines.append(f"| {arm} | {a['kind']} | 0 | (not finished) | | | |")
+                continue
+            per = ", ".join(f"{s}: {_pts(v)}" for s, v in a["per_seed"].items())
+            lines.append(
+                f"| {arm} | {a['kind']} | {len(a['seeds_done'])} | {_pts(a['pass@1'])}% [{_pts(a['low'])}, "
+                f"{_pts(a['high'])}] | {per} | {a['mean_tokens']:.0f} | {_pts(a['truncated_share'])}% |"
+            )
+        if ev["paired"]:
+            lines += [
+                "",
+                "Paired differences (A − B, percentage points):",
+                "",
+                "| A | B | seeds | Δ pass@1 | 95% CI | p | reading |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for p in ev["paired"]:
+                reading = "A better" if p["low"] > 0 else ("A worse" if p["high"] < 0 else "not distinguishable")
+                lines.append(
+                    f"| {p['a']} | {p['b']} | {p['seeds']} | {_signed(p['diff'])} | [{_signed(p['low'])}, "
+                    f"{_signed(p['high'])}] | {p['p']:.3g} | {reading} |"
+                )
+            half = {(p["a"], p["b"]): 100 * (p["high"] - p["low"]) / 2 for p in ev["paired"]}
+            main = next((f" ({a} − {b}: {h:.1f})" for (a, b), h in half.items() if b == "base"), "")
+            lines += [
+                "",
+                f"What this design can resolve: the paired intervals' half-widths are {min(half.values()):.1f} to "
+                f"{max(half.values()):.1f} points{main}; a true difference smaller than about that would usually "
+                f"read 'not distinguishable' here, and such a reading bounds the difference to its interval rather "
+                f"than showing there is none.",
+            ]
+    fun = res.get("funnel") or {}
+    if fun:
+        lines += [
+            "",
+            "## Yield funnel per seed",
+            "",
+            "| arm | seed | K | questions | rollouts correct | mixed (share) | teacher pass rate | pairs | "
+            "pairs trained |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for arm, by_seed in fun.items():
+            for seed, r in by_seed.items():
+                share = f"{r['mixed']} ({_pts(r['mixed_share'])}%)" if r["mixed_share"] is not None else "–"
+                rc = f"{_pts(r['rollout_correct_share'])}%" if r["rollout_correct_share"] is not None else "–"
+                tp = f"{_pts(r['teacher_pass_rate'])}%" if r["teacher_pass_rate"] is not None else "–"
+                lines.append(
+                    f"| {arm} | {seed} | {r['k']} | {r['questions'] if r['questions'] is not None else '–'} | {rc} | "
+                    f"{share} | {tp} | {r['pairs'] if r['pairs'] is not None else '–'} | "
+                    f"{r['pairs_trained'] if r['pairs_trained'] is not None else '–'} |"
+                )
+    figs = [p for p in ("pass1.png", "differences.png", "funnel.png") if p in res.get("figures", [])]
+    if figs:
+        lines += ["", "## Figures", ""] + [f"![{p}]({p})" for p in figs]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(spec: ExperimentSpec, out: Path, seeds: list[int], iters: int | None = None) -> dict:
+    from ssb.experiment.figures import write_figures
+
+    res = collect(spec, out, seeds, iters or spec.bootstrap_iters)
+    res["figures"] = write_figures(res, out)
+    atomic_write_json(out / "results.json", res)
+    text = render(res, spec)
+    atomic_write_text(out / "results.md", text)
+    print("\n" + text, flush=True)
+    return res
