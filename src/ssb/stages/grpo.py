@@ -162,9 +162,14 @@ def engine_rollout(cfg: Config, batch_size: int = 128):
             seed=cfg.seed * 1_000_003 + trainer.state.global_step,
         )
         prompt_ids = tokenize_prompts(trainer.processing_class, unique)  # once: id lists pass through the engine
-        completions = Engine(model, trainer.processing_class, batch_size=batch_size, progress=False).generate(
-            prompt_ids, n, params
+        engine = Engine(
+            model,
+            trainer.processing_class,
+            batch_size=batch_size,
+            progress=False,
+            kv_budget_mib=cfg.generation_memory_mib,
         )
+        completions = engine.generate(prompt_ids, n, params)
         return {
             "prompt_ids": [ids for ids in prompt_ids for _ in range(n)],
             "completion_ids": [c.token_ids for group in completions for c in group],

@@ -64,6 +64,7 @@ def read_evals(root: Path) -> list[dict]:
                 "mean_tokens": _need(s, "mean_tokens", path),
                 "truncated": _need(s, "truncated_share", path),
                 "seconds": s.get("wall_seconds"),
+                "peak_rss_bytes": s.get("peak_rss_bytes"),
                 "model": s.get("model"),
             }
         )
@@ -282,19 +283,22 @@ def _tokens(r: dict, stage: str):
 
 
 def _time_blocks(runs: list[dict]) -> list:
-    blocks: list = [("h2", "Wall time and generated tokens per stage")]
+    blocks: list = [("h2", "Wall time, generated tokens and peak memory per stage")]
     rows = []
     for r in runs:
         names = [s for s in STAGE_ORDER if s in r["stages"]] + sorted(set(r["stages"]) - set(STAGE_ORDER))
         for s in names:
             e, tok = r["stages"][s], _tokens(r, s)
             tok = "-" if tok is None else str(tok)
-            rows.append([r["label"], s, e.get("status", "?"), _secs(e.get("seconds")), tok])
+            rss = e.get("peak_rss_bytes")
+            rss = "-" if rss is None else f"{rss / 2**30:.2f} GiB"
+            rows.append([r["label"], s, e.get("status", "?"), _secs(e.get("seconds")), tok, rss])
         for e in r["evals"]:
             gen = round(e["mean_tokens"] * e["n"] * e["problems"])
-            rows.append([r["label"], f"eval {e['tag']}/{e['benchmark']}", "done", _secs(e["seconds"]), str(gen)])
+            rss = "-" if e.get("peak_rss_bytes") is None else f"{e['peak_rss_bytes'] / 2**30:.2f} GiB"
+            rows.append([r["label"], f"eval {e['tag']}/{e['benchmark']}", "done", _secs(e["seconds"]), str(gen), rss])
         if not names and not r["evals"]:
-            rows.append([r["label"], "(no stage)", NOT_RUN, "-", "-"])
+            rows.append([r["label"], "(no stage)", NOT_RUN, "-", "-", "-"])
         ssb = [s for s in STAGE_ORDER[:5] if s in r["stages"]]
         if ssb and "grpo" in r["stages"]:
             sec = sum(r["stages"][s].get("seconds") or 0 for s in ssb)
@@ -308,7 +312,8 @@ def _time_blocks(runs: list[dict]) -> list:
                     f"{_num(_tokens(r, 'grpo'))} tokens.",
                 )
             )
-    blocks.insert(1, ("table", ["run", "stage", "status", "wall time", "generated tokens"], rows))
+    header = ["run", "stage", "status", "wall time", "generated tokens", "peak memory (RSS)"]
+    blocks.insert(1, ("table", header, rows))
     return blocks
 
 

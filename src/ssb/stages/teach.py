@@ -42,7 +42,13 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
                     continue
                 if engine is None:
                     model, tok = load_from_config(cfg, generation=True)
-                    engine = Engine(model, tok, batch_size=tc.batch_size)
+                    engine = Engine(
+                        model,
+                        tok,
+                        batch_size=tc.batch_size,
+                        kv_budget_mib=cfg.generation_memory_mib,
+                        log=st.say,
+                    )
                 st.say(f"[teach] attempt {round_ + 1}/{tc.attempts}: {len(todo)} questions (T={tc.temperature})")
                 params = SamplingParams(
                     temperature=tc.temperature,
@@ -87,6 +93,7 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
                         )
 
                 engine.generate([c["teacher_messages"] for c in todo], n=1, params=params, callback=save)
+                st.say(f"[teach] {engine.summary()}")
         attempts = read_jsonl(run.teach_attempts)
         first = [a for a in attempts if a["attempt"] == 0]
         n_pairs = len(read_jsonl(run.pairs))
