@@ -41,6 +41,14 @@ SEGMENT = 64  # generated positions per cache segment (memory granularity and at
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+class UnsupportedModelError(ValueError):
+    """A model type this module's layer loop does not implement; `model` is the unwrapped causal LM."""
+
+    def __init__(self, message: str, model):
+        super().__init__(message)
+        self.model = model
+
+
 def unwrap_causal_lm(model):
     """The Hugging Face *ForCausalLM inside `model` (a peft PeftModel is unwrapped, its LoRA layers stay active)."""
     try:
@@ -51,9 +59,10 @@ def unwrap_causal_lm(model):
         model = model.get_base_model()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"generation engine supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r} "
-            f"({type(model).__name__})"
+        raise UnsupportedModelError(
+            f"ssb's generation engine implements model types {', '.join(SUPPORTED_MODEL_TYPES)}, not "
+            f"{model_type!r} ({type(model).__name__})",
+            model,
         )
     return model
 

@@ -20,7 +20,8 @@ from dataclasses import replace
 
 import torch
 
-from ssb.engine.cache import unwrap_causal_lm
+from ssb.engine.cache import UnsupportedModelError, unwrap_causal_lm
+from ssb.engine.fallback import hf_generate_all
 from ssb.engine.sampling import SamplingParams, check_sampling
 from ssb.engine.scheduler import Completion, Scheduler
 
@@ -135,14 +136,19 @@ class Engine:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if kv_budget_mib is not None and kv_budget_mib <= 0:
             raise ValueError(f"kv_budget_mib must be > 0, got {kv_budget_mib}")
-        self.lm = unwrap_causal_lm(model)
+        try:
+            self.lm, self.fallback = unwrap_causal_lm(model), False
+        except UnsupportedModelError as e:  # another architecture: Hugging Face generate, slower but right
+            self.lm, self.fallback = e.model, True
+            print(f"[generate] {e}: using Hugging Face generate, one batch at a time (slower)", flush=True)
         if device is not None and torch.device(device) != next(model.parameters()).device:
             model.to(device)
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.progress = batch_size, progress
         self.device = next(model.parameters()).device
         # recorded in every artifact: which code and precision produced the text
-        self.backend = f"torch-paged-kv/{str(next(model.parameters()).dtype).removeprefix('torch.')}"
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.backend = f"hf-generate/{dtype}" if self.fallback else f"torch-paged-kv/{dtype}"
         self.kv_budget_bytes = (
             int(kv_budget_mib * 2**20) if kv_budget_mib is not None else default_kv_budget_bytes(self.device)
         )
@@ -180,17 +186,21 @@ class Engine:
                 callback(i, results[i])
 
         with _inference_state(self.lm):
-            scheduler = Scheduler(self, ids, n_run, params, done)
-            scheduler.loop()
-        progress = scheduler.progress
+            if self.fallback:
+                progress = hf_generate_all(self, ids, n_run, params, done)
+                memory = {"rows": self.batch_size, "rows_limited_by_budget": False}
+            else:
+                scheduler = Scheduler(self, ids, n_run, params, done)
+                scheduler.loop()
+                progress = scheduler.progress
+                memory = {"rows": scheduler.max_rows, "rows_limited_by_budget": scheduler.rows_limited_by_budget}
+                memory.update(scheduler.cache.kv_stats())
         self.last_stats = {
             "tokens": progress.generated,
             "seconds": round(time.perf_counter() - progress.start, 3),
             "tok_per_s": round(progress.rate(), 1),
-            "rows": scheduler.max_rows,
-            "rows_limited_by_budget": scheduler.rows_limited_by_budget,
             "kv_budget_bytes": self.kv_budget_bytes,
-            **scheduler.cache.kv_stats(),
+            **memory,
         }
         return results
 
@@ -199,10 +209,12 @@ class Engine:
         s = self.last_stats
         if not s:
             return "nothing generated"
-        line = (
-            f"{s['tokens']} tokens in {s['seconds']:.0f} s ({s['tok_per_s']:.0f} tok/s), KV cache peak "
-            f"{s['kv_bytes_allocated'] / 2**20:.0f} MiB allocated for {s['kv_bytes_used'] / 2**20:.0f} MiB in use"
-        )
+        line = f"{s['tokens']} tokens in {s['seconds']:.0f} s ({s['tok_per_s']:.0f} tok/s)"
+        if "kv_bytes_allocated" in s:
+            line += (
+                f", KV cache peak {s['kv_bytes_allocated'] / 2**20:.0f} MiB allocated for "
+                f"{s['kv_bytes_used'] / 2**20:.0f} MiB in use"
+            )
         if s["rows_limited_by_budget"]:
             line += f"; {s['rows']} sequences at once (the KV budget, {s['kv_budget_bytes'] / 2**20:.0f} MiB)"
         return line
