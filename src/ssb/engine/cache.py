@@ -9,7 +9,7 @@ norms are honoured) in its own layer loop, against two caches:
 * a paged generation cache: the generated positions are cut into segments of SEGMENT positions, and segment j
   is a pool [layers, slots_j, kv_heads, SEGMENT, head_dim] holding that segment for the sequences that have
   reached it. A sequence takes a slot in segment j when it generates its (j * SEGMENT)-th token and gives all its
-  slots back when it finishes; a pool is allocated when the first sequence reaches it, grows (x1.5) when it is
+  slots back when it finishes; a pool is allocated when the first sequence reaches it, grows (x1.25) when it is
   full, and is freed when it empties. So memory follows the tokens in flight: a sequence 40 tokens long holds one
   segment, not max_new_tokens positions (measured on the benchmark workload: allocated / used KV bytes, see
   `kv_stats` and benchmarks/README.md).
@@ -174,8 +174,9 @@ class SlotModel:
 
     @staticmethod
     def _capacity(current: int, need: int, limit: int) -> int:
-        """Grow by half (so a pool is copied O(log n) times), at least to `need`, at most to `limit`."""
-        return min(limit, max(need, current + current // 2, 8))
+        """Grow by a quarter (so a pool is copied O(log n) times, and is at most 25% larger than its peak use), at
+        least to `need`, at most to `limit`."""
+        return min(limit, max(need, current + current // 4, 8))
 
     def _ensure_prompt_slots(self, need: int) -> None:
         capacity = 0 if self.pk is None else self.pk.shape[1]
@@ -183,16 +184,18 @@ class SlotModel:
             capacity = self._capacity(capacity, need, self.max_slots)
             self.pk, self.pv = self._regrow(self.pk, self.pv, capacity, self.max_prompt)
 
+    def _reserve_segment(self, j: int, need: int) -> None:
+        capacity = len(self.seg_owner[j])
+        if need > capacity:
+            capacity = self._capacity(capacity, need, self.max_rows)
+            self.seg_k[j], self.seg_v[j] = self._regrow(self.seg_k[j], self.seg_v[j], capacity, SEGMENT)
+            self.seg_owner[j].extend([-1] * (capacity - len(self.seg_owner[j])))
+
     def _take_segment_slot(self, j: int, row: int) -> None:
         """Give `row` a slot in segment j (it is about to write its first position there)."""
+        self._reserve_segment(j, self.seg_live[j] + 1)
         owner = self.seg_owner[j]
-        if self.seg_live[j] < len(owner):
-            slot = owner.index(-1)
-        else:
-            slot = len(owner)
-            capacity = self._capacity(len(owner), slot + 1, self.max_rows)
-            self.seg_k[j], self.seg_v[j] = self._regrow(self.seg_k[j], self.seg_v[j], capacity, SEGMENT)
-            owner.extend([-1] * (capacity - len(owner)))
+        slot = owner.index(-1)
         owner[slot] = row
         self.seg_live[j] += 1
         self.row_slots.setdefault(row, []).append(slot)
@@ -280,9 +283,14 @@ class SlotModel:
         """
         r, (s, n) = len(rows), members.shape
         kvh, g, hd, dev = self.kv_heads, self.heads // self.kv_heads, self.head_dim, self.device
+        entering: dict[int, list[int]] = {}  # segment -> rows writing its first position now
         for row, step in zip(rows, steps):
-            if step % SEGMENT == 0:  # the sequence enters a new segment
-                self._take_segment_slot(step // SEGMENT, row)
+            if step % SEGMENT == 0:
+                entering.setdefault(step // SEGMENT, []).append(row)
+        for j, new_rows in entering.items():
+            self._reserve_segment(j, self.seg_live[j] + len(new_rows))  # one growth for all of them
+            for row in new_rows:
+                self._take_segment_slot(j, row)
         index_of = {row: k for k, row in enumerate(rows)}
         used = sum(steps) + r + int(prompt_lens.sum())
         self.peak_used = max(self.peak_used, used * self.token_bytes)
