@@ -6,7 +6,7 @@ during the stage, so per-stage peaks mean something although `ssb run` runs the 
 evaluation's summary.json `peak_rss_bytes`. Overall: the child's ru_maxrss (getrusage RUSAGE_CHILDREN after it
 exits; the largest resident set of the run process or of any of its verifier workers).
 
-Usage: benchmarks/memory.py [--run-dir DIR] [--target-gib 3] -- [ssb run arguments, default: --preset quick]
+Usage: benchmarks/memory.py [--run-dir DIR] [--target-gib 3] [--verb run] -- [ssb arguments, default: --preset quick]
 e.g. benchmarks/memory.py -- --preset quick --set data.train.limit=16 --set eval.data.limit=16
 Prints one final JSON line and writes benchmarks/results/memory.json.
 """
@@ -33,14 +33,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", default=None, help="run directory (default: a fresh temporary one)")
     ap.add_argument("--target-gib", type=float, default=3.0)
+    ap.add_argument("--verb", default="run", help="the ssb verb to measure (default: run, the whole pipeline)")
     ap.add_argument("ssb_args", nargs="*", help="arguments for `ssb run` (after --)")
     args = ap.parse_args()
     ssb_args = args.ssb_args or ["--preset", "quick"]
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="ssb-memory-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "ssb", "run", *ssb_args, "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "ssb", args.verb, *ssb_args, "--run-dir", str(run_dir)]
     t0 = time.time()
-    rc = subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        rc = proc.wait()
+    finally:  # killed or interrupted: do not leave the run behind
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
     seconds = time.time() - t0
     overall = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     stages = {}
