@@ -239,7 +239,8 @@ def _generate(cfg: Config, model: str, todo: list[Example], samples_path: Path, 
             )
 
         engine.generate(prompts, ec.n, params, callback=save)
-    print(f"[eval] {engine.summary()}", flush=True)
+    if hasattr(engine, "summary"):  # tokens/s and KV memory of the run (other backends may not report them)
+        print(f"[eval] {engine.summary()}", flush=True)
 
 
 def build_summary(records: list[dict], settings: dict, level: float = 0.95) -> dict:

@@ -69,7 +69,8 @@ def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
 
                 st.say(f"[rollout] {len(todo)} questions x {rc.k} samples (T={rc.temperature}, top-k {rc.top_k})")
                 engine.generate(prompts, n=rc.k, params=params, callback=save)
-            st.say(f"[rollout] {engine.summary()}")
+            if hasattr(engine, "summary"):  # tokens/s and KV memory (other backends may not report them)
+                st.say(f"[rollout] {engine.summary()}")
         records = read_jsonl(run.rollouts)
         st.counts.update(rollout_counts(records))
         c = st.counts

@@ -93,7 +93,8 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
                         )
 
                 engine.generate([c["teacher_messages"] for c in todo], n=1, params=params, callback=save)
-                st.say(f"[teach] {engine.summary()}")
+                if hasattr(engine, "summary"):  # tokens/s and KV memory (other backends may not report them)
+                    st.say(f"[teach] {engine.summary()}")
         attempts = read_jsonl(run.teach_attempts)
         first = [a for a in attempts if a["attempt"] == 0]
         n_pairs = len(read_jsonl(run.pairs))
