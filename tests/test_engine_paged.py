@@ -123,8 +123,9 @@ def test_budget_limits_rows_and_rejects_a_budget_below_one_sequence(tok):
     params = SamplingParams(temperature=0, max_new_tokens=MAX_NEW)
     reference = Engine(model, tok, batch_size=8, progress=False).generate(PROMPTS, 1, params)
     longest = max(len(ids) for ids in tokenize_prompts(tok, PROMPTS))
-    # one segment of 64 positions + its prompt + the copy while a pool grows
-    one_row_mib = 2 * 2 * 2 * 16 * 4 * (64 + longest + max(64, longest)) / 2**20
+    # one segment (64 positions, or max_new_tokens if shorter) + its prompt + the copy while a pool grows
+    seg = min(64, MAX_NEW)
+    one_row_mib = 2 * 2 * 2 * 16 * 4 * (seg + longest + max(seg, longest)) / 2**20
     small = Engine(model, tok, batch_size=8, progress=False, kv_budget_mib=2.5 * one_row_mib)
     assert [c[0].token_ids for c in small.generate(PROMPTS, 1, params)] == [c[0].token_ids for c in reference]
     assert small.last_stats["rows"] == 2 and small.last_stats["rows_limited_by_budget"]

@@ -132,7 +132,8 @@ class SlotModel:
         self.token_bytes = kv_token_bytes(self.lm, self.kv_dtype)
         self.max_prompt, self.max_new = max_prompt, max_new
         self.max_rows = self.max_slots = 1
-        self.segments = -(-max_new // SEGMENT)
+        self.segment = min(SEGMENT, max_new)  # a short generation needs no longer segment
+        self.segments = -(-max_new // self.segment)
         # generation cache: per segment a K and a V pool (None until a sequence reaches it); slot -> owning row
         self.seg_k: list[torch.Tensor | None] = [None] * self.segments
         self.seg_v: list[torch.Tensor | None] = [None] * self.segments
@@ -146,8 +147,8 @@ class SlotModel:
     def worst_case_bytes_per_sequence(self) -> int:
         """KV bytes one sequence can need: all its generated segments, a prompt slot of its own, and its share of
         the transient copy while a pool grows (old and new pool both exist during the copy)."""
-        growth = max(SEGMENT, self.max_prompt)
-        return self.token_bytes * (self.segments * SEGMENT + self.max_prompt + growth)
+        growth = max(self.segment, self.max_prompt)
+        return self.token_bytes * (self.segments * self.segment + self.max_prompt + growth)
 
     def set_limits(self, max_rows: int, max_slots: int) -> None:
         self.max_rows, self.max_slots = max_rows, max_slots
@@ -188,7 +189,7 @@ class SlotModel:
         capacity = len(self.seg_owner[j])
         if need > capacity:
             capacity = self._capacity(capacity, need, self.max_rows)
-            self.seg_k[j], self.seg_v[j] = self._regrow(self.seg_k[j], self.seg_v[j], capacity, SEGMENT)
+            self.seg_k[j], self.seg_v[j] = self._regrow(self.seg_k[j], self.seg_v[j], capacity, self.segment)
             self.seg_owner[j].extend([-1] * (capacity - len(self.seg_owner[j])))
 
     def _take_segment_slot(self, j: int, row: int) -> None:
@@ -285,8 +286,8 @@ class SlotModel:
         kvh, g, hd, dev = self.kv_heads, self.heads // self.kv_heads, self.head_dim, self.device
         entering: dict[int, list[int]] = {}  # segment -> rows writing its first position now
         for row, step in zip(rows, steps):
-            if step % SEGMENT == 0:
-                entering.setdefault(step // SEGMENT, []).append(row)
+            if step % self.segment == 0:
+                entering.setdefault(step // self.segment, []).append(row)
         for j, new_rows in entering.items():
             self._reserve_segment(j, self.seg_live[j] + len(new_rows))  # one growth for all of them
             for row in new_rows:
@@ -297,9 +298,9 @@ class SlotModel:
         # where each sequence writes this step's KV: (segment slots, offsets, batch indices) per segment
         writes: dict[int, tuple[list[int], list[int], list[int]]] = {}
         for k, (row, step) in enumerate(zip(rows, steps)):
-            slot_list, offsets, batch = writes.setdefault(step // SEGMENT, ([], [], []))
-            slot_list.append(self.row_slots[row][step // SEGMENT])
-            offsets.append(step % SEGMENT)
+            slot_list, offsets, batch = writes.setdefault(step // self.segment, ([], [], []))
+            slot_list.append(self.row_slots[row][step // self.segment])
+            offsets.append(step % self.segment)
             batch.append(k)
         writes_t = [(j, *(torch.tensor(x, device=dev) for x in w)) for j, w in writes.items()]
         # the attention parts: per segment, its slots [0, hi) as batch indices (R = none) and their mask
@@ -307,12 +308,12 @@ class SlotModel:
         step_of = torch.tensor(steps + [-1], device=dev)  # index R: none
         longest = max(steps)
         parts = []
-        for j in range(longest // SEGMENT + 1):
+        for j in range(longest // self.segment + 1):
             owner = self.seg_owner[j]
             hi = max(k for k, o in enumerate(owner) if o >= 0) + 1
             idx = torch.tensor([index_of[o] if o >= 0 else r for o in owner[:hi]], device=dev)
-            fill = min(SEGMENT, longest - j * SEGMENT + 1)
-            beyond = torch.arange(fill, device=dev) > (step_of[idx] - j * SEGMENT)[:, None]
+            fill = min(self.segment, longest - j * self.segment + 1)
+            beyond = torch.arange(fill, device=dev) > (step_of[idx] - j * self.segment)[:, None]
             mask = torch.zeros(hi, 1, 1, fill, device=dev).masked_fill_(beyond[:, None, None], neg)
             parts.append((j, hi, idx, fill, mask))
         lp = int(prompt_lens.max())
