@@ -12,7 +12,14 @@ The roofline is the measured matmul FLOP/s (in the engine's dtype) divided by 2 
 parameters. Also checks on a few prompts that the fp32 engine's greedy output equals greedy `generate` token
 for token.
 
+`contenders` (in the final JSON line): each generator run alone in a subprocess of this script (so its peak
+RSS is its own: ru_maxrss of that process, weights included) on the same prompts and sampling settings:
+`engine` (ssb's engine, all prompts x K, with its peak KV bytes allocated and in use) and `hf_generate` (HF
+`generate` one sequence at a time, on the first --ref-prompts prompts, 1 sample each: per-token cost of batch-1
+decoding does not depend on the prompt). A vLLM contender goes in `CONTENDERS` beside them.
+
 Usage: benchmarks/generation.py [--quick] [--model PATH] [--batch-size 64] [--threads N] [--dtype auto]
+       [--contenders engine,hf_generate] [--no-in-process]
 Prints one final JSON line and writes benchmarks/results/generation.json.
 """
 
@@ -23,6 +30,8 @@ import copy
 import json
 import platform
 import random
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -114,6 +123,74 @@ def greedy_check(model, tok, engine, prompts, max_new: int) -> list[bool]:
     return same
 
 
+def peak_rss_bytes() -> int:
+    """This process's lifetime peak RSS (the contender subprocess's own)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def contender_engine(model, tok, prompts, k, params, batch_size) -> dict:
+    engine = Engine(model, tok, batch_size=batch_size, progress=False)
+    t = time.perf_counter()
+    tokens = sum(c.num_tokens for r in engine.generate(prompts, k, params) for c in r)
+    seconds = time.perf_counter() - t
+    stats = engine.last_stats
+    return {
+        "tok_per_s": round(tokens / seconds, 1),
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "sequences": len(prompts) * k,
+        "kv_bytes_allocated": stats.get("kv_bytes_allocated"),
+        "kv_bytes_used": stats.get("kv_bytes_used"),
+        "kv_allocated_over_used": round(stats["kv_bytes_allocated"] / stats["kv_bytes_used"], 3)
+        if stats.get("kv_bytes_used")
+        else None,
+        "rows": stats.get("rows"),
+        "backend": engine.backend,
+    }
+
+
+def contender_hf_generate(model, tok, prompts, k, params, batch_size) -> dict:
+    tokens, seconds = reference(model, tok, prompts, 1, params)
+    return {"tok_per_s": round(tokens / seconds, 1), "tokens": tokens, "seconds": round(seconds, 2)}
+
+
+# name -> (function, whether it runs on the --ref-prompts subset one sequence at a time). A vLLM contender
+# (ssb's vLLM backend, where installed) belongs here: same signature, same returned fields.
+CONTENDERS = {"engine": (contender_engine, False), "hf_generate": (contender_hf_generate, True)}
+
+
+def run_contender(name: str, args, n_q: int, max_new: int, ref_prompts: int) -> None:
+    """Inside the subprocess: load the model, run one contender, print its JSON line (with its peak RSS)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ssb.models import resolve_generation_dtype
+
+    model_path = model_dir(args.model)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    fn, one_at_a_time = CONTENDERS[name]
+    dtype = torch.float32 if one_at_a_time else resolve_generation_dtype(args.dtype, "float32", "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in questions(n_q)]
+    params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=max_new, seed=0)
+    if one_at_a_time:
+        prompts = prompts[:ref_prompts]
+    with torch.no_grad():
+        result = fn(model, tok, prompts, args.k, params, args.batch_size)
+    result.update(peak_rss_bytes=peak_rss_bytes(), dtype=str(dtype).removeprefix("torch."))
+    print(json.dumps(result))
+
+
+def contenders(args, names: list[str]) -> dict:
+    """Each contender in its own subprocess of this script; name -> its JSON result."""
+    out = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--contender", name] + [a for a in sys.argv[1:] if not a.startswith("--cont")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        out[name] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"error": proc.stderr[-2000:]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run (< 3 minutes)")
@@ -134,12 +211,29 @@ def main() -> None:
         choices=["auto", "float32", "bfloat16"],
         help="engine weights dtype (auto: as the generating stages choose on this machine)",
     )
+    ap.add_argument(
+        "--contenders", default="engine,hf_generate", help="comma-separated, from: " + ", ".join(CONTENDERS)
+    )
+    ap.add_argument("--contender", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)  # inside a subprocess
+    ap.add_argument("--no-in-process", action="store_true", help="only the contenders (skip the in-process run)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     n_q = args.questions or (16 if args.quick else 64)
     max_new = args.max_new_tokens or (64 if args.quick else 256)
     ref_prompts = args.ref_prompts or (2 if args.quick else 4)
+    if args.contender:
+        run_contender(args.contender, args, n_q, max_new, ref_prompts)
+        return
+    names = [n for n in args.contenders.split(",") if n]
+    unknown = sorted(set(names) - set(CONTENDERS))
+    if unknown:
+        ap.error(f"unknown contender(s) {unknown}; choose from {sorted(CONTENDERS)}")
+    if args.no_in_process:
+        result = {"contenders": contenders(args, names)}
+        save_result("generation", result)
+        print(json.dumps(result))
+        return
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,6 +305,7 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
         },
     }
+    result["contenders"] = contenders(args, names)
     save_result("generation", result)
     print(json.dumps(result))
 

@@ -150,15 +150,6 @@ def test_scheduling_with_early_stops_matches_one_big_batch(tiny):
     assert len(lengths) > 5 and {c.finish_reason for r in big for c in r} == {"stop", "length"}
 
 
-def test_attention_chunks():
-    from ssb.engine.scheduler import _chunks
-
-    assert _chunks([9, 9, 9, 9, 9]) == [(0, 5, 10)]
-    # ages 100.., then 10..: a new chunk once padding would waste > 1/8, at least 4 rows per chunk
-    assert _chunks([99, 99, 98, 97, 96, 50, 50, 9, 9, 9, 9]) == [(0, 5, 100), (5, 9, 51), (9, 11, 10)]
-    assert _chunks([99, -1, 99, 99, 0, 0, 0]) == [(0, 4, 100), (4, 7, 1)]  # a hole (-1) never splits
-
-
 def test_top_k_1_is_greedy_and_greedy_n_copies(tiny):
     model, tok = tiny
     eng = Engine(model, tok, batch_size=8, progress=False)
@@ -216,9 +207,9 @@ def test_bf16_weights_keep_fp32_attention_and_track_the_fp32_model(tiny):
     model, tok = tiny
     m16 = copy.deepcopy(model).to(torch.bfloat16)
     eng = Engine(m16, tok, batch_size=16, progress=False)
-    assert eng.backend == "torch-static-kv/bfloat16"
-    assert Engine(model, tok, progress=False).backend == "torch-static-kv/float32"
-    assert SlotModel(m16, 2, 1, 8, 8).gk.dtype == torch.float32
+    assert eng.backend == "torch-paged-kv/bfloat16"
+    assert Engine(model, tok, progress=False).backend == "torch-paged-kv/float32"
+    assert SlotModel(m16, 8, 8).kv_dtype == torch.float32
     together = eng.generate(MESSAGES, 1, GREEDY)
     for m, comps in zip(MESSAGES, together):
         assert (

@@ -3,7 +3,7 @@
 All stages read and write through `RunDir`, so the layout is defined here and nowhere else:
 
     RUN/config.yaml              resolved config of the last invocation
-    RUN/manifest.json            per stage: status, times, counts, config and input hashes
+    RUN/manifest.json            per stage: status, times, counts, config and input hashes, peak RSS
     RUN/data/train.jsonl         the training questions, normalised (id, question, answer, source)
     RUN/rollouts.jsonl           one line per question: K rollouts with answers and verdicts
     RUN/curated.jsonl            questions kept for teaching, with the hinted teacher prompt
@@ -51,6 +51,7 @@ from typing import Any
 
 from ssb.config import config_hash
 from ssb.files import atomic_write_json, file_digest
+from ssb.memory import PeakRSS
 
 MANIFEST_VERSION = 1
 # the files inside one eval output directory (RunDir.eval_dir, or any --output-dir)
@@ -199,8 +200,10 @@ def stage(
         resumed=resumed,
     )
     st = Stage(name=name, counts={}, resumed=resumed)
+    rss = PeakRSS()  # this stage's own peak resident memory, also when `ssb run` runs stages in one process
     try:
-        yield st
+        with rss:
+            yield st
     except BaseException as e:
         run.update_stage(
             name,
@@ -208,6 +211,7 @@ def stage(
             error=f"{type(e).__name__}: {e}"[:500],
             seconds=round(time.time() - t0, 2),
             counts=st.counts,
+            peak_rss_bytes=rss.peak_bytes,
         )
         raise
     run.update_stage(
@@ -217,6 +221,7 @@ def stage(
         seconds=round(time.time() - t0, 2),
         counts=st.counts,
         error=None,
+        peak_rss_bytes=rss.peak_bytes,
     )
     if run.share is not None:
         _index_path(run.share, name, chash, ihash).parent.mkdir(parents=True, exist_ok=True)

@@ -271,6 +271,12 @@ class Config:
         "auto: bf16 on CUDA and on CPUs with AMX bf16 units (several times fp32's matmul rate there), else "
         "`dtype`; model: always `dtype`. The dtype is recorded in each record's `backend` field",
     )
+    generation_memory_mib: int | None = opt(
+        None,
+        "Most memory the generation engine's KV cache may take, in MiB (rollout, teach, eval, GRPO rollouts). "
+        "Fewer sequences run at once when batch_size of them could not all reach max_new_tokens within it; a "
+        "budget below one sequence is an error. null: a quarter of the memory available when a stage starts",
+    )
     trust_remote_code: bool = opt(False, "Allow model code from the Hub (only if you trust it)")
     seed: int = opt(0, "Seed for sampling, curation choices and training order")
     data: DataConfig = opt(DataConfig, "Training data")
@@ -315,6 +321,7 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "train.warmup_ratio": ("must be in [0, 1)", lambda v: 0 <= v < 1),
     "eval.n": ("must be >= 1", lambda v: v >= 1),
     "rounds": ("must be >= 1", lambda v: v >= 1),
+    "generation_memory_mib": ("must be > 0 or null", lambda v: v is None or v > 0),
 }
 
 

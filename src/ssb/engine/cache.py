@@ -1,19 +1,30 @@
-"""Static-KV-cache forward passes for the generation engine: prompt prefill and one-token decode steps.
+"""KV caches that grow with the tokens in flight, and the prefill / one-token decode passes that use them.
 
 The engine runs the Hugging Face model's own modules (embedding, norms, q/k/v/o projections, MLP, rotary
 embedding, lm_head; so peft LoRA layers and per-architecture details such as Qwen2's q/k/v biases or Qwen3's q/k
-norms are honoured) in its own layer loop, against two preallocated caches:
+norms are honoured) in its own layer loop, against two caches:
 
-* a prompt cache with one slot per prompt in flight: [layers, prompt_slots, kv_heads, max_prompt, head_dim];
-  the prompt is prefilled once and shared by all its samples;
-* a generation cache with one row per sequence in flight: [layers, rows, kv_heads, max_new_tokens, head_dim].
-  Rows are kept in age order, so the generated-token attention is done in chunks of rows of similar length
-  instead of padding every row to the longest one.
+* a prompt cache with one slot per prompt in flight: [layers, slots, kv_heads, longest prompt, head_dim]; the
+  prompt is prefilled once and shared by all its samples. Its slot axis grows as prompts are admitted;
+* a paged generation cache: the generated positions are cut into segments of SEGMENT positions, and segment j
+  is a pool [layers, slots_j, kv_heads, SEGMENT, head_dim] holding that segment for the sequences that have
+  reached it. A sequence takes a slot in segment j when it generates its (j * SEGMENT)-th token and gives all its
+  slots back when it finishes; a pool is allocated when the first sequence reaches it, grows (x1.25) when it is
+  full, and is freed when it empties. So memory follows the tokens in flight: a sequence 40 tokens long holds one
+  segment, not max_new_tokens positions (measured on the benchmark workload: allocated / used KV bytes, see
+  `kv_stats` and benchmarks/README.md).
 
-Decode attention is split in two (the "cascade" form): all samples of a prompt attend to the shared prompt keys
-in one kernel call (reading them once, not once per sample), each row attends to its own generated keys, and the
-two softmax pieces are merged exactly through their log-sum-exps. This cuts the KV memory traffic (the main
-non-matmul cost on CPU) and the padding: each part is padded only to its own live maximum.
+Why segments rather than vLLM-style per-sequence block tables: on CPU the decode attention is bound by reading
+the cache, and a block table needs a gather (a copy of every key and value read) before each matmul. Here each
+segment pool is attended to in place by the queries of its sequences (one batched matmul per segment, over
+contiguous keys), and the partial softmaxes (one per segment, one for the shared prompt: the "cascade" form) are
+merged exactly through their log-sum-exps. A finished sequence's KV is never copied: its slots are reused.
+Segments also replace the old age-ordered row chunks: each part is padded only to its own fill (<= SEGMENT).
+
+Memory budget (`Engine(kv_budget_bytes=...)`, config key `generation_memory_mib`): the scheduler admits at most
+as many sequences as could all reach max_new_tokens within the budget (`worst_case_bytes_per_sequence`), so the
+cache never exceeds it and no sequence ever has to be stopped or recomputed; the reservation is a limit on
+admission, not an allocation.
 
 Precision: the projections and MLP run in the model's dtype; on CPU, rotary embedding, the KV caches and
 attention are float32 even for a bf16 model (bf16 weights are for the AMX matrix units; a bf16 score matrix
@@ -24,8 +35,18 @@ from __future__ import annotations
 
 import torch
 
+SEGMENT = 64  # generated positions per cache segment (memory granularity and attention padding bound)
+
 # Decoder-only architectures whose layer is exactly: h += o_proj(attn(norm(h))); h += mlp(norm(h)).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+    """A model type this module's layer loop does not implement; `model` is the unwrapped causal LM."""
+
+    def __init__(self, message: str, model):
+        super().__init__(message)
+        self.model = model
 
 
 def unwrap_causal_lm(model):
@@ -38,9 +59,10 @@ def unwrap_causal_lm(model):
         model = model.get_base_model()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"generation engine supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r} "
-            f"({type(model).__name__})"
+        raise UnsupportedModelError(
+            f"ssb's generation engine implements model types {', '.join(SUPPORTED_MODEL_TYPES)}, not "
+            f"{model_type!r} ({type(model).__name__})",
+            model,
         )
     return model
 
@@ -69,10 +91,23 @@ def _attention(q, k, v, mask, scale):
     return torch.matmul(e.to(v.dtype), v).float().div_(total), m.add_(total.log_())
 
 
-class SlotModel:
-    """Prefill/decode of a supported causal LM against the prompt and generation caches."""
+def kv_token_bytes(lm, kv_dtype) -> int:
+    """Bytes of keys + values one token adds to the cache, over all layers."""
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = torch.empty(0, dtype=kv_dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
 
-    def __init__(self, model, rows: int, prompt_slots: int, max_prompt: int, max_new: int):
+
+class SlotModel:
+    """Prefill/decode of a supported causal LM against the prompt cache and the paged generation cache.
+
+    Sequences are named by row ids in [0, max_rows) and prompts by prompt slots in [0, max_slots), both chosen by
+    the scheduler; `set_limits` fixes those bounds (they cap how far the caches can grow). Nothing is allocated
+    until the first prefill.
+    """
+
+    def __init__(self, model, max_prompt: int, max_new: int):
         self.lm = unwrap_causal_lm(model)
         cfg = self.lm.config
         max_len = max_prompt + max_new
@@ -94,11 +129,89 @@ class SlotModel:
         self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype  # see the module docstring
         self.kv_heads, self.heads = cfg.num_key_value_heads, cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shape_p = (len(self.layers), prompt_slots, self.kv_heads, max_prompt, self.head_dim)
-        shape_g = (len(self.layers), rows, self.kv_heads, max_new, self.head_dim)
-        # zero-filled: masked cache entries are still multiplied by 0 in attention and must not be NaN
-        self.pk, self.pv = (torch.zeros(shape_p, dtype=self.kv_dtype, device=self.device) for _ in range(2))
-        self.gk, self.gv = (torch.zeros(shape_g, dtype=self.kv_dtype, device=self.device) for _ in range(2))
+        self.token_bytes = kv_token_bytes(self.lm, self.kv_dtype)
+        self.max_prompt, self.max_new = max_prompt, max_new
+        self.max_rows = self.max_slots = 1
+        self.segment = min(SEGMENT, max_new)  # a short generation needs no longer segment
+        self.segments = -(-max_new // self.segment)
+        # generation cache: per segment a K and a V pool (None until a sequence reaches it); slot -> owning row
+        self.seg_k: list[torch.Tensor | None] = [None] * self.segments
+        self.seg_v: list[torch.Tensor | None] = [None] * self.segments
+        self.seg_owner: list[list[int]] = [[] for _ in range(self.segments)]  # -1: a free slot
+        self.seg_live = [0] * self.segments
+        self.row_slots: dict[int, list[int]] = {}  # row -> its slot in segments 0, 1, ...
+        self.pk: torch.Tensor | None = None  # [layers, slots, kv_heads, max_prompt, head_dim]
+        self.pv: torch.Tensor | None = None
+        self.allocated = self.peak_allocated = self.peak_used = 0
+
+    def worst_case_bytes_per_sequence(self) -> int:
+        """KV bytes one sequence can need: all its generated segments, a prompt slot of its own, and its share of
+        the transient copy while a pool grows (old and new pool both exist during the copy)."""
+        growth = max(self.segment, self.max_prompt)
+        return self.token_bytes * (self.segments * self.segment + self.max_prompt + growth)
+
+    def set_limits(self, max_rows: int, max_slots: int) -> None:
+        self.max_rows, self.max_slots = max_rows, max_slots
+
+    def kv_stats(self) -> dict:
+        """Peak bytes allocated for KV (pools, including growth copies) and peak bytes holding live tokens' KV."""
+        return {"kv_bytes_allocated": self.peak_allocated, "kv_bytes_used": self.peak_used}
+
+    # ------------------------------------------------------------------------------------------ allocation
+
+    def _regrow(self, k, v, capacity: int, length: int):
+        """New zero-filled K and V pools of `capacity` slots holding the old pools' slots (masked cache entries are
+        still multiplied by 0 in attention and must not be NaN, hence zeros)."""
+        shape = (len(self.layers), capacity, self.kv_heads, length, self.head_dim)
+        new_k, new_v = (torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(2))
+        new_bytes = 2 * new_k.numel() * new_k.element_size()
+        self.peak_allocated = max(self.peak_allocated, self.allocated + new_bytes)  # both exist during the copy
+        self.allocated += new_bytes
+        if k is not None:
+            new_k[:, : k.shape[1]] = k
+            new_v[:, : v.shape[1]] = v
+            self.allocated -= 2 * k.numel() * k.element_size()
+        return new_k, new_v
+
+    @staticmethod
+    def _capacity(current: int, need: int, limit: int) -> int:
+        """Grow by a quarter (so a pool is copied O(log n) times, and is at most 25% larger than its peak use), at
+        least to `need`, at most to `limit`."""
+        return min(limit, max(need, current + current // 4, 8))
+
+    def _ensure_prompt_slots(self, need: int) -> None:
+        capacity = 0 if self.pk is None else self.pk.shape[1]
+        if need > capacity:
+            capacity = self._capacity(capacity, need, self.max_slots)
+            self.pk, self.pv = self._regrow(self.pk, self.pv, capacity, self.max_prompt)
+
+    def _reserve_segment(self, j: int, need: int) -> None:
+        capacity = len(self.seg_owner[j])
+        if need > capacity:
+            capacity = self._capacity(capacity, need, self.max_rows)
+            self.seg_k[j], self.seg_v[j] = self._regrow(self.seg_k[j], self.seg_v[j], capacity, self.segment)
+            self.seg_owner[j].extend([-1] * (capacity - len(self.seg_owner[j])))
+
+    def _take_segment_slot(self, j: int, row: int) -> None:
+        """Give `row` a slot in segment j (it is about to write its first position there)."""
+        self._reserve_segment(j, self.seg_live[j] + 1)
+        owner = self.seg_owner[j]
+        slot = owner.index(-1)
+        owner[slot] = row
+        self.seg_live[j] += 1
+        self.row_slots.setdefault(row, []).append(slot)
+
+    def release(self, row: int) -> None:
+        """A finished sequence gives its segment slots back; a pool nobody uses any more is freed."""
+        for j, slot in enumerate(self.row_slots.pop(row, [])):
+            self.seg_owner[j][slot] = -1
+            self.seg_live[j] -= 1
+            if self.seg_live[j] == 0:
+                self.allocated -= 2 * self.seg_k[j].numel() * self.seg_k[j].element_size()
+                self.seg_k[j] = self.seg_v[j] = None
+                self.seg_owner[j] = []
+
+    # ------------------------------------------------------------------------------------------ forward
 
     def _forward(self, ids, positions, attend):
         """ids/positions: [B, T]; attend(layer_idx, attn_module, q, k, v) -> [B, T, heads * hd].
@@ -125,6 +238,7 @@ class SlotModel:
 
         Returns the next-token logits at each prompt's last position: [P, V].
         """
+        self._ensure_prompt_slots(max(slots) + 1)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         p, t = len(prompts), int(lengths.max())
         ids = torch.zeros(p, t, dtype=torch.long, device=self.device)
@@ -153,52 +267,71 @@ class SlotModel:
 
     def decode(
         self,
-        lo: int,
-        tokens: torch.Tensor,
-        step: torch.Tensor,
-        prompt_len: torch.Tensor,
+        rows: list[int],
+        tokens: list[int],
+        steps: list[int],
+        prompt_len: list[int],
         members: torch.Tensor,
         member_of: torch.Tensor,
         prompt_lens: torch.Tensor,
-        chunks: list[tuple[int, int, int]],
     ) -> torch.Tensor:
-        """One token for each of generation-cache rows [lo, lo + R).
+        """One token for each sequence in `rows` (R of them); returns next-token logits [R, V].
 
-        tokens, step, prompt_len, member_of: [R] -- the token fed, its index among the row's generated tokens
-        (its position in the generation cache), the row's prompt length (its position is prompt_len + step),
-        and the row's index into members.view(-1). members: [S, n] rows (relative to lo) of each prompt slot
-        [0, S), padded with R (none); prompt_lens: [S]. chunks: (first, end, length) row ranges covering [0, R)
-        whose generated-token attention spans `length` positions (rows are kept in age order, so a chunk of
-        similar ages pads little). Returns next-token logits [R, V].
+        tokens, steps, prompt_len: per sequence, the token fed, its index among the sequence's generated tokens
+        (its position in the generation cache) and the prompt length (its position is prompt_len + step).
+        members: [S, n] indices into `rows` of each prompt slot [0, S)'s sequences, padded with R (none);
+        member_of: [R] each sequence's flat index into members.view(-1); prompt_lens: [S] (0 for a free slot).
         """
-        r, (s, n) = tokens.shape[0], members.shape
-        kvh, g, hd = self.kv_heads, self.heads // self.kv_heads, self.head_dim
-        lg, lp = max(c[2] for c in chunks), int(prompt_lens.max())
-        neg = torch.finfo(self.kv_dtype).min  # finite in the cache dtype: fully masked dummy rows stay NaN-free
-        ar_g, ar_p = torch.arange(lg, device=self.device), torch.arange(lp, device=self.device)
-        mask_g = torch.zeros(r, 1, 1, lg, device=self.device).masked_fill_((ar_g > step[:, None])[:, None, None], neg)
-        mask_p = torch.zeros(s, 1, 1, lp, device=self.device).masked_fill_(
-            (ar_p >= prompt_lens[:, None])[:, None, None], neg
-        )
-        rows = torch.arange(lo, lo + r, device=self.device)
-        gather = members.clamp(max=r - 1).view(-1)  # padding entries read row R-1; their results are unused
+        r, (s, n) = len(rows), members.shape
+        kvh, g, hd, dev = self.kv_heads, self.heads // self.kv_heads, self.head_dim, self.device
+        entering: dict[int, list[int]] = {}  # segment -> rows writing its first position now
+        for row, step in zip(rows, steps):
+            if step % self.segment == 0:
+                entering.setdefault(step // self.segment, []).append(row)
+        for j, new_rows in entering.items():
+            self._reserve_segment(j, self.seg_live[j] + len(new_rows))  # one growth for all of them
+            for row in new_rows:
+                self._take_segment_slot(j, row)
+        index_of = {row: k for k, row in enumerate(rows)}
+        used = sum(steps) + r + int(prompt_lens.sum())
+        self.peak_used = max(self.peak_used, used * self.token_bytes)
+        # where each sequence writes this step's KV: (segment slots, offsets, batch indices) per segment
+        writes: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        for k, (row, step) in enumerate(zip(rows, steps)):
+            slot_list, offsets, batch = writes.setdefault(step // self.segment, ([], [], []))
+            slot_list.append(self.row_slots[row][step // self.segment])
+            offsets.append(step % self.segment)
+            batch.append(k)
+        writes_t = [(j, *(torch.tensor(x, device=dev) for x in w)) for j, w in writes.items()]
+        # the attention parts: per segment, its slots [0, hi) as batch indices (R = none) and their mask
+        neg = torch.finfo(self.kv_dtype).min  # finite: fully masked (free) slots stay NaN-free
+        step_of = torch.tensor(steps + [-1], device=dev)  # index R: none
+        longest = max(steps)
+        parts = []
+        for j in range(longest // self.segment + 1):
+            owner = self.seg_owner[j]
+            hi = max(k for k, o in enumerate(owner) if o >= 0) + 1
+            idx = torch.tensor([index_of[o] if o >= 0 else r for o in owner[:hi]], device=dev)
+            fill = min(self.segment, longest - j * self.segment + 1)
+            beyond = torch.arange(fill, device=dev) > (step_of[idx] - j * self.segment)[:, None]
+            mask = torch.zeros(hi, 1, 1, fill, device=dev).masked_fill_(beyond[:, None, None], neg)
+            parts.append((j, hi, idx, fill, mask))
+        lp = int(prompt_lens.max())
+        ar_p = torch.arange(lp, device=dev)
+        mask_p = torch.zeros(s, 1, 1, lp, device=dev).masked_fill_((ar_p >= prompt_lens[:, None])[:, None, None], neg)
+        gather = members.view(-1)
 
         def attend(i, a, q, k, v):  # q: [R, 1, H, hd], k/v: [R, 1, KV, hd]
-            self.gk[i, rows, :, step] = k[:, 0]
-            self.gv[i, rows, :, step] = v[:, 0]
-            q = q.view(r, kvh, g, hd)  # the query heads sharing each kv head
-            # own generated tokens, chunk by chunk: o [R, KV, G, hd], lse [R, KV, G, 1]
-            parts = [
-                _attention(
-                    q[b:e],
-                    self.gk[i, lo + b : lo + e, :, :length],
-                    self.gv[i, lo + b : lo + e, :, :length],
-                    mask_g[b:e, ..., :length],
-                    a.scaling,
-                )
-                for b, e, length in chunks
-            ]
-            og, lse_g = parts[0] if len(parts) == 1 else [torch.cat(x) for x in zip(*parts)]
+            for j, slot_t, offset_t, batch_t in writes_t:
+                self.seg_k[j][i, slot_t, :, offset_t] = k[batch_t, 0]
+                self.seg_v[j][i, slot_t, :, offset_t] = v[batch_t, 0]
+            q = torch.cat([q.view(r, kvh, g, hd), q.new_zeros(1, kvh, g, hd)])  # the query heads of each kv head
+            # every part's output and log-sum-exp per sequence (index R collects the padding): [R+1, parts, ...]
+            o_all = q.new_zeros(r + 1, len(parts) + 1, kvh, g, hd)
+            lse_all = q.new_full((r + 1, len(parts) + 1, kvh, g, 1), float("-inf"))
+            for p, (j, hi, idx, fill, mask) in enumerate(parts):
+                kj, vj = self.seg_k[j][i, :hi, :, :fill], self.seg_v[j][i, :hi, :, :fill]
+                o_all[idx, p], lse_all[idx, p] = _attention(q[idx], kj, vj, mask, a.scaling)
             # shared prompt: all samples' queries of a prompt slot against its keys at once: [S, KV, n*G, .]
             qp = q[gather].view(s, n, kvh, g, hd).transpose(1, 2).reshape(s, kvh, n * g, hd)
             op, lse_p = _attention(qp, self.pk[i, :s, :, :lp], self.pv[i, :s, :, :lp], mask_p, a.scaling)
@@ -206,19 +339,15 @@ class SlotModel:
             def to_rows(x):  # [S, KV, n*G, c] -> [R, KV, G, c]
                 return x.view(s, kvh, n, g, -1).transpose(1, 2).reshape(s * n, kvh, g, -1)[member_of]
 
-            op, lse_p = to_rows(op), to_rows(lse_p)
-            lse = torch.logaddexp(lse_g, lse_p)  # exact merge of the two softmax pieces
-            o = og * torch.exp(lse_g - lse) + op * torch.exp(lse_p - lse)  # [R, KV, G, hd]
+            o_all[:r, -1], lse_all[:r, -1] = to_rows(op), to_rows(lse_p)
+            lse = torch.logsumexp(lse_all[:r], 1, keepdim=True)  # exact merge of the softmax pieces
+            o = (o_all[:r] * torch.exp(lse_all[:r] - lse)).sum(1)  # [R, KV, G, hd]
             return o.to(v.dtype).view(r, 1, -1)
 
-        h = self._forward(tokens[:, None], (prompt_len + step)[:, None], attend)
+        ids = torch.tensor(tokens, device=dev)[:, None]
+        positions = (torch.tensor(prompt_len, device=dev) + torch.tensor(steps, device=dev))[:, None]
+        h = self._forward(ids, positions, attend)
         return self.head(h[:, 0])
-
-    def move_rows(self, src: list[int], dst: list[int], length: int) -> None:
-        """Copy the first `length` generated positions of generation-cache rows src -> dst (any overlap)."""
-        s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
-        self.gk[:, d, :, :length] = self.gk[:, s, :, :length]  # the gather on the right copies first
-        self.gv[:, d, :, :length] = self.gv[:, s, :, :length]
 
     def move_prompts(self, src: list[int], dst: list[int]) -> None:
         """Copy prompt-cache slots src -> dst."""

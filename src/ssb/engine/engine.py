@@ -1,23 +1,27 @@
 """Batched text generation for every SSB stage that samples from a model (rollouts, teacher solutions, eval).
 
 `Engine.generate(prompts, n, params)` returns n completions per prompt. It runs continuous batching over
-preallocated KV caches (`ssb.engine.cache.SlotModel`): each prompt is prefilled once into a prompt-cache slot
-shared by its n samples, every step decodes one token for all live sequences, and a sequence that finishes is
-replaced by the next waiting prompt instead of idling until the longest sequence of a static batch is done
-(`ssb.engine.scheduler`).
+KV caches that grow with the tokens in flight (`ssb.engine.cache.SlotModel`, paged in segments, within a memory
+budget): each prompt is prefilled once into a prompt-cache slot shared by its n samples, every step decodes one
+token for all live sequences, and a sequence that finishes is replaced by the next waiting prompt instead of
+idling until the longest sequence of a static batch is done (`ssb.engine.scheduler`). Progress is shown and
+logged in tokens (`ssb.engine.progress`); `Engine.last_stats` holds the last call's tokens/s and KV bytes.
 Sampling (`ssb.engine.sampling`) draws from a seeded uniform stream per (prompt, sample), so results do not
 depend on batch size or scheduling. Benchmarks and design notes: benchmarks/README.md, section "Generation".
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 
-from ssb.engine.cache import unwrap_causal_lm
+from ssb.engine.cache import UnsupportedModelError, unwrap_causal_lm
+from ssb.engine.fallback import hf_generate_all
 from ssb.engine.sampling import SamplingParams, check_sampling
 from ssb.engine.scheduler import Completion, Scheduler
 
@@ -68,6 +72,30 @@ def tokenize_prompts(tokenizer, prompts) -> list[list[int]]:
     return out
 
 
+def available_memory_bytes(device) -> int:
+    """Memory free for new allocations now: the GPU's free memory, or the OS's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # other Unixes: free physical pages (an underestimate where the OS caches files)
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def default_kv_budget_bytes(device) -> int:
+    """A quarter of the available memory: room for the weights, activations, the rest of the stage and the
+    other programs on the machine."""
+    return available_memory_bytes(device) // 4
+
+
 @contextmanager
 def _inference_state(lm):
     """eval mode (no dropout, incl. LoRA dropout) and no autograd; each module's training flag is restored."""
@@ -86,22 +114,46 @@ class Engine:
 
     model: a Hugging Face causal LM of a supported type (llama, mistral, qwen2, qwen3), or a peft model wrapping
     one, in any dtype (bf16 weights pay off on CPUs with AMX units; attention stays fp32 on CPU, see
-    ssb.engine.cache). batch_size: most sequences decoded at once (KV memory is about
-    1.25 x batch_size x (longest prompt + max_new_tokens) positions). device: move the model there first
-    (default: leave it where it is). progress: show a tqdm bar over prompts.
+    ssb.engine.cache). batch_size: most sequences decoded at once (fewer when the KV budget cannot hold that
+    many at max_new_tokens). device: move the model there first (default: leave it where it is). progress: show
+    a tqdm bar over tokens. kv_budget_mib: most KV-cache memory generation may allocate (None: a quarter of the
+    memory available now, `default_kv_budget_bytes`). log: called with a progress line every minute (e.g. a
+    stage's `say`).
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 64, device=None, progress: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 64,
+        device=None,
+        progress: bool = True,
+        kv_budget_mib: float | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.lm = unwrap_causal_lm(model)
+        if kv_budget_mib is not None and kv_budget_mib <= 0:
+            raise ValueError(f"kv_budget_mib must be > 0, got {kv_budget_mib}")
+        try:
+            self.lm, self.fallback = unwrap_causal_lm(model), False
+        except UnsupportedModelError as e:  # another architecture: Hugging Face generate, slower but right
+            self.lm, self.fallback = e.model, True
+            print(f"[generate] {e}: using Hugging Face generate, one batch at a time (slower)", flush=True)
         if device is not None and torch.device(device) != next(model.parameters()).device:
             model.to(device)
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.progress = batch_size, progress
         self.device = next(model.parameters()).device
         # recorded in every artifact: which code and precision produced the text
-        self.backend = f"torch-static-kv/{str(next(model.parameters()).dtype).removeprefix('torch.')}"
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.backend = f"hf-generate/{dtype}" if self.fallback else f"torch-paged-kv/{dtype}"
+        self.kv_budget_bytes = (
+            int(kv_budget_mib * 2**20) if kv_budget_mib is not None else default_kv_budget_bytes(self.device)
+        )
+        self.log = log
+        self.last_stats: dict = {}
         self.stop_ids = stop_token_ids(tokenizer, self.lm)
         if not self.stop_ids:
             raise ValueError("tokenizer and model define no eos token: generation could never stop early")
@@ -134,5 +186,35 @@ class Engine:
                 callback(i, results[i])
 
         with _inference_state(self.lm):
-            Scheduler(self, ids, n_run, params, done).loop()
+            if self.fallback:
+                progress = hf_generate_all(self, ids, n_run, params, done)
+                memory = {"rows": self.batch_size, "rows_limited_by_budget": False}
+            else:
+                scheduler = Scheduler(self, ids, n_run, params, done)
+                scheduler.loop()
+                progress = scheduler.progress
+                memory = {"rows": scheduler.max_rows, "rows_limited_by_budget": scheduler.rows_limited_by_budget}
+                memory.update(scheduler.cache.kv_stats())
+        self.last_stats = {
+            "tokens": progress.generated,
+            "seconds": round(time.perf_counter() - progress.start, 3),
+            "tok_per_s": round(progress.rate(), 1),
+            "kv_budget_bytes": self.kv_budget_bytes,
+            **memory,
+        }
         return results
+
+    def summary(self) -> str:
+        """The last call in one line: tokens, rate, and KV memory (for a stage's log)."""
+        s = self.last_stats
+        if not s:
+            return "nothing generated"
+        line = f"{s['tokens']} tokens in {s['seconds']:.0f} s ({s['tok_per_s']:.0f} tok/s)"
+        if "kv_bytes_allocated" in s:
+            line += (
+                f", KV cache peak {s['kv_bytes_allocated'] / 2**20:.0f} MiB allocated for "
+                f"{s['kv_bytes_used'] / 2**20:.0f} MiB in use"
+            )
+        if s["rows_limited_by_budget"]:
+            line += f"; {s['rows']} sequences at once (the KV budget, {s['kv_budget_bytes'] / 2**20:.0f} MiB)"
+        return line

@@ -1,8 +1,9 @@
-"""The continuous-batching scheduler behind `Engine.generate`: cache rows and prompt slots, admission (prefill),
-compaction and the decode loop; plus the CPU thread-count tuner and the decode-attention chunking it uses."""
+"""The continuous-batching scheduler behind `Engine.generate`: rows and prompt slots, admission under the KV
+memory budget (prefill), and the decode loop; plus the CPU thread-count tuner."""
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -10,10 +11,15 @@ from dataclasses import dataclass
 import torch
 
 from ssb.engine.cache import SlotModel
+from ssb.engine.progress import TokenProgress
 from ssb.engine.sampling import SamplingParams, sample_next, sequence_uniforms
 
 # Upper bound on (prompts x padded length) per prefill call, to bound activation memory.
 _PREFILL_TOKENS = 16384
+
+
+class MemoryBudgetError(ValueError):
+    """The generation memory budget cannot hold even one sequence."""
 
 
 @dataclass
@@ -25,60 +31,72 @@ class Completion:
 
 
 class Scheduler:
-    """One generate() call: which sequences occupy which cache rows, admission (prefill) and the decode loop.
+    """One generate() call: which sequences occupy which rows and prompt slots, admission (prefill) and the decode
+    loop.
 
-    Rows are generation-cache rows (one per sequence in flight); prompt slots are prompt-cache slots (one per
-    prompt in flight, shared by the rows sampling from it). New rows are appended after the live ones, so the
-    live region [live_start, live_end) is in age order (generated lengths non-increasing), which lets decode
-    attention pad per chunk of similar lengths. Finished rows leave holes that the region's head skips; when
-    holes pile up or the region reaches the end of the cache, live rows are compacted to the front, in order.
+    A row is a sequence in flight (its generated tokens, sampling stream and segment slots in the paged cache);
+    a prompt slot is a prompt in flight, shared by the rows sampling from it. At most `max_rows` rows run at
+    once: the engine's batch size, lowered so that every row could reach max_new_tokens within the KV budget
+    (see ssb.engine.cache). The KV of a running sequence never moves; only prompt slots are compacted (so the
+    prompt attention spans few free slots) once nothing waits.
     """
 
     def __init__(self, engine, prompts: list[list[int]], samples: int, params: SamplingParams, on_done):
         self.engine, self.prompts, self.samples, self.params, self.on_done = engine, prompts, samples, params, on_done
-        self.max_rows = min(engine.batch_size, len(prompts) * samples)  # most rows decoded at once
-        rows = self.max_rows + self.max_rows // 4  # slack: appending continues past holes before a compaction
+        self.cache = SlotModel(engine.model, max(map(len, prompts)), params.max_new_tokens)
+        per_sequence = self.cache.worst_case_bytes_per_sequence()
+        budget = engine.kv_budget_bytes
+        if per_sequence > budget:
+            raise MemoryBudgetError(
+                f"the generation memory budget ({budget / 2**20:.1f} MiB, config key generation_memory_mib) is "
+                f"smaller than one sequence's KV cache: {per_sequence / 2**20:.1f} MiB for a "
+                f"{max(map(len, prompts))}-token prompt + {params.max_new_tokens} new tokens; raise the budget "
+                "or lower max_new_tokens"
+            )
+        wanted = min(engine.batch_size, len(prompts) * samples)
+        self.max_rows = min(wanted, budget // per_sequence)  # most rows decoded at once
+        self.rows_limited_by_budget = self.max_rows < wanted
         # a prompt with more samples than max_rows takes several slots
         slots = min(self.max_rows, len(prompts) * -(-samples // self.max_rows))
-        self.cache = SlotModel(engine.model, rows, slots, max(map(len, prompts)), params.max_new_tokens)
+        self.cache.set_limits(self.max_rows, slots)
         self.waiting = deque([i, 0] for i in range(len(prompts)))  # [prompt, next sample index]
         self.collected: dict[int, list] = {}  # prompt -> its completions so far (None = not finished)
-        self.row_seq: list[tuple[int, int] | None] = [None] * rows  # row -> (prompt, sample), None = free
-        self.row_tokens: list[list[int]] = [[] for _ in range(rows)]  # row -> generated ids
-        self.row_slot = [0] * rows  # row -> prompt slot
-        self.live_start = self.live_end = self.live_count = 0
+        self.free_rows = list(range(self.max_rows))  # a heap: the lowest free row is reused first
+        self.live: list[int] = []  # running rows, oldest first
+        self.row_seq: list[tuple[int, int] | None] = [None] * self.max_rows  # row -> (prompt, sample)
+        self.row_tokens: list[list[int]] = [[] for _ in range(self.max_rows)]  # row -> generated ids
+        self.row_slot = [0] * self.max_rows  # row -> prompt slot
         self.slot_rows: list[list[int] | None] = [None] * slots  # prompt slot -> its live rows, None = free
         self.slot_prompt_len = [0] * slots
-        self.uniforms = torch.zeros(rows, params.max_new_tokens, dtype=torch.float64)  # per-row sampling stream
+        self.uniforms = torch.zeros(self.max_rows, params.max_new_tokens, dtype=torch.float64)  # sampling streams
         self.generated = 0
 
     def loop(self) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=len(self.prompts), desc="generate", unit="prompt", disable=not self.engine.progress)
-        start = time.perf_counter()
+        sequences = len(self.prompts) * self.samples
+        self.progress = TokenProgress(
+            len(self.prompts), sequences, self.params.max_new_tokens, self.engine.progress, log=self.engine.log
+        )
         threads = ThreadTuner() if self.cache.device.type == "cpu" and torch.get_num_threads() > 1 else None
         try:
-            while self.waiting or self.live_count:
+            while self.waiting or self.live:
+                before = self.generated
                 self.admit()
                 if not self.waiting:
                     self.compact_slots()
-                if self.live_count:
-                    t, rows = time.perf_counter(), self.live_end - self.live_start
+                if self.live:
+                    t, rows = time.perf_counter(), len(self.live)
                     if threads:
                         threads.before_step()
                     self.decode_step()
                     if threads:
                         threads.after_step((time.perf_counter() - t) / rows)
-                    holes = self.live_end - self.live_start - self.live_count
-                    if holes > max(2, self.live_count // 8):
-                        self.compact_rows()
-                    rate = self.generated / (time.perf_counter() - start)
-                    self.bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
+                waiting = sum(self.samples - first for _, first in self.waiting)
+                running = [len(self.row_tokens[r]) for r in self.live]
+                self.progress.step(self.generated - before, running, waiting)
         finally:
             if threads:
                 threads.restore()
-            self.bar.close()
+            self.progress.close()
 
     # ------------------------------------------------------------------------------------------ admission
 
@@ -86,7 +104,7 @@ class Scheduler:
         """Which waiting prompts to prefill now, as (prompt, first sample, samples, prompt slot): all remaining
         samples of a prompt at once, so the prompt is prefilled once (a prompt with more samples than max_rows
         is split once half the rows are free), within the prefill token bound."""
-        free_rows = self.max_rows - self.live_count
+        free_rows = self.max_rows - len(self.live)
         free_slots = [j for j, rows in enumerate(self.slot_rows) if rows is None]
         plan = []
         while self.waiting and free_slots:
@@ -112,17 +130,15 @@ class Scheduler:
         plan = self.plan_admission()
         if not plan:
             return
-        total = sum(take for _, _, take, _ in plan)
-        if self.live_end + total > len(self.row_seq):
-            self.compact_rows()
         logits = self.cache.prefill([self.prompts[p] for p, *_ in plan], [slot for *_, slot in plan])  # [P, V]
         rows, plan_index = [], []
         for k, (prompt, first, take, slot) in enumerate(plan):
-            self.slot_rows[slot] = list(range(self.live_end, self.live_end + take))
+            self.slot_rows[slot] = []
             self.slot_prompt_len[slot] = len(self.prompts[prompt])
             for sample in range(first, first + take):
-                row = self.live_end
-                self.live_end += 1
+                row = heapq.heappop(self.free_rows)
+                self.live.append(row)
+                self.slot_rows[slot].append(row)
                 self.row_seq[row], self.row_tokens[row], self.row_slot[row] = (prompt, sample), [], slot
                 if self.params.temperature > 0:
                     self.uniforms[row] = sequence_uniforms(
@@ -130,28 +146,7 @@ class Scheduler:
                     )
                 rows.append(row)
                 plan_index.append(k)
-        if self.live_count == 0:
-            self.live_start = rows[0]
-        self.live_count += total
         self.emit(rows, logits[torch.tensor(plan_index, device=logits.device)])
-
-    # ------------------------------------------------------------------------------------------ compaction
-
-    def compact_rows(self) -> None:
-        """Move the live rows to [0, live_count), keeping their (age) order; their generated KV moves along."""
-        live = [r for r in range(self.live_start, self.live_end) if self.row_seq[r] is not None]
-        moved = [(src, dst) for dst, src in enumerate(live) if src != dst]
-        if moved:
-            longest = max(len(self.row_tokens[r]) for r in live)
-            self.cache.move_rows([src for src, _ in moved], [dst for _, dst in moved], longest)
-            self.uniforms[[dst for _, dst in moved]] = self.uniforms[[src for src, _ in moved]]
-            for src, dst in moved:  # ascending, dst < src: a source is never overwritten before it is read
-                self.row_seq[dst], self.row_tokens[dst] = self.row_seq[src], self.row_tokens[src]
-                self.row_slot[dst] = self.row_slot[src]
-                self.row_seq[src] = None
-                siblings = self.slot_rows[self.row_slot[dst]]
-                siblings[siblings.index(src)] = dst
-        self.live_start, self.live_end = 0, len(live)
 
     def compact_slots(self) -> None:
         """Move live prompt slots to the lowest indices (prompt KV copied with them)."""
@@ -168,41 +163,36 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ decoding
 
-    def slot_membership(self) -> tuple[torch.Tensor, list[int], list[int]]:
-        """For decode attention over the shared prompt KV: slot_rows as a padded [slots, width] tensor of
-        row offsets (padding = the live region's length), each row's flat index into it, and each slot's
-        prompt length (0 for a free slot)."""
-        start, span = self.live_start, self.live_end - self.live_start
-        used = max(j for j, rows in enumerate(self.slot_rows) if rows is not None) + 1
-        width = max(len(rows) for rows in self.slot_rows[:used] if rows is not None)
-        members = torch.full((used, width), span, dtype=torch.long)
-        member_index = [0] * span
-        for j, rows in enumerate(self.slot_rows[:used]):
-            for k, row in enumerate(rows or ()):
-                members[j, k] = row - start
-                member_index[row - start] = j * width + k
-        prompt_lens = [self.slot_prompt_len[j] if rows else 0 for j, rows in enumerate(self.slot_rows[:used])]
-        return members, member_index, prompt_lens
+    def slot_membership(self, rows: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:
+        """For decode attention over the shared prompt KV: slot_rows as a padded [slots, width] tensor of indices
+        into `rows` (padding = len(rows)), each row's flat index into it, and each slot's prompt length (0 for a
+        free slot)."""
+        index_of = {row: k for k, row in enumerate(rows)}
+        used = max(j for j, members in enumerate(self.slot_rows) if members) + 1
+        width = max(len(members) for members in self.slot_rows[:used] if members)
+        members_t = torch.full((used, width), len(rows), dtype=torch.long)
+        member_index = [0] * len(rows)
+        for j, members in enumerate(self.slot_rows[:used]):
+            for k, row in enumerate(members or ()):
+                members_t[j, k] = index_of[row]
+                member_index[index_of[row]] = j * width + k
+        prompt_lens = [self.slot_prompt_len[j] if members else 0 for j, members in enumerate(self.slot_rows[:used])]
+        return members_t, member_index, prompt_lens
 
     def decode_step(self) -> None:
-        """One token for every live row: decode the live region (holes included) and sample the live rows."""
-        dev, start, end = self.cache.device, self.live_start, self.live_end
-        members, member_index, prompt_lens = self.slot_membership()
-        seqs, tokens = self.row_seq[start:end], self.row_tokens[start:end]
-        generated = [len(t) - 1 if s else -1 for s, t in zip(seqs, tokens)]  # -1: a hole
+        """One token for every running sequence."""
+        dev, rows = self.cache.device, list(self.live)
+        members, member_index, prompt_lens = self.slot_membership(rows)
         logits = self.cache.decode(
-            start,
-            torch.tensor([t[-1] if s else 0 for s, t in zip(seqs, tokens)], device=dev),
-            torch.tensor([max(g, 0) for g in generated], device=dev),
-            torch.tensor([len(self.prompts[s[0]]) if s else 0 for s in seqs], device=dev),
+            rows,
+            [self.row_tokens[r][-1] for r in rows],
+            [len(self.row_tokens[r]) - 1 for r in rows],
+            [self.slot_prompt_len[self.row_slot[r]] for r in rows],
             members.to(dev),
             torch.tensor(member_index, device=dev),
             torch.tensor(prompt_lens, device=dev),
-            _chunks(generated),
         )
-        live = [k for k, s in enumerate(seqs) if s is not None]
-        live_logits = logits[torch.tensor(live, device=dev)] if len(live) < end - start else logits
-        self.emit([start + k for k in live], live_logits)
+        self.emit(rows, logits)
 
     def emit(self, rows: list[int], logits: torch.Tensor) -> None:
         """Sample one token for each row in `rows` (logits: [len(rows), V]) and retire finished sequences."""
@@ -219,26 +209,25 @@ class Scheduler:
                 self.finish(row, "stop" if stop else "length")
 
     def finish(self, row: int, reason: str) -> None:
-        """Retire a finished sequence: free its row (and its slot when it was the prompt's last), and hand the
-        prompt's completions over once all its samples are done."""
+        """Retire a finished sequence: free its row, its cache segments (and its prompt slot when it was the
+        prompt's last), and hand the prompt's completions over once all its samples are done."""
         prompt, sample = self.row_seq[row]
         ids = self.row_tokens[row]
         text = self.engine.tokenizer.decode(ids[:-1] if reason == "stop" else ids, skip_special_tokens=True)
         comps = self.collected.setdefault(prompt, [None] * self.samples)
         comps[sample] = Completion(text=text, token_ids=list(ids), num_tokens=len(ids), finish_reason=reason)
         self.row_seq[row] = None
-        self.live_count -= 1
-        while self.live_start < self.live_end and self.row_seq[self.live_start] is None:
-            self.live_start += 1
-        if self.live_count == 0:
-            self.live_start = self.live_end = 0
+        self.live.remove(row)
+        heapq.heappush(self.free_rows, row)
+        self.cache.release(row)
+        self.progress.sequence_done(len(ids))
         slot = self.row_slot[row]
         self.slot_rows[slot].remove(row)
         if not self.slot_rows[slot]:
             self.slot_rows[slot] = None
         if all(c is not None for c in comps):
             del self.collected[prompt]
-            self.bar.update(1)
+            self.progress.prompt_done()
             self.on_done(prompt, comps)
 
 
@@ -280,17 +269,3 @@ class ThreadTuner:
 
     def restore(self) -> None:
         torch.set_num_threads(self.original)
-
-
-def _chunks(step: list[int], slack: float = 0.125, min_rows: int = 4) -> list[tuple[int, int, int]]:
-    """Split rows into (first, end, length) ranges for the generated-token attention. `step` is each row's
-    generated length so far, non-increasing along the rows, -1 for a hole. A row starts a new chunk when
-    padding it to the current chunk's length would waste more than `slack` of that length."""
-    chunks: list[list[int]] = []
-    for k, st in enumerate(step):
-        need = st + 1
-        if chunks and (st < 0 or k - chunks[-1][0] < min_rows or need >= (1 - slack) * chunks[-1][2]):
-            chunks[-1][1], chunks[-1][2] = k + 1, max(chunks[-1][2], need)
-        else:
-            chunks.append([k, k + 1, max(need, 1)])
-    return [tuple(c) for c in chunks]

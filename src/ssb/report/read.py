@@ -52,6 +52,7 @@ def read_evals(root: Path) -> list[dict]:
                 "wrong_step": s.get("wrong_step_share"),
                 "right_wrong_step": s.get("correct_with_wrong_step_share"),
                 "seconds": s.get("wall_seconds"),
+                "peak_rss_bytes": s.get("peak_rss_bytes"),
                 "model": s.get("model"),
             }
         )

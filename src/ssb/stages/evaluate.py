@@ -31,6 +31,7 @@ from pathlib import Path
 from ssb.config import Config, DatasetSpec, validate
 from ssb.data import BENCHMARKS, Example, load_examples
 from ssb.files import JsonlWriter, atomic_write_json, file_digest, read_jsonl
+from ssb.memory import PeakRSS
 from ssb.metrics import majority_vote, mean_ci, pass_at_k, wilson_ci
 from ssb.models import generation_dtype_name
 from ssb.rundir import EVAL_CONFIG, SAMPLES, SUMMARY, RunDir
@@ -184,10 +185,13 @@ def evaluate(
                 f"[eval] note: temperature 0 is greedy, so the n={ec.n} samples per problem are identical", flush=True
             )
         session = 1 + max((r.get("session", 0) for r in done.values()), default=-1)
-        _generate(cfg, model, todo, out / SAMPLES, session)
+        with PeakRSS() as rss:  # this evaluation's peak resident memory (the report shows it)
+            _generate(cfg, model, todo, out / SAMPLES, session)
     by_id = {r["id"]: r for r in read_jsonl(out / SAMPLES)}
     summary = build_summary([by_id[e.id] for e in examples], settings)
     summary["config"] = {**settings, "batch_size": ec.batch_size, "device": cfg.device, "dtype": cfg.dtype}
+    if todo:
+        summary["peak_rss_bytes"] = rss.peak_bytes
     atomic_write_json(out / SUMMARY, summary)
     print(result_line(summary), flush=True)
     print(detail_line(summary, out), flush=True)
@@ -202,7 +206,9 @@ def _generate(cfg: Config, model: str, todo: list[Example], samples_path: Path, 
 
     ec = cfg.eval
     lm, tok = load_from_config(cfg, model, generation=True)
-    engine = Engine(lm, tok, batch_size=ec.batch_size, progress=True)
+    engine = Engine(
+        lm, tok, batch_size=ec.batch_size, progress=True, kv_budget_mib=cfg.generation_memory_mib, log=print
+    )
     # A fixed seed: the engine keys each sample's random stream on (seed, prompt, index), so a resumed run
     # draws exactly the samples an uninterrupted one would have.
     params = SamplingParams(
@@ -236,6 +242,8 @@ def _generate(cfg: Config, model: str, todo: list[Example], samples_path: Path, 
             )
 
         engine.generate(prompts, ec.n, params, callback=save)
+    if hasattr(engine, "summary"):  # tokens/s and KV memory of the run (other backends may not report them)
+        print(f"[eval] {engine.summary()}", flush=True)
 
 
 def build_summary(records: list[dict], settings: dict, level: float = 0.95) -> dict:

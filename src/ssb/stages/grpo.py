@@ -166,9 +166,14 @@ def engine_rollout(cfg: Config, batch_size: int = 128):
             seed=cfg.seed * 1_000_003 + trainer.state.global_step,
         )
         prompt_ids = tokenize_prompts(trainer.processing_class, unique)  # once: id lists pass through the engine
-        completions = Engine(model, trainer.processing_class, batch_size=batch_size, progress=False).generate(
-            prompt_ids, n, params
+        engine = Engine(
+            model,
+            trainer.processing_class,
+            batch_size=batch_size,
+            progress=False,
+            kv_budget_mib=cfg.generation_memory_mib,
         )
+        completions = engine.generate(prompt_ids, n, params)
         return {
             "prompt_ids": [ids for ids in prompt_ids for _ in range(n)],
             "completion_ids": [c.token_ids for group in completions for c in group],
@@ -220,9 +225,14 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter, name: str = "grpo"):
         beta=gc.beta,
         loss_type=gc.loss_type,
         scale_rewards=gc.scale_rewards,
-        # TRL counts completions, not questions, in its batch size
-        per_device_train_batch_size=gc.batch_size * gc.num_generations,
-        gradient_accumulation_steps=gc.grad_accum,
+        # Memory: TRL's forward/backward materialises [completions, length, vocabulary] float32 logits (and
+        # their log-softmax and gradient): for 32 completions x ~300 tokens x 49k that is ~1.9 GB per copy, and
+        # held 9 GB in the quick preset. So one question's group per forward/backward pass, accumulated over the
+        # step's questions: the same generation round (generation batch = batch_size x num_generations) and the
+        # same loss (dapo normalises by the generation batch's tokens) per optimizer step, at 1/batch_size the
+        # activation memory.
+        per_device_train_batch_size=gc.num_generations,
+        gradient_accumulation_steps=gc.batch_size * gc.grad_accum,
         num_train_epochs=gc.epochs,
         max_steps=gc.max_steps or -1,
         use_vllm=False,

@@ -34,7 +34,7 @@ def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
         rc = cfg.rollout
         if todo:
             model, tok = load_from_config(cfg, generation=True)
-            engine = Engine(model, tok, batch_size=rc.batch_size)
+            engine = Engine(model, tok, batch_size=rc.batch_size, kv_budget_mib=cfg.generation_memory_mib, log=st.say)
             params = SamplingParams(
                 temperature=rc.temperature,
                 top_k=rc.top_k,
@@ -69,6 +69,8 @@ def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
 
                 st.say(f"[rollout] {len(todo)} questions x {rc.k} samples (T={rc.temperature}, top-k {rc.top_k})")
                 engine.generate(prompts, n=rc.k, params=params, callback=save)
+            if hasattr(engine, "summary"):  # tokens/s and KV memory (other backends may not report them)
+                st.say(f"[rollout] {engine.summary()}")
         records = read_jsonl(run.rollouts)
         st.counts.update(rollout_counts(records))
         c = st.counts

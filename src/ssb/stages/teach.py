@@ -90,7 +90,9 @@ def teach_questions(cfg: Config, run: RunDir, curated: list[dict], st) -> None:
                 continue
             if engine is None:
                 model, tok = load_from_config(cfg, generation=True)
-                engine = Engine(model, tok, batch_size=tc.batch_size)
+                engine = Engine(
+                    model, tok, batch_size=tc.batch_size, kv_budget_mib=cfg.generation_memory_mib, log=st.say
+                )
             st.say(f"[teach] attempt {round_ + 1}/{tc.attempts}: {len(todo)} questions (T={tc.temperature})")
             params = SamplingParams(
                 temperature=tc.temperature,
@@ -135,3 +137,5 @@ def teach_questions(cfg: Config, run: RunDir, curated: list[dict], st) -> None:
                 tries[c["id"]] = tries.get(c["id"], 0) + 1
 
             engine.generate([c["teacher_messages"] for c in todo], n=1, params=params, callback=save)
+            if hasattr(engine, "summary"):  # tokens/s and KV memory (other backends may not report them)
+                st.say(f"[teach] {engine.summary()}")
