@@ -58,8 +58,11 @@ from ssb.distill.store import (  # noqa: E402
     HIDDEN_DTYPE,
     TeacherStore,
     TeacherStoreWriter,
+    auto_slots,
     auto_top_k,
     bytes_per_token,
+    draw,
+    example_generator,
     sparsify,
 )
 
@@ -282,6 +285,132 @@ def lora_grad_cosine(model_path: Path, pairs, ks: list) -> dict:
     return {str(k): round(cosine(out[k], out["full"]), 5) for k in ks}
 
 
+# ------------------------------------------------------------------------------------------ storage schemes
+
+
+def write_scheme_store(root: Path, scheme: str, head: int, samples: int, seed: int, pairs, zts, vocab: int):
+    """Store every pair's teacher rows with one scheme (draws seeded by (seed, pair id)) and read them back."""
+    w = TeacherStoreWriter(
+        root, temperature=T, top_k=head, vocab_size=vocab, fingerprint="bench", kind=scheme, samples=samples, seed=seed
+    )
+    for p, zt in zip(pairs, zts):
+        rows = sparsify(zt, head, T) if scheme == "topk" else draw(zt, T, samples, head, example_generator(seed, p.id))
+        w.add(p.id, rows)
+    counts = w.close()
+    store = TeacherStore(root)
+    rows = [store[p.id] for p in pairs]
+    return type(rows[0])(*(torch.cat(parts) for parts in zip(*rows))), counts["bytes_per_token"]
+
+
+def scheme_table(model_path: Path, pairs, draws: int = 10, heads=(32, 64, 124, 186)) -> tuple[dict, list]:
+    """Each storage scheme at <= 1 KB/token (topk; sampled; hybrid at the head size that does best at the hidden
+    states): gradient cosine to the full-vocabulary KL at the student's hidden states and on the LoRA parameters,
+    per step (mean over `draws` independent stores, seeds 0..draws-1) and for the mean gradient of those steps.
+    A step's gradient is linear in the stored estimate, so the mean over steps is the gradient an optimizer
+    accumulates over steps whose tokens carry independent draws (different examples, or a resampled store);
+    top-k is deterministic, so its steps are all alike."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    head = OutputHead.of(base)
+    vocab = head.vocab_size
+    with torch.no_grad():
+        ht = solution_states(base, [p.teacher_prompt for p in pairs], pairs)  # [N, H]
+    lens = [p.solution_len for p in pairs]
+    with torch.no_grad():
+        zts = [head.logits(h) for h in ht.split(lens)]  # [L_i, V] per pair
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(**LORA))
+    for name, prm in model.named_parameters():  # as lora_grad_cosine: LoRA B perturbed from zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(prm, std=1e-3)
+    params = [prm for prm in model.parameters() if prm.requires_grad]
+    targets = torch.tensor([t for p in pairs for t in p.solution_ids])
+    with torch.no_grad():
+        hs = solution_states(model, [p.student_prompt for p in pairs], pairs)  # [N, H] student
+
+    def grad_h(teacher) -> torch.Tensor:  # [N, H] d loss / d student hidden states
+        x = hs.clone().requires_grad_(True)
+        if teacher is None:  # exact full-vocabulary KL, dense
+            logq = torch.log_softmax(F.linear(x, head.weight) / T, -1)
+            logp = torch.log_softmax(torch.cat(zts) / T, -1)
+            (T * T * (logp.exp() * (logp - logq)).sum() / len(targets)).backward()
+        else:
+            DistillLoss(T)(x, targets, teacher, head=head).loss.backward()
+        return x.grad
+
+    g_full = grad_h(None)
+    slots = {"topk": auto_top_k(vocab), "sampled": auto_slots(vocab, "sampled"), "hybrid": auto_slots(vocab, "hybrid")}
+    work = Path(tempfile.mkdtemp(prefix="ssb-scheme-bench-"))
+    try:
+        # Hybrid head size: the one whose averaged hidden-state gradient is closest to the full one.
+        hybrid = {}
+        for k in heads:
+            gs = [
+                grad_h(
+                    write_scheme_store(work / f"h{k}-{d}", "hybrid", k, slots["hybrid"] - k, d, pairs, zts, vocab)[0]
+                )
+                for d in range(draws)
+            ]
+            hybrid[k] = round(cosine(torch.stack(gs).mean(0), g_full), 5)
+            print(f"hybrid head {k}: cos(hidden) averaged over {draws} draws {hybrid[k]:.5f}", flush=True)
+        best = max(hybrid, key=hybrid.get)
+        configs = {
+            "topk": (slots["topk"], 0),
+            "sampled": (0, slots["sampled"]),
+            "hybrid": (best, slots["hybrid"] - best),
+        }
+        g_h, bpt = {"full": [g_full]}, {}
+        for name, (k, n_draws) in configs.items():
+            g_h[name] = []
+            for d in range(1 if name == "topk" else draws):
+                teacher, bpt[name] = write_scheme_store(work / f"{name}-{d}", name, k, n_draws, d, pairs, zts, vocab)
+                g_h[name].append(grad_h(teacher))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # LoRA gradients of every hidden-state gradient above: one forward per pair, one backward per vector.
+    g_lora = {name: [torch.zeros(sum(prm.numel() for prm in params)) for _ in gs] for name, gs in g_h.items()}
+    start = 0
+    for p, n in zip(pairs, lens):
+        ids = torch.tensor([p.student_prompt + p.solution_ids])
+        h = final_hidden(model, ids, torch.ones_like(ids))[0]
+        h = h[len(p.student_prompt) - 1 : len(p.student_prompt) - 1 + n]  # [L, H]
+        for name, gs in g_h.items():
+            for i, g in enumerate(gs):
+                grads = torch.autograd.grad(h, params, g[start : start + n], retain_graph=True)
+                g_lora[name][i] += torch.cat([x.flatten() for x in grads])
+        start += n
+        print(f"LoRA gradients: pair {p.id} done", flush=True)
+    schemes = {}
+    for name, (k, n_draws) in configs.items():
+        lora_steps = [cosine(g, g_lora["full"][0]) for g in g_lora[name]]
+        schemes[name] = {
+            "bytes_per_token": bpt[name],
+            "bytes_per_token_payload": bytes_per_token(k, name, vocab_size=vocab, samples=n_draws),
+            "head": k,
+            "samples": n_draws,
+            "grad_cosine_hidden": round(statistics.mean(cosine(g, g_full) for g in g_h[name]), 5),
+            "grad_cosine_hidden_avg": round(cosine(torch.stack(g_h[name]).mean(0), g_full), 5),
+            "grad_cosine_lora": round(statistics.mean(lora_steps), 5),
+            "grad_cosine_lora_steps": [round(c, 5) for c in lora_steps],
+            "grad_cosine_lora_avg": round(cosine(torch.stack(g_lora[name]).mean(0), g_lora["full"][0]), 5),
+        }
+        print(f"{name}: {json.dumps(schemes[name])}", flush=True)
+    return schemes, {"hybrid_head_search": hybrid, "draws": draws}
+
+
+def choose_default(schemes: dict, target: float = 0.999, budget: int = 1000) -> tuple[str, bool]:
+    """The scheme meeting the target (LoRA cosine averaged over steps) within the budget (payload bytes per token;
+    shard headers add about 0.1 B on disk) with the best per-step LoRA cosine; if none meets it, the best averaged
+    cosine within the budget. Returns (name, target met)."""
+    fits = {n: r for n, r in schemes.items() if r["bytes_per_token_payload"] <= budget}
+    meet = [n for n, r in fits.items() if r["grad_cosine_lora_avg"] >= target]
+    if meet:
+        return max(meet, key=lambda n: fits[n]["grad_cosine_lora"]), True
+    return max(fits, key=lambda n: fits[n]["grad_cosine_lora_avg"]), False
+
+
 # ------------------------------------------------------------------------------------------ training steps
 
 
@@ -483,6 +612,9 @@ def main() -> int:
     table, info = topk_table(model, pairs, sorted(set(KS) | {args.k}))
     row = next(r for r in table if r["k"] == args.k)
     lora_cos = None if args.quick else lora_grad_cosine(model_path, pairs, sorted({64, 128, args.k}) + ["hidden"])
+    schemes, scheme_info = scheme_table(model_path, pairs, draws=2 if args.quick else 10)
+    default, met = choose_default(schemes)
+    print(f"storage schemes: default {default} ({'meets' if met else 'misses'} the 0.999 LoRA target)", flush=True)
     del model
     work = Path(tempfile.mkdtemp(prefix="ssb-distill-bench-"))
     try:
@@ -512,6 +644,10 @@ def main() -> int:
         "lora_grad_cosine": lora_cos,
         "teacher_mass": row["teacher_mass"],
         "topk_table": table,
+        "schemes": schemes,
+        "default": default,
+        "target_met": met,
+        **scheme_info,
         **info,
         "step_config": {
             "batch": ours["shape"],
@@ -547,6 +683,9 @@ def main() -> int:
                         "teacher_mass",
                         "k",
                         "quick",
+                        "schemes",
+                        "default",
+                        "target_met",
                     )
                 },
                 "mixed_precision": precision,
