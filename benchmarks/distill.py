@@ -302,10 +302,11 @@ def write_scheme_store(root: Path, scheme: str, head: int, samples: int, seed: i
     return type(rows[0])(*(torch.cat(parts) for parts in zip(*rows))), counts["bytes_per_token"]
 
 
-def scheme_table(model_path: Path, pairs, draws: int = 10, heads=(32, 64, 124, 186)) -> tuple[dict, list]:
+def scheme_table(model_path: Path, pairs, draws: int = 10, heads=(64, 124), search_draws: int = 4) -> tuple[dict, list]:
     """Each storage scheme at <= 1 KB/token (topk; sampled; hybrid at the head size that does best at the hidden
     states): gradient cosine to the full-vocabulary KL at the student's hidden states and on the LoRA parameters,
     per step (mean over `draws` independent stores, seeds 0..draws-1) and for the mean gradient of those steps.
+    The hybrid's head is chosen among `heads` by the hidden-state cosine of its mean over `search_draws` draws.
     A step's gradient is linear in the stored estimate, so the mean over steps is the gradient an optimizer
     accumulates over steps whose tokens carry independent draws (different examples, or a resampled store);
     top-k is deterministic, so its steps are all alike."""
@@ -351,10 +352,10 @@ def scheme_table(model_path: Path, pairs, draws: int = 10, heads=(32, 64, 124, 1
                 grad_h(
                     write_scheme_store(work / f"h{k}-{d}", "hybrid", k, slots["hybrid"] - k, d, pairs, zts, vocab)[0]
                 )
-                for d in range(draws)
+                for d in range(search_draws)
             ]
             hybrid[k] = round(cosine(torch.stack(gs).mean(0), g_full), 5)
-            print(f"hybrid head {k}: cos(hidden) averaged over {draws} draws {hybrid[k]:.5f}", flush=True)
+            print(f"hybrid head {k}: cos(hidden) averaged over {search_draws} draws {hybrid[k]:.5f}", flush=True)
         best = max(hybrid, key=hybrid.get)
         configs = {
             "topk": (slots["topk"], 0),
@@ -397,7 +398,7 @@ def scheme_table(model_path: Path, pairs, draws: int = 10, heads=(32, 64, 124, 1
             "grad_cosine_lora_avg": round(cosine(torch.stack(g_lora[name]).mean(0), g_lora["full"][0]), 5),
         }
         print(f"{name}: {json.dumps(schemes[name])}", flush=True)
-    return schemes, {"hybrid_head_search": hybrid, "draws": draws}
+    return schemes, {"hybrid_head_search": hybrid, "hybrid_search_draws": search_draws, "draws": draws}
 
 
 def choose_default(schemes: dict, target: float = 0.999, budget: int = 1000) -> tuple[str, bool]:
