@@ -232,3 +232,42 @@ def test_kl_estimate_is_exact_when_the_draws_cover_a_one_hot_teacher():
     z = torch.randn(2, 10, dtype=torch.float64)
     kd = DistillLoss(T)(z, torch.zeros(2, dtype=torch.long), teacher, normalizer=1).kd_sum
     torch.testing.assert_close(kd, -T * T * F.log_softmax(z / T, -1)[:, 4].sum())
+
+
+def test_ssb_run_with_the_sampled_store(tmp_path, answering_model_dir):
+    """`ssb run --set logits.store=sampled` end to end on a tiny model: the logits stage stores draws, training
+    reads them and says its kd is a sampled estimate, and the student is evaluated."""
+    from ssb.cli import main
+    from ssb.rundir import RunDir
+
+    data = tmp_path / "q.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": f"Tom has {i} apples and {4 - i} more?", "answer": "4"}) + "\n"
+            for i in range(6)
+        )
+    )
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""
+model: {answering_model_dir}
+baselines: []
+data: {{train: {{source: {data}}}}}
+rollout: {{k: 4, max_new_tokens: 16, batch_size: 16}}
+teach: {{max_new_tokens: 16, batch_size: 8, attempts: 2}}
+logits: {{batch_size: 4}}
+train: {{epochs: 1, batch_size: 2, lora_r: 4, lora_alpha: 8}}
+eval: {{data: {{source: {data}}}, max_new_tokens: 16}}
+""")
+    run = RunDir(tmp_path / "run")
+    args = ["run", "--config", str(cfg), "--run-dir", str(run.root), "--set", "logits.store=sampled"]
+    assert main(args) == 0
+    stages = run.read_manifest()["stages"]
+    assert stages["logits"]["counts"]["store"] == "sampled" and stages["logits"]["counts"]["samples"] == 250
+    assert stages["train"]["counts"]["kd_is"] == "sampled_estimate"
+    assert isinstance(
+        TeacherStore(run.logits_dir)[json.loads(run.pairs.read_text().splitlines()[0])["id"]], SampledTeacher
+    )
+    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    assert any("full_kd" in r for r in rows) and all(r["kd_is"] == "sampled_estimate" for r in rows)
+    summary = json.loads((run.eval_dir("ssb", "q") / "summary.json").read_text())
+    assert summary["problems"] == 6
