@@ -587,6 +587,15 @@ def main() -> int:
         choices=["auto", "none", "bf16"],
         help="autocast for both training steps (auto: train.mixed_precision's choice on this CPU)",
     )
+    ap.add_argument(
+        "--skip-steps",
+        action="store_true",
+        help="skip the training-step timing and memory (part 3): storage and gradient measurements only",
+    )
+    ap.add_argument(
+        "--pairs-cache",
+        help="JSON file holding the teacher data: read if it exists, else generated and written there (reruns)",
+    )
     ap.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
@@ -602,7 +611,15 @@ def main() -> int:
     t_start = time.time()
     n, max_new, seq, layers, steps = (4, 96, 512, 2, 1) if args.quick else (8, 320, 1024, None, 2)
     model_path, model, tok = load_model(args.model)
-    pairs = make_pairs(model, tok, n, max_new)
+    cache = Path(args.pairs_cache) if args.pairs_cache else None
+    if cache is not None and cache.exists():
+        from ssb.distill.pairs import Pair
+
+        pairs = [Pair(**p) for p in json.loads(cache.read_text())]
+    else:
+        pairs = make_pairs(model, tok, n, max_new)
+        if cache is not None:
+            cache.write_text(json.dumps([vars(p) for p in pairs]))
     print(
         f"teacher data: {n} GSM8K questions, solutions of {[p.solution_len for p in pairs]} tokens "
         f"({time.time() - t_start:.0f} s)",
@@ -617,19 +634,22 @@ def main() -> int:
     default, met = choose_default(schemes)
     print(f"storage schemes: default {default} ({'meets' if met else 'misses'} the 0.999 LoRA target)", flush=True)
     del model
-    work = Path(tempfile.mkdtemp(prefix="ssb-distill-bench-"))
-    try:
-        prepare_step_data(work, model_path, pairs, seq, layers, args.k)
-        idx = json.loads((work / "store" / "index.json").read_text())
-        stored_bpt = sum(s["bytes"] for s in idx["shards"]) / sum(s["tokens"] for s in idx["shards"])
-        runs: dict[str, list[dict]] = {"ours": [], "reference": []}
-        for _ in range(1 if args.quick else 2):  # alternate, so load drift on a shared machine hits both alike
-            for variant in runs:
-                runs[variant].append(spawn_variant(variant, work, steps, args.threads, precision, memory=False))
-        mem = {v: spawn_variant(v, work, 1, args.threads, precision, memory=True) for v in runs}
-        ours, ref = (merge_runs(runs[v], mem[v]) for v in ("ours", "reference"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    ours = ref = None
+    stored_bpt = schemes["topk"]["bytes_per_token"]
+    if not args.skip_steps:
+        work = Path(tempfile.mkdtemp(prefix="ssb-distill-bench-"))
+        try:
+            prepare_step_data(work, model_path, pairs, seq, layers, args.k)
+            idx = json.loads((work / "store" / "index.json").read_text())
+            stored_bpt = sum(s["bytes"] for s in idx["shards"]) / sum(s["tokens"] for s in idx["shards"])
+            runs: dict[str, list[dict]] = {"ours": [], "reference": []}
+            for _ in range(1 if args.quick else 2):  # alternate, so load drift on a shared machine hits both alike
+                for variant in runs:
+                    runs[variant].append(spawn_variant(variant, work, steps, args.threads, precision, memory=False))
+            mem = {v: spawn_variant(v, work, 1, args.threads, precision, memory=True) for v in runs}
+            ours, ref = (merge_runs(runs[v], mem[v]) for v in ("ours", "reference"))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     result = {
         "model": str(model_path),
         "quick": args.quick,
@@ -651,24 +671,26 @@ def main() -> int:
         **scheme_info,
         **info,
         "step_config": {
-            "batch": ours["shape"],
-            "solution_tokens": ours["tokens"],
+            "batch": ours["shape"] if ours else None,
+            "solution_tokens": ours["tokens"] if ours else None,
             "layers": layers or "all",
             "gradient_checkpointing": True,
             "lora_r": 32,
             "mixed_precision": precision,
+            "skipped": args.skip_steps,
         },
         "ours": ours,
         "reference": ref,
-        "peak_mem_ratio": round(ours["peak_mem_bytes"] / ref["peak_mem_bytes"], 4),
-        "step_speedup": round(ref["step_s"] / ours["step_s"], 3),
+        "peak_mem_ratio": round(ours["peak_mem_bytes"] / ref["peak_mem_bytes"], 4) if ours else None,
+        "step_speedup": round(ref["step_s"] / ours["step_s"], 3) if ours else None,
         "seconds": round(time.time() - t_start, 1),
     }
     save_result("distill", result)
-    print(
-        f"ours: {ours['step_s']:.2f} s/step, +{ours['peak_mem_bytes'] / 2**20:.0f} MiB peak; reference: "
-        f"{ref['step_s']:.2f} s/step, +{ref['peak_mem_bytes'] / 2**20:.0f} MiB peak"
-    )
+    if ours:
+        print(
+            f"ours: {ours['step_s']:.2f} s/step, +{ours['peak_mem_bytes'] / 2**20:.0f} MiB peak; reference: "
+            f"{ref['step_s']:.2f} s/step, +{ref['peak_mem_bytes'] / 2**20:.0f} MiB peak"
+        )
     print(
         json.dumps(
             {
