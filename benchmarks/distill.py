@@ -309,14 +309,18 @@ def write_scheme_store(root: Path, scheme: str, head: int, samples: int, seed: i
     return type(rows[0])(*(torch.cat(parts) for parts in zip(*rows))), counts["bytes_per_token"]
 
 
-def scheme_table(model_path: Path, pairs, draws: int = 10, heads=(64, 124), search_draws: int = 4) -> tuple[dict, list]:
+def scheme_table(
+    model_path: Path, pairs, draws: int = 10, heads=(64, 124), search_draws: int = 4, lora_steps: int | None = None
+) -> tuple[dict, list]:
     """Each storage scheme at <= 1 KB/token (topk; sampled; hybrid at the head size that does best at the hidden
     states): gradient cosine to the full-vocabulary KL at the student's hidden states and on the LoRA parameters,
     per step (mean over `draws` independent stores, seeds 0..draws-1) and for the mean gradient of those steps.
     The hybrid's head is chosen among `heads` by the hidden-state cosine of its mean over `search_draws` draws.
     A step's gradient is linear in the stored estimate, so the mean over steps is the gradient an optimizer
     accumulates over steps whose tokens carry independent draws (different examples, or a resampled store);
-    top-k is deterministic, so its steps are all alike."""
+    top-k is deterministic, so its steps are all alike. The LoRA gradient is linear in the hidden-state gradient,
+    so the mean over the steps takes one backward pass (of the mean); per-step LoRA cosines are taken on the first
+    `lora_steps` draws (all by default: one backward pass each)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -377,22 +381,27 @@ def scheme_table(model_path: Path, pairs, draws: int = 10, heads=(64, 124), sear
                 g_h[name].append(grad_h(teacher))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    # LoRA gradients of every hidden-state gradient above: one forward per pair, one backward per vector.
-    g_lora = {name: [torch.zeros(sum(prm.numel() for prm in params)) for _ in gs] for name, gs in g_h.items()}
+    # LoRA gradients of the hidden-state gradients above: one forward per pair, one backward per vector.
+    jobs = {("full", 0): g_full}
+    for name, gs in g_h.items():
+        if name != "full":
+            jobs[(name, "avg")] = torch.stack(gs).mean(0)
+            jobs.update({(name, i): g for i, g in enumerate(gs[: lora_steps or len(gs)])})
+    g_lora = {key: torch.zeros(sum(prm.numel() for prm in params)) for key in jobs}
     start = 0
     for p, n in zip(pairs, lens):
         ids = torch.tensor([p.student_prompt + p.solution_ids])
         h = final_hidden(model, ids, torch.ones_like(ids))[0]
         h = h[len(p.student_prompt) - 1 : len(p.student_prompt) - 1 + n]  # [L, H]
-        for name, gs in g_h.items():
-            for i, g in enumerate(gs):
-                grads = torch.autograd.grad(h, params, g[start : start + n], retain_graph=True)
-                g_lora[name][i] += torch.cat([x.flatten() for x in grads])
+        for key, g in jobs.items():
+            grads = torch.autograd.grad(h, params, g[start : start + n], retain_graph=True)
+            g_lora[key] += torch.cat([x.flatten() for x in grads])
         start += n
-        print(f"LoRA gradients: pair {p.id} done", flush=True)
+        print(f"LoRA gradients: pair {p.id} done ({len(jobs)} vectors)", flush=True)
+    full = g_lora[("full", 0)]
     schemes = {}
     for name, (k, n_draws) in configs.items():
-        lora_steps = [cosine(g, g_lora["full"][0]) for g in g_lora[name]]
+        steps = [cosine(g, full) for key, g in g_lora.items() if key[0] == name and key[1] != "avg"]
         schemes[name] = {
             "bytes_per_token": bpt[name],
             "bytes_per_token_payload": bytes_per_token(k, name, vocab_size=vocab, samples=n_draws),
@@ -400,12 +409,13 @@ def scheme_table(model_path: Path, pairs, draws: int = 10, heads=(64, 124), sear
             "samples": n_draws,
             "grad_cosine_hidden": round(statistics.mean(cosine(g, g_full) for g in g_h[name]), 5),
             "grad_cosine_hidden_avg": round(cosine(torch.stack(g_h[name]).mean(0), g_full), 5),
-            "grad_cosine_lora": round(statistics.mean(lora_steps), 5),
-            "grad_cosine_lora_steps": [round(c, 5) for c in lora_steps],
-            "grad_cosine_lora_avg": round(cosine(torch.stack(g_lora[name]).mean(0), g_lora["full"][0]), 5),
+            "grad_cosine_lora": round(statistics.mean(steps), 5),
+            "grad_cosine_lora_steps": [round(c, 5) for c in steps],
+            "grad_cosine_lora_avg": round(cosine(g_lora[(name, "avg")], full), 5),
         }
         print(f"{name}: {json.dumps(schemes[name])}", flush=True)
-    return schemes, {"hybrid_head_search": hybrid, "hybrid_search_draws": search_draws, "draws": draws}
+    info = {"hybrid_head_search": hybrid, "hybrid_search_draws": search_draws, "draws": draws}
+    return schemes, {**info, "lora_steps": lora_steps or draws}
 
 
 def choose_default(schemes: dict, target: float = 0.999, budget: int = 1000) -> tuple[str, bool]:
@@ -600,6 +610,18 @@ def main() -> int:
         help="skip the training-step timing and memory (part 3): storage and gradient measurements only",
     )
     ap.add_argument(
+        "--only-schemes",
+        action="store_true",
+        help="only the storage-scheme comparison (part 4): no top-k table, no LoRA table by k, no step timing",
+    )
+    ap.add_argument(
+        "--lora-steps",
+        type=int,
+        default=0,
+        help="per-step LoRA cosines on this many of the 10 draws (0: all; one backward pass each)",
+    )
+    ap.add_argument("--search-draws", type=int, default=4, help="draws per hybrid head size when choosing the head")
+    ap.add_argument(
         "--pairs-cache",
         help="JSON file holding the teacher data: read if it exists, else generated and written there (reruns)",
     )
@@ -634,10 +656,22 @@ def main() -> int:
     )
     vocab = OutputHead.of(model).vocab_size
     args.k = args.k or auto_top_k(vocab)
-    table, info = topk_table(model, pairs, sorted(set(KS) | {args.k}))
-    row = next(r for r in table if r["k"] == args.k)
-    lora_cos = None if args.quick else lora_grad_cosine(model_path, pairs, sorted({64, 128, args.k}) + ["hidden"])
-    schemes, scheme_info = scheme_table(model_path, pairs, draws=2 if args.quick else 10)
+    if args.only_schemes:
+        args.skip_steps = True
+        n_tok = sum(p.solution_len for p in pairs)
+        table, info, lora_cos = [], {"tokens": n_tok, "examples": len(pairs)}, None
+        row = {"grad_cosine_hidden": None, "grad_cosine_logits": None, "teacher_mass": None}
+    else:
+        table, info = topk_table(model, pairs, sorted(set(KS) | {args.k}))
+        row = next(r for r in table if r["k"] == args.k)
+        lora_cos = None if args.quick else lora_grad_cosine(model_path, pairs, sorted({64, 128, args.k}) + ["hidden"])
+    schemes, scheme_info = scheme_table(
+        model_path,
+        pairs,
+        draws=2 if args.quick else 10,
+        search_draws=args.search_draws,
+        lora_steps=args.lora_steps or None,
+    )
     default, met = choose_default(schemes)
     print(f"storage schemes: default {default} ({'meets' if met else 'misses'} the 0.999 LoRA target)", flush=True)
     del model
@@ -668,7 +702,7 @@ def main() -> int:
         "dense_fp32_bytes_per_token": 4 * vocab,
         "grad_cosine": row["grad_cosine_hidden"],
         "grad_cosine_logits": row["grad_cosine_logits"],
-        "grad_cosine_hidden_store": table[-1]["grad_cosine_hidden"],
+        "grad_cosine_hidden_store": table[-1]["grad_cosine_hidden"] if table else None,
         "lora_grad_cosine": lora_cos,
         "teacher_mass": row["teacher_mass"],
         "topk_table": table,
