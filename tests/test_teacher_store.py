@@ -198,7 +198,14 @@ def _run(tmp_path, tiny, n=5, **sets):
     path, _, tok = tiny
     run = RunDir(tmp_path / "run").mkdir()
     write_pairs(run.pairs, tok, n)
-    over = {"model": str(path), "logits.top_k": 16, "logits.batch_size": 2, "logits.shard_size": 2, **sets}
+    over = {
+        "model": str(path),
+        "logits.store": "topk",
+        "logits.top_k": 16,
+        "logits.batch_size": 2,
+        "logits.shard_size": 2,
+        **sets,
+    }
     return run, load_config(None, [f"{k}={v}" for k, v in over.items()])
 
 

@@ -67,6 +67,7 @@ def _write_pairs(path, tok, n):
 
 
 BASE = {
+    "logits.store": "topk",
     "logits.top_k": 16,
     "train.batch_size": 2,
     "train.epochs": 2,
