@@ -29,7 +29,14 @@
    --quick uses the first 2 of the 30 layers (same vocabulary and head) and S = 512 so it fits in about 3
    minutes; the full run uses the whole model and S = 1024 (about 25 minutes on 2 busy cores).
 
-Prints one final JSON line; writes benchmarks/results/distill.json.
+4. Storage schemes (docs/teacher-store.md) at <= 1,000 bytes/token: topk (k = 249), sampled (250 draws from the
+   teacher at T) and hybrid (top-k head + draws from the tail; the head among 64 and 124 chosen by its hidden-state
+   cosine over 4 draws). Each is written to a real store and read back; cosine to the full-KL gradient at the
+   hidden states and on the LoRA parameters, per step (mean over 10 independent draws) and for the mean gradient
+   of the 10 steps (`grad_cosine_lora_avg`); the default is the scheme meeting 0.999 there (else the best).
+   --skip-steps leaves out part 3; --pairs-cache keeps the generated teacher data for reruns.
+
+Prints one final JSON line (with `schemes` and `default`); writes benchmarks/results/distill.json.
 """
 
 from __future__ import annotations
@@ -58,8 +65,11 @@ from ssb.distill.store import (  # noqa: E402
     HIDDEN_DTYPE,
     TeacherStore,
     TeacherStoreWriter,
+    auto_slots,
     auto_top_k,
     bytes_per_token,
+    draw,
+    example_generator,
     sparsify,
 )
 
@@ -282,6 +292,143 @@ def lora_grad_cosine(model_path: Path, pairs, ks: list) -> dict:
     return {str(k): round(cosine(out[k], out["full"]), 5) for k in ks}
 
 
+# ------------------------------------------------------------------------------------------ storage schemes
+
+
+def write_scheme_store(root: Path, scheme: str, head: int, samples: int, seed: int, pairs, zts, vocab: int):
+    """Store every pair's teacher rows with one scheme (draws seeded by (seed, pair id)) and read them back."""
+    w = TeacherStoreWriter(
+        root, temperature=T, top_k=head, vocab_size=vocab, fingerprint="bench", kind=scheme, samples=samples, seed=seed
+    )
+    for p, zt in zip(pairs, zts):
+        rows = sparsify(zt, head, T) if scheme == "topk" else draw(zt, T, samples, head, example_generator(seed, p.id))
+        w.add(p.id, rows)
+    counts = w.close()
+    store = TeacherStore(root)
+    rows = [store[p.id] for p in pairs]
+    return type(rows[0])(*(torch.cat(parts) for parts in zip(*rows))), counts["bytes_per_token"]
+
+
+def scheme_table(
+    model_path: Path, pairs, draws: int = 10, heads=(64, 124), search_draws: int = 4, lora_steps: int | None = None
+) -> tuple[dict, list]:
+    """Each storage scheme at <= 1 KB/token (topk; sampled; hybrid at the head size that does best at the hidden
+    states): gradient cosine to the full-vocabulary KL at the student's hidden states and on the LoRA parameters,
+    per step (mean over `draws` independent stores, seeds 0..draws-1) and for the mean gradient of those steps.
+    The hybrid's head is chosen among `heads` by the hidden-state cosine of its mean over `search_draws` draws.
+    A step's gradient is linear in the stored estimate, so the mean over steps is the gradient an optimizer
+    accumulates over steps whose tokens carry independent draws (different examples, or a resampled store);
+    top-k is deterministic, so its steps are all alike. The LoRA gradient is linear in the hidden-state gradient,
+    so the mean over the steps takes one backward pass (of the mean); per-step LoRA cosines are taken on the first
+    `lora_steps` draws (all by default: one backward pass each)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    head = OutputHead.of(base)
+    vocab = head.vocab_size
+    with torch.no_grad():
+        ht = solution_states(base, [p.teacher_prompt for p in pairs], pairs)  # [N, H]
+    lens = [p.solution_len for p in pairs]
+    with torch.no_grad():
+        zts = [head.logits(h) for h in ht.split(lens)]  # [L_i, V] per pair
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(**LORA))
+    for name, prm in model.named_parameters():  # as lora_grad_cosine: LoRA B perturbed from zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(prm, std=1e-3)
+    params = [prm for prm in model.parameters() if prm.requires_grad]
+    targets = torch.tensor([t for p in pairs for t in p.solution_ids])
+    with torch.no_grad():
+        hs = solution_states(model, [p.student_prompt for p in pairs], pairs)  # [N, H] student
+
+    def grad_h(teacher) -> torch.Tensor:  # [N, H] d loss / d student hidden states
+        x = hs.clone().requires_grad_(True)
+        if teacher is None:  # exact full-vocabulary KL, dense
+            logq = torch.log_softmax(F.linear(x, head.weight) / T, -1)
+            logp = torch.log_softmax(torch.cat(zts) / T, -1)
+            (T * T * (logp.exp() * (logp - logq)).sum() / len(targets)).backward()
+        else:
+            DistillLoss(T)(x, targets, teacher, head=head).loss.backward()
+        return x.grad
+
+    g_full = grad_h(None)
+    slots = {"topk": auto_top_k(vocab), "sampled": auto_slots(vocab, "sampled"), "hybrid": auto_slots(vocab, "hybrid")}
+    work = Path(tempfile.mkdtemp(prefix="ssb-scheme-bench-"))
+    try:
+        # Hybrid head size: the one whose averaged hidden-state gradient is closest to the full one.
+        hybrid = {}
+        for k in heads:
+            gs = [
+                grad_h(
+                    write_scheme_store(work / f"h{k}-{d}", "hybrid", k, slots["hybrid"] - k, d, pairs, zts, vocab)[0]
+                )
+                for d in range(search_draws)
+            ]
+            hybrid[k] = round(cosine(torch.stack(gs).mean(0), g_full), 5)
+            print(f"hybrid head {k}: cos(hidden) averaged over {search_draws} draws {hybrid[k]:.5f}", flush=True)
+        best = max(hybrid, key=hybrid.get)
+        configs = {
+            "topk": (slots["topk"], 0),
+            "sampled": (0, slots["sampled"]),
+            "hybrid": (best, slots["hybrid"] - best),
+        }
+        g_h, bpt = {"full": [g_full]}, {}
+        for name, (k, n_draws) in configs.items():
+            g_h[name] = []
+            for d in range(1 if name == "topk" else draws):
+                teacher, bpt[name] = write_scheme_store(work / f"{name}-{d}", name, k, n_draws, d, pairs, zts, vocab)
+                g_h[name].append(grad_h(teacher))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # LoRA gradients of the hidden-state gradients above: one forward per pair, one backward per vector.
+    jobs = {("full", 0): g_full}
+    for name, gs in g_h.items():
+        if name != "full":
+            jobs[(name, "avg")] = torch.stack(gs).mean(0)
+            jobs.update({(name, i): g for i, g in enumerate(gs[: lora_steps or len(gs)])})
+    g_lora = {key: torch.zeros(sum(prm.numel() for prm in params)) for key in jobs}
+    start = 0
+    for p, n in zip(pairs, lens):
+        ids = torch.tensor([p.student_prompt + p.solution_ids])
+        h = final_hidden(model, ids, torch.ones_like(ids))[0]
+        h = h[len(p.student_prompt) - 1 : len(p.student_prompt) - 1 + n]  # [L, H]
+        for key, g in jobs.items():
+            grads = torch.autograd.grad(h, params, g[start : start + n], retain_graph=True)
+            g_lora[key] += torch.cat([x.flatten() for x in grads])
+        start += n
+        print(f"LoRA gradients: pair {p.id} done ({len(jobs)} vectors)", flush=True)
+    full = g_lora[("full", 0)]
+    schemes = {}
+    for name, (k, n_draws) in configs.items():
+        steps = [cosine(g, full) for key, g in g_lora.items() if key[0] == name and key[1] != "avg"]
+        schemes[name] = {
+            "bytes_per_token": bpt[name],
+            "bytes_per_token_payload": bytes_per_token(k, name, vocab_size=vocab, samples=n_draws),
+            "head": k,
+            "samples": n_draws,
+            "grad_cosine_hidden": round(statistics.mean(cosine(g, g_full) for g in g_h[name]), 5),
+            "grad_cosine_hidden_avg": round(cosine(torch.stack(g_h[name]).mean(0), g_full), 5),
+            "grad_cosine_lora": round(statistics.mean(steps), 5),
+            "grad_cosine_lora_steps": [round(c, 5) for c in steps],
+            "grad_cosine_lora_avg": round(cosine(g_lora[(name, "avg")], full), 5),
+        }
+        print(f"{name}: {json.dumps(schemes[name])}", flush=True)
+    info = {"hybrid_head_search": hybrid, "hybrid_search_draws": search_draws, "draws": draws}
+    return schemes, {**info, "lora_steps": lora_steps or draws}
+
+
+def choose_default(schemes: dict, target: float = 0.999, budget: int = 1000) -> tuple[str, bool]:
+    """The scheme meeting the target (LoRA cosine averaged over steps) within the budget (payload bytes per token;
+    shard headers add about 0.1 B on disk) with the best per-step LoRA cosine; if none meets it, the best averaged
+    cosine within the budget. Returns (name, target met)."""
+    fits = {n: r for n, r in schemes.items() if r["bytes_per_token_payload"] <= budget}
+    meet = [n for n, r in fits.items() if r["grad_cosine_lora_avg"] >= target]
+    if meet:
+        return max(meet, key=lambda n: fits[n]["grad_cosine_lora"]), True
+    return max(fits, key=lambda n: fits[n]["grad_cosine_lora_avg"]), False
+
+
 # ------------------------------------------------------------------------------------------ training steps
 
 
@@ -457,6 +604,27 @@ def main() -> int:
         choices=["auto", "none", "bf16"],
         help="autocast for both training steps (auto: train.mixed_precision's choice on this CPU)",
     )
+    ap.add_argument(
+        "--skip-steps",
+        action="store_true",
+        help="skip the training-step timing and memory (part 3): storage and gradient measurements only",
+    )
+    ap.add_argument(
+        "--only-schemes",
+        action="store_true",
+        help="only the storage-scheme comparison (part 4): no top-k table, no LoRA table by k, no step timing",
+    )
+    ap.add_argument(
+        "--lora-steps",
+        type=int,
+        default=0,
+        help="per-step LoRA cosines on this many of the 10 draws (0: all; one backward pass each)",
+    )
+    ap.add_argument("--search-draws", type=int, default=4, help="draws per hybrid head size when choosing the head")
+    ap.add_argument(
+        "--pairs-cache",
+        help="JSON file holding the teacher data: read if it exists, else generated and written there (reruns)",
+    )
     ap.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
@@ -472,7 +640,15 @@ def main() -> int:
     t_start = time.time()
     n, max_new, seq, layers, steps = (4, 96, 512, 2, 1) if args.quick else (8, 320, 1024, None, 2)
     model_path, model, tok = load_model(args.model)
-    pairs = make_pairs(model, tok, n, max_new)
+    cache = Path(args.pairs_cache) if args.pairs_cache else None
+    if cache is not None and cache.exists():
+        from ssb.distill.pairs import Pair
+
+        pairs = [Pair(**p) for p in json.loads(cache.read_text())]
+    else:
+        pairs = make_pairs(model, tok, n, max_new)
+        if cache is not None:
+            cache.write_text(json.dumps([vars(p) for p in pairs]))
     print(
         f"teacher data: {n} GSM8K questions, solutions of {[p.solution_len for p in pairs]} tokens "
         f"({time.time() - t_start:.0f} s)",
@@ -480,23 +656,41 @@ def main() -> int:
     )
     vocab = OutputHead.of(model).vocab_size
     args.k = args.k or auto_top_k(vocab)
-    table, info = topk_table(model, pairs, sorted(set(KS) | {args.k}))
-    row = next(r for r in table if r["k"] == args.k)
-    lora_cos = None if args.quick else lora_grad_cosine(model_path, pairs, sorted({64, 128, args.k}) + ["hidden"])
+    if args.only_schemes:
+        args.skip_steps = True
+        n_tok = sum(p.solution_len for p in pairs)
+        table, info, lora_cos = [], {"tokens": n_tok, "examples": len(pairs)}, None
+        row = {"grad_cosine_hidden": None, "grad_cosine_logits": None, "teacher_mass": None}
+    else:
+        table, info = topk_table(model, pairs, sorted(set(KS) | {args.k}))
+        row = next(r for r in table if r["k"] == args.k)
+        lora_cos = None if args.quick else lora_grad_cosine(model_path, pairs, sorted({64, 128, args.k}) + ["hidden"])
+    schemes, scheme_info = scheme_table(
+        model_path,
+        pairs,
+        draws=2 if args.quick else 10,
+        search_draws=args.search_draws,
+        lora_steps=args.lora_steps or None,
+    )
+    default, met = choose_default(schemes)
+    print(f"storage schemes: default {default} ({'meets' if met else 'misses'} the 0.999 LoRA target)", flush=True)
     del model
-    work = Path(tempfile.mkdtemp(prefix="ssb-distill-bench-"))
-    try:
-        prepare_step_data(work, model_path, pairs, seq, layers, args.k)
-        idx = json.loads((work / "store" / "index.json").read_text())
-        stored_bpt = sum(s["bytes"] for s in idx["shards"]) / sum(s["tokens"] for s in idx["shards"])
-        runs: dict[str, list[dict]] = {"ours": [], "reference": []}
-        for _ in range(1 if args.quick else 2):  # alternate, so load drift on a shared machine hits both alike
-            for variant in runs:
-                runs[variant].append(spawn_variant(variant, work, steps, args.threads, precision, memory=False))
-        mem = {v: spawn_variant(v, work, 1, args.threads, precision, memory=True) for v in runs}
-        ours, ref = (merge_runs(runs[v], mem[v]) for v in ("ours", "reference"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    ours = ref = None
+    stored_bpt = schemes["topk"]["bytes_per_token"]
+    if not args.skip_steps:
+        work = Path(tempfile.mkdtemp(prefix="ssb-distill-bench-"))
+        try:
+            prepare_step_data(work, model_path, pairs, seq, layers, args.k)
+            idx = json.loads((work / "store" / "index.json").read_text())
+            stored_bpt = sum(s["bytes"] for s in idx["shards"]) / sum(s["tokens"] for s in idx["shards"])
+            runs: dict[str, list[dict]] = {"ours": [], "reference": []}
+            for _ in range(1 if args.quick else 2):  # alternate, so load drift on a shared machine hits both alike
+                for variant in runs:
+                    runs[variant].append(spawn_variant(variant, work, steps, args.threads, precision, memory=False))
+            mem = {v: spawn_variant(v, work, 1, args.threads, precision, memory=True) for v in runs}
+            ours, ref = (merge_runs(runs[v], mem[v]) for v in ("ours", "reference"))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     result = {
         "model": str(model_path),
         "quick": args.quick,
@@ -508,30 +702,36 @@ def main() -> int:
         "dense_fp32_bytes_per_token": 4 * vocab,
         "grad_cosine": row["grad_cosine_hidden"],
         "grad_cosine_logits": row["grad_cosine_logits"],
-        "grad_cosine_hidden_store": table[-1]["grad_cosine_hidden"],
+        "grad_cosine_hidden_store": table[-1]["grad_cosine_hidden"] if table else None,
         "lora_grad_cosine": lora_cos,
         "teacher_mass": row["teacher_mass"],
         "topk_table": table,
+        "schemes": schemes,
+        "default": default,
+        "target_met": met,
+        **scheme_info,
         **info,
         "step_config": {
-            "batch": ours["shape"],
-            "solution_tokens": ours["tokens"],
+            "batch": ours["shape"] if ours else None,
+            "solution_tokens": ours["tokens"] if ours else None,
             "layers": layers or "all",
             "gradient_checkpointing": True,
             "lora_r": 32,
             "mixed_precision": precision,
+            "skipped": args.skip_steps,
         },
         "ours": ours,
         "reference": ref,
-        "peak_mem_ratio": round(ours["peak_mem_bytes"] / ref["peak_mem_bytes"], 4),
-        "step_speedup": round(ref["step_s"] / ours["step_s"], 3),
+        "peak_mem_ratio": round(ours["peak_mem_bytes"] / ref["peak_mem_bytes"], 4) if ours else None,
+        "step_speedup": round(ref["step_s"] / ours["step_s"], 3) if ours else None,
         "seconds": round(time.time() - t_start, 1),
     }
     save_result("distill", result)
-    print(
-        f"ours: {ours['step_s']:.2f} s/step, +{ours['peak_mem_bytes'] / 2**20:.0f} MiB peak; reference: "
-        f"{ref['step_s']:.2f} s/step, +{ref['peak_mem_bytes'] / 2**20:.0f} MiB peak"
-    )
+    if ours:
+        print(
+            f"ours: {ours['step_s']:.2f} s/step, +{ours['peak_mem_bytes'] / 2**20:.0f} MiB peak; reference: "
+            f"{ref['step_s']:.2f} s/step, +{ref['peak_mem_bytes'] / 2**20:.0f} MiB peak"
+        )
     print(
         json.dumps(
             {
@@ -547,6 +747,9 @@ def main() -> int:
                         "teacher_mass",
                         "k",
                         "quick",
+                        "schemes",
+                        "default",
+                        "target_met",
                     )
                 },
                 "mixed_precision": precision,

@@ -59,6 +59,7 @@ def _write_pairs(path, tok, n):
 
 
 BASE = {
+    "logits.store": "topk",
     "logits.top_k": 16,
     "train.batch_size": 2,
     "train.epochs": 2,
@@ -80,6 +81,11 @@ def _setup(root, tiny, n=6, **sets):
 
 
 def _metrics(run):
+    """The per-step records (the per-epoch reference records, with full_kd, are left out)."""
+    return [r for r in _all_metrics(run) if "loss" in r]
+
+
+def _all_metrics(run):
     return [json.loads(line) for line in run.metrics.read_text().splitlines()]
 
 
@@ -108,7 +114,12 @@ def test_offline_distillation_end_to_end(tmp_path, tiny):
     assert counts["teacher"] == "stored" and counts["pairs"] == 6 and counts["steps"] == 12
     rows = _metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    assert set(rows[0]) == {"step", "epoch", "loss", "kd", "ce", "grad_norm", "lr", "completion_len"}
+    assert set(rows[0]) == {"step", "epoch", "loss", "kd", "kd_is", "ce", "grad_norm", "lr", "completion_len"}
+    assert rows[0]["kd_is"] == counts["kd_is"] == "topk_bucketed"
+    reference = [r for r in _all_metrics(run) if "full_kd" in r]
+    assert [r["epoch"] for r in reference] == [1.0, 2.0, 3.0, 4.0] and reference[0]["reference_pairs"] == 4
+    # top-k + one tail bucket can only lower the KL: the stored value sits below the exact one
+    assert all(0 < r["stored_kd"] <= r["full_kd"] + 1e-6 for r in reference)
     assert all(r["loss"] == pytest.approx(r["kd"]) for r in rows)  # kd_weight 1, ce_weight 0
     first, last = sum(r["kd"] for r in rows[:3]), sum(r["kd"] for r in rows[-3:])
     assert first > 0.05 and last < 0.5 * first  # the student moves towards the hinted teacher
@@ -303,3 +314,43 @@ def test_two_process_ddp_matches_one_process_with_the_same_effective_batch(tmp_p
     for a, b in zip(_metrics(one), _metrics(two)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["completion_len"] == pytest.approx(b["completion_len"])
+
+
+def test_sampled_store_end_to_end_logs_what_kd_is_and_the_full_kl(tmp_path, tiny):
+    """logits.store=sampled through the logits and train stages: the draws are reproducible from (seed, example
+    id), the logged kd says it is a sampled estimate, and each epoch logs the exact full-vocabulary KL on the
+    reference pairs beside the sampled estimate; training lowers the exact KL. Hybrid loads and trains too."""
+    from ssb.distill.loss import SampledTeacher
+    from ssb.distill.store import TeacherStore
+    from ssb.stages.logits import logits
+    from ssb.stages.train import train
+
+    sets = {"logits.store": "sampled", "logits.samples": 64, "train.epochs": 3, "logits.reference_pairs": 3}
+    run, cfg = _setup(tmp_path / "run", tiny, **sets)
+    counts = logits(cfg, run)
+    assert counts["store"] == "sampled" and counts["samples"] == 64 and counts["reference_pairs"] == 3
+    assert counts["bytes_per_token"] > 4 * 64  # 16-bit ids + float16 log-probs, plus shard headers
+    store = TeacherStore(run.logits_dir)
+    rows = store["arith-0"]
+    assert isinstance(rows, SampledTeacher) and rows.ids.shape[1] == 64
+    again, _ = _setup(tmp_path / "again", tiny, **sets)
+    logits(cfg, again)
+    other, other_cfg = _setup(tmp_path / "other", tiny, **sets, seed=1)
+    logits(other_cfg, other)
+    assert torch.equal(TeacherStore(again.logits_dir)["arith-0"].ids, rows.ids)  # same seed, same draws
+    assert not torch.equal(TeacherStore(other.logits_dir)["arith-0"].ids, rows.ids)
+    assert len(TeacherStore(run.logits_dir / "reference")) == 3
+
+    counts = train(cfg, run)
+    assert counts["kd_is"] == "sampled_estimate" and counts["steps"] == 9
+    steps = _metrics(run)
+    assert all(r["kd_is"] == "sampled_estimate" for r in steps)
+    reference = [r for r in _all_metrics(run) if "full_kd" in r]
+    assert [r["epoch"] for r in reference] == [1.0, 2.0, 3.0]
+    assert all(r["reference_pairs"] == 3 and r["full_kd"] > 0 and r["stored_kd"] is not None for r in reference)
+    assert reference[-1]["full_kd"] < reference[0]["full_kd"]  # the student moves towards the full teacher
+
+    hybrid, hybrid_cfg = _setup(tmp_path / "hybrid", tiny, **{**sets, "logits.store": "hybrid", "train.epochs": 1})
+    assert logits(hybrid_cfg, hybrid)["top_k"] == 16  # BASE's logits.top_k: the exact head
+    assert TeacherStore(hybrid.logits_dir)["arith-0"].ids.shape[1] == 16 + 64
+    assert train(hybrid_cfg, hybrid)["kd_is"] == "sampled_estimate"

@@ -119,17 +119,32 @@ class LogitsConfig:
     mode: Literal["offline", "online"] = opt(
         "offline", "offline: store sparse teacher top-k once; online: run the frozen teacher in each training step"
     )
-    store: Literal["topk", "hidden"] = opt(
-        "topk",
-        "offline storage: 'topk' keeps top_k ids + log-probs + the tail mass per token (4k+4 bytes with "
-        "16-bit ids, else 6k+4; approximate KL); 'hidden' keeps the teacher's final hidden state in float16 "
-        "(2 x hidden size bytes) and recomputes the exact full-vocabulary distribution during training",
+    store: Literal["topk", "sampled", "hybrid", "hidden"] = opt(
+        "hybrid",
+        "offline storage (docs/teacher-store.md): 'topk' keeps top_k ids + log-probs + the tail mass per token "
+        "(4k+4 bytes with 16-bit ids, else 6k+4; biased: the tail is one bucket); 'sampled' keeps `samples` ids "
+        "drawn from the teacher at T with their log-probs (4S bytes; an unbiased estimate, seeded by (seed, "
+        "example id)); 'hybrid' keeps the top_k head exactly plus `samples` draws from the tail (4(k+S)+4 bytes; "
+        "unbiased); 'hidden' keeps the teacher's final hidden state in float16 (2 x hidden size bytes) and "
+        "recomputes the exact full-vocabulary distribution during training. Default hybrid: its LoRA gradient "
+        "is closest to the full KL's at 1 KB/token (benchmarks/README.md, 'Storage schemes')",
     )
     top_k: int = opt(
         0,
-        "Teacher tokens kept per position with store=topk (the rest is one tail bucket); 0 = auto: "
-        "the largest k within 1,000 bytes/token (249 for vocabularies up to 65,536, else 166), "
-        "because the gradient's fidelity grows with k (benchmarks/distill.py, benchmarks/README.md)",
+        "Exact head: teacher tokens kept per position with store=topk (the rest is one tail bucket), or the head "
+        "of store=hybrid; 0 = auto: topk, the largest k within 1,000 bytes/token (249 for vocabularies up to "
+        "65,536, else 166); hybrid, 64 (the benchmark's best head; the draws fill the rest)",
+    )
+    samples: int = opt(
+        0,
+        "Draws per token with store=sampled or hybrid; 0 = auto: fill 1,000 bytes/token with the head "
+        "(sampled: 250 draws with 16-bit ids, else 166)",
+    )
+    reference_pairs: int = opt(
+        4,
+        "Pairs (the first by id) whose teacher hidden states are also stored in full (RUN/logits/reference/), "
+        "so training logs the exact full-vocabulary KL on them each epoch beside the stored scheme's estimate; "
+        "0 = off",
     )
     batch_size: int = opt(8, "Sequences per teacher forward pass")
     shard_size: int = opt(256, "Examples per safetensors shard")
@@ -312,6 +327,8 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "teach.target_pairs": ("must be >= 1 or null", lambda v: v is None or v >= 1),
     "teach.max_batches": ("must be >= 1", lambda v: v >= 1),
     "logits.top_k": ("must be >= 0 (0 = auto)", lambda v: v >= 0),
+    "logits.samples": ("must be >= 0 (0 = auto)", lambda v: v >= 0),
+    "logits.reference_pairs": ("must be >= 0 (0 = off)", lambda v: v >= 0),
     "train.lora_r": ("must be >= 1", lambda v: v >= 1),
     "train.batch_size": ("must be >= 1", lambda v: v >= 1),
     "train.grad_accum": ("must be >= 1", lambda v: v >= 1),

@@ -1,17 +1,20 @@
 """Distillation losses: KL(teacher || student) at temperature T plus optional cross-entropy, on solution tokens.
 
 The teacher is either *sparse* (its top-k token log-probabilities and one tail bucket holding the rest of the
-vocabulary, as stored by the logits stage) or *dense* (the frozen model's own hidden states or logits, for the
-online mode: exact full-vocabulary KL). The student's logits are produced chunk by chunk from its final hidden
-states at the solution positions only, and the gradient with respect to each chunk's logits is written in closed
-form inside the forward pass, so neither a [B, T, V] student nor a [B, T, V] teacher tensor ever exists: peak
-extra memory is a few [chunk, V] buffers.
+vocabulary, as stored by the logits stage), *sampled* (an unbiased estimate from tokens drawn from the teacher,
+with or without an exact top-k head; docs/teacher-store.md) or *dense* (the frozen model's own hidden states or
+logits, for the online mode: exact full-vocabulary KL). The student's logits are produced chunk by chunk from
+its final hidden states at the solution positions only, and the gradient with respect to each chunk's logits is
+written in closed form inside the forward pass, so neither a [B, T, V] student nor a [B, T, V] teacher tensor
+ever exists: peak extra memory is a few [chunk, V] buffers.
 
 Per solution token, with q = softmax(z / T) the student and p the teacher at the same temperature:
 
     sparse:  KL = sum_{i in top-k} p_i log(p_i / q_i) + p_tail log(p_tail / q_tail),  q_tail = 1 - sum_{top-k} q_i
+    sampled: KL^ = sum_s w_s (log p(id_s) - log q(id_s))   with p^ = sum_s w_s onehot(id_s) and E[p^] = p
     dense:   KL = sum_v p_v log(p_v / q_v)
     kd       = T^2 * KL                    dkd/dz = T * (q - p~)  (p~ spreads p_tail over the tail in proportion to q)
+    sampled: dkd/dz = T * (sum(w) q - p^)  (linear in p^: its expectation over the draws is the dense gradient)
     ce       = -log softmax(z)[target]     dce/dz = softmax(z) - onehot(target)
     loss     = (kd_weight * sum kd + ce_weight * sum ce) / normalizer
 
@@ -43,6 +46,19 @@ class SparseTeacher(NamedTuple):
 
     def rows(self, start: int, end: int) -> SparseTeacher:
         return SparseTeacher(self.ids[start:end], self.logprobs[start:end], self.log_tail[start:end])
+
+
+class SampledTeacher(NamedTuple):
+    """An unbiased sparse estimate of the teacher at the N solution positions (logits.store=sampled or hybrid):
+    p^ = sum_s weights[:, s] * onehot(ids[:, s]), built from tokens drawn from the teacher at temperature T, with
+    E[p^] = p over the draws. Both the KL estimate and its gradient are linear in p^, hence unbiased."""
+
+    ids: Tensor  # [N, S] int64 token ids (a token drawn twice fills two slots; head ids first for hybrid)
+    weights: Tensor  # [N, S] float: the estimate's mass on each slot (each row sums to one)
+    logprobs: Tensor  # [N, S] float: the teacher's log-probability of each slot's token at T (for the KL value)
+
+    def rows(self, start: int, end: int) -> SampledTeacher:
+        return SampledTeacher(self.ids[start:end], self.weights[start:end], self.logprobs[start:end])
 
 
 class DenseTeacher(NamedTuple):
@@ -132,7 +148,7 @@ def check_head(model, head: OutputHead, input_ids: Tensor) -> None:
 def _chunk(
     z: Tensor,
     tgt: Tensor,
-    teacher: SparseTeacher | DenseTeacher | None,
+    teacher: SparseTeacher | SampledTeacher | DenseTeacher | None,
     head: OutputHead | None,
     T: float,
     kd_scale: float | None,
@@ -167,6 +183,15 @@ def _chunk(
         logq = torch.add((-m / T - log_s)[:, None], z, alpha=1.0 / T)  # [C, V]
         kl = torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)  # [C]
         grad = None if kd_scale is None else x.div_(s_t[:, None]).sub_(p).mul_(T * kd_scale)
+    elif isinstance(teacher, SampledTeacher):
+        ids, w = teacher.ids.long(), teacher.weights.to(cd)  # [C, S]
+        logq_s = (z.gather(1, ids).to(cd) - m[:, None]) / T - log_s[:, None]  # [C, S]
+        kl = torch.where(w > 0, w * (teacher.logprobs.to(cd) - logq_s), 0.0).sum(-1)  # [C] unbiased KL estimate
+        grad = None
+        if kd_scale is not None:  # T * (sum(w) q - p^): scatter_add, since a drawn token may fill several slots
+            c = T * kd_scale
+            grad = x.mul_((w.sum(-1) * c / s_t)[:, None])
+            grad.scatter_add_(1, ids, w * -c)
     else:
         ids = teacher.ids.long()  # [C, k]
         # Renormalise the stored buckets (fp16 rounding) so they sum to exactly one.
@@ -283,7 +308,7 @@ class DistillLoss(nn.Module):
         inputs: [N, H] student final hidden states at the solution positions (projected by `head`), or
                 [N, V] student logits when head is None
         targets: [N] the solution token ids (for the CE term and its logging)
-        teacher: SparseTeacher, DenseTeacher, or None (pure CE, the SFT baseline)
+        teacher: SparseTeacher, SampledTeacher, DenseTeacher, or None (pure CE, the SFT baseline)
         normalizer: solution tokens in the whole effective batch (defaults to N)
     """
 
@@ -302,7 +327,7 @@ class DistillLoss(nn.Module):
         self,
         inputs: Tensor,
         targets: Tensor,
-        teacher: SparseTeacher | DenseTeacher | None,
+        teacher: SparseTeacher | SampledTeacher | DenseTeacher | None,
         normalizer: int | float | Tensor | None = None,
         head: OutputHead | None = None,
     ) -> LossOutput:

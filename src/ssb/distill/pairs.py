@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ssb.distill.loss import SparseTeacher
+from ssb.distill.loss import SampledTeacher, SparseTeacher
 
 
 @dataclass
@@ -121,7 +121,8 @@ class DistillCollator:
 
     input_ids, attention_mask [B, S]; labels [B, S] (solution ids in place, -100 elsewhere: what the Trainer
     counts), shift_labels [B, S] (what each position predicts); with a top-k store, t_ids / t_logprobs [N, k] and
-    t_log_tail [N] for the N solution tokens in batch-major order (a hidden-state store: t_hidden [N, H]); online,
+    t_log_tail [N] for the N solution tokens in batch-major order (a sampled or hybrid store: t_ids / t_weights /
+    t_logprobs [N, k + S]; a hidden-state store: t_hidden [N, H]); online,
     t_input_ids, t_attention_mask and t_shift_labels [B, S'] for the teacher's own forward pass.
     """
 
@@ -146,6 +147,9 @@ class DistillCollator:
             if isinstance(rows[0], SparseTeacher):
                 t = SparseTeacher(*(torch.cat(parts) for parts in zip(*rows)))
                 batch.update(t_ids=t.ids, t_logprobs=t.logprobs, t_log_tail=t.log_tail)
+            elif isinstance(rows[0], SampledTeacher):
+                t = SampledTeacher(*(torch.cat(parts) for parts in zip(*rows)))
+                batch.update(t_ids=t.ids, t_weights=t.weights, t_logprobs=t.logprobs)
             else:
                 batch["t_hidden"] = torch.cat([r.states for r in rows])
         if self.online:

@@ -1,9 +1,14 @@
-"""Compact storage of teacher distributions over solution tokens, in sharded safetensors files. Two kinds:
+"""Compact storage of teacher distributions over solution tokens, in sharded safetensors files. Four kinds
+(docs/teacher-store.md compares them):
 
-- `topk` (default): per token the top-k ids and log-probabilities at temperature T plus the log of the remaining
+- `topk`: per token the top-k ids and log-probabilities at temperature T plus the log of the remaining
   (tail) mass: 4k + 4 bytes per token when the vocabulary fits 16-bit ids (1000 B at k = 249 for SmolLM2's 49,152),
   else 6k + 4 (1000 B at k = 166 for Qwen2.5's 151,936), instead of 4V for a dense fp32 row (192 KiB for SmolLM2).
-  The loss sees the teacher as k + 1 buckets (approximate: the tail's shape is the student's).
+  The loss sees the teacher as k + 1 buckets (biased: the tail's shape is the student's).
+- `sampled` (random-sampling KD, Anshumann et al., arXiv 2503.16870): S tokens drawn with replacement from the
+  teacher at T, each with its log-probability: 4S bytes (6S with 32-bit ids). The loss weighs each draw 1/S, an
+  unbiased estimate of the teacher (`ssb.distill.loss.SampledTeacher`). Draws are seeded by (seed, example id).
+- `hybrid`: the top-k head exactly (as `topk`) plus S draws from the tail, each weighing p_tail / S: 4(k+S) + 4.
 - `hidden`: per token the teacher's final hidden state in float16 (2H bytes: 1152 B for SmolLM2). The teacher
   shares the student's frozen output head, so training recomputes the exact full-vocabulary distribution, at any T.
 
@@ -11,7 +16,12 @@
                                        fingerprint, and per shard: its file and [example id, first row, rows]
     RUN/logits/shard-00000.safetensors topk: ids [n, k] (int16 holding id - 32768 when V <= 65536, else int32),
                                        logprobs [n, k] float16, log_tail [n] float32;
+                                       sampled: ids, logprobs [n, S]; hybrid: ids, logprobs [n, k + S] (head
+                                       first, draws sorted by id), log_tail [n];
                                        hidden: hidden [n, H] float16 (n = the shard's solution tokens)
+
+Schema versions: 3 added the kinds sampled and hybrid (index keys `samples`, `seed`); version 2 stores (topk and
+hidden, identical layout) are still read.
 
 A shard is written to a temporary file and renamed, then the index is rewritten the same way, so a killed run
 keeps every finished shard and resumes with the examples not yet stored. Readers check the metadata against what
@@ -20,21 +30,29 @@ they expect (temperature, vocabulary, model fingerprint) and refuse a mismatch w
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ssb.distill.loss import DenseTeacher, SparseTeacher, _compute_dtype
+from ssb.distill.loss import DenseTeacher, SampledTeacher, SparseTeacher, _compute_dtype
 from ssb.files import atomic_write_bytes, atomic_write_json
 
-SCHEMA_VERSION = 2  # 2: 16-bit ids for vocabularies up to 65,536
+SCHEMA_VERSION = 3  # 2: 16-bit ids for vocabularies up to 65,536; 3: kinds sampled and hybrid
+READABLE_VERSIONS = (2, 3)  # version 2 = version 3 without the sampled kinds
 FORMAT = "ssb-sparse-teacher-logits"
 INDEX = "index.json"
 DTYPES = {"ids": torch.int32, "logprobs": torch.float16, "log_tail": torch.float32}  # kind topk
 HIDDEN_DTYPE = torch.float16  # kind hidden
-KINDS = ("topk", "hidden")
+KINDS = ("topk", "sampled", "hybrid", "hidden")
+TENSORS = {
+    "topk": ("ids", "logprobs", "log_tail"),
+    "sampled": ("ids", "logprobs"),
+    "hybrid": ("ids", "logprobs", "log_tail"),
+}
 ID16_OFFSET = 32768  # int16 ids are stored as id - 32768, so 0..65535 fit
 MAX_BYTES_PER_TOKEN = 1000  # the budget `auto_top_k` fills: 1 KB in either unit, shard headers included
 
@@ -54,21 +72,66 @@ def sparsify(logits: Tensor, k: int, temperature: float) -> SparseTeacher:
     return SparseTeacher(ids, top, log_tail)
 
 
+class DrawnRows(NamedTuple):
+    """What the writer stores for kinds sampled and hybrid, per token: head ids then drawn ids."""
+
+    ids: Tensor  # [C, k + S] int64: the top-k head (k = 0 for sampled), then S ids drawn from the rest, sorted
+    logprobs: Tensor  # [C, k + S] float: the teacher's log-probability of each at T
+    log_tail: Tensor  # [C] float: log of the mass outside the head (0 for sampled)
+
+
+def example_generator(seed: int, example_id: str) -> torch.Generator:
+    """A CPU generator seeded by (run seed, example id): reruns, resumes and batch orders draw the same tokens."""
+    digest = hashlib.sha256(f"{seed}\0{example_id}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@torch.no_grad()
+def draw(logits: Tensor, temperature: float, samples: int, head: int, generator: torch.Generator) -> DrawnRows:
+    """[C, V] teacher logits -> the top-`head` ids and S = `samples` ids drawn with replacement from the teacher
+    at T restricted to the rest of the vocabulary (all of it when head = 0), by inverse CDF at uniforms from
+    `generator` (CPU, so the draws do not depend on the device)."""
+    logp = torch.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)  # [C, V]
+    c, v = logp.shape
+    head = min(head, v)
+    top, top_ids = logp.topk(head, dim=-1)  # [C, k]
+    rest = logp.exp().scatter(1, top_ids, 0.0).double()  # [C, V] the tail, unnormalised
+    log_tail = rest.sum(-1).log().to(logp.dtype) if head else logp.new_zeros(c)  # [C]
+    cdf = rest.cumsum_(-1)  # [C, V] in float64: 49k float32 terms would drift by ~1e-4
+    u = torch.rand(c, samples, generator=generator, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]  # [C, S]
+    drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=v - 1).sort(-1).values  # [C, S]; zero-mass ids never
+    return DrawnRows(torch.cat([top_ids, drawn], -1), torch.cat([top, logp.gather(1, drawn)], -1), log_tail)
+
+
+def estimate(rows: DrawnRows | SparseTeacher, head: int) -> SampledTeacher:
+    """Stored head + draws -> the loss's unbiased estimate: head tokens weigh their probability, each of the S
+    draws p_tail / S (1 / S without a head). The stored (fp16) head and tail are renormalised to sum to one."""
+    cd = _compute_dtype(rows.logprobs)
+    ids, lp, log_tail = rows.ids, rows.logprobs.to(cd), rows.log_tail.to(cd)
+    n_draws = ids.shape[1] - head
+    mass = torch.softmax(torch.cat([lp[:, :head], log_tail[:, None]], -1), -1)  # [C, k + 1]
+    weights = torch.cat([mass[:, :head], (mass[:, head:] / max(1, n_draws)).expand(-1, n_draws)], -1)  # [C, k + S]
+    return SampledTeacher(ids, weights, lp)
+
+
 def id_dtype(vocab_size: int) -> torch.dtype:
     """int16 (offset by 32768) when every id fits in 16 bits, else int32."""
     return torch.int16 if vocab_size <= 2 * ID16_OFFSET else torch.int32
 
 
-def bytes_per_token(k: int, kind: str = "topk", hidden_size: int = 0, vocab_size: int = 2**31) -> int:
-    """Payload bytes per stored token (shard headers add a few hundred bytes per shard).
+def bytes_per_token(k: int, kind: str = "topk", hidden_size: int = 0, vocab_size: int = 2**31, samples: int = 0) -> int:
+    """Payload bytes per stored token (shard headers add a few hundred bytes per shard); k = the head size.
 
     >>> bytes_per_token(249, vocab_size=49152), bytes_per_token(166, vocab_size=151936)
+    (1000, 1000)
+    >>> bytes_per_token(0, "sampled", vocab_size=49152, samples=250), bytes_per_token(124, "hybrid", 0, 49152, 125)
     (1000, 1000)
     """
     if kind == "hidden":
         return hidden_size * torch.empty((), dtype=HIDDEN_DTYPE).element_size()
     size = {**DTYPES, "ids": id_dtype(vocab_size)}
-    return sum(torch.empty((), dtype=d).element_size() * (k if n != "log_tail" else 1) for n, d in size.items())
+    width = k + samples
+    return sum(torch.empty((), dtype=size[n]).element_size() * (width if n != "log_tail" else 1) for n in TENSORS[kind])
 
 
 def auto_top_k(vocab_size: int, budget: int = MAX_BYTES_PER_TOKEN) -> int:
@@ -77,21 +140,44 @@ def auto_top_k(vocab_size: int, budget: int = MAX_BYTES_PER_TOKEN) -> int:
     >>> auto_top_k(49152), auto_top_k(151936)
     (249, 166)
     """
-    per_id = bytes_per_token(1, vocab_size=vocab_size) - bytes_per_token(0, vocab_size=vocab_size)
-    return min(vocab_size, (budget - bytes_per_token(0, vocab_size=vocab_size)) // per_id)
+    return auto_slots(vocab_size, "topk", budget)
+
+
+def auto_slots(vocab_size: int, kind: str, budget: int = MAX_BYTES_PER_TOKEN) -> int:
+    """The most ids per token (head + draws) whose rows fit `budget` bytes with this kind.
+
+    >>> auto_slots(49152, "sampled"), auto_slots(49152, "hybrid"), auto_slots(151936, "sampled")
+    (250, 249, 166)
+    """
+    fixed = bytes_per_token(0, kind, vocab_size=vocab_size)
+    per_id = bytes_per_token(1, kind, vocab_size=vocab_size) - fixed
+    return (budget - fixed) // per_id if kind != "topk" else min(vocab_size, (budget - fixed) // per_id)
 
 
 def _meta(
-    kind: str, temperature: float, top_k: int, vocab_size: int, hidden_size: int, fingerprint: str, model: str
+    kind: str,
+    temperature: float,
+    top_k: int,
+    vocab_size: int,
+    hidden_size: int,
+    fingerprint: str,
+    model: str,
+    samples: int,
+    seed: int | None,
 ) -> dict:
     if kind not in KINDS:
         raise ValueError(f"teacher store kind must be one of {KINDS}, got {kind!r}")
+    drawn = kind in ("sampled", "hybrid")
+    if drawn and samples < 1:
+        raise ValueError(f"teacher store kind {kind!r} needs samples >= 1, got {samples}")
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
         "temperature": float(temperature),
-        "top_k": int(top_k) if kind == "topk" else 0,
+        "top_k": int(top_k) if kind in ("topk", "hybrid") else 0,  # the exact head
+        "samples": int(samples) if drawn else 0,  # draws per token
+        "seed": int(seed or 0) if drawn else None,
         "vocab_size": int(vocab_size),
         "hidden_size": int(hidden_size),
         "fingerprint": fingerprint,
@@ -116,19 +202,22 @@ class TeacherStoreWriter:
         resume: bool = False,
         kind: str = "topk",
         hidden_size: int = 0,
+        samples: int = 0,
+        seed: int | None = None,
     ):
         self.root = Path(root)
         self.shard_size = shard_size
-        meta = _meta(kind, temperature, top_k, vocab_size, hidden_size, fingerprint, model)
+        meta = _meta(kind, temperature, top_k, vocab_size, hidden_size, fingerprint, model, samples, seed)
         index_path = self.root / INDEX
         if index_path.exists():
             if not resume:
                 raise TeacherStoreError(f"{self.root}: already holds teacher logits; use --force to recompute them")
             self.index = _read_index(self.root)
-            for key in ("schema_version", "kind", "temperature", "top_k", "vocab_size", "hidden_size", "fingerprint"):
-                if self.index[key] != meta[key]:
+            keys = ("schema_version", "kind", "temperature", "top_k", "samples", "seed", "vocab_size", "hidden_size")
+            for key in (*keys, "fingerprint"):
+                if self.index.get(key) != meta[key]:
                     raise TeacherStoreError(
-                        f"{index_path}: cannot resume: stored {key}={self.index[key]!r}, now {meta[key]!r}; "
+                        f"{index_path}: cannot resume: stored {key}={self.index.get(key)!r}, now {meta[key]!r}; "
                         f"rerun the logits stage with --force"
                     )
             self.index["complete"] = False
@@ -137,12 +226,13 @@ class TeacherStoreWriter:
             self.index = {**meta, "complete": False, "shards": []}
         self.done = {e[0] for s in self.index["shards"] for e in s["examples"]}
         self._buf: list[tuple[str, dict[str, Tensor]]] = []
-        self.kind, self.top_k, self.hidden_size = kind, int(top_k), int(hidden_size)
+        self.kind, self.hidden_size = kind, int(hidden_size)
+        self.width = meta["top_k"] + meta["samples"]  # ids per token
         self.dtypes = {**DTYPES, "ids": id_dtype(vocab_size)}
 
-    def add(self, example_id: str, rows: SparseTeacher | Tensor) -> None:
-        """Store one example: kind topk, a SparseTeacher of [L, k] ids and log-probs and [L] log tail; kind hidden,
-        the [L, H] final hidden states."""
+    def add(self, example_id: str, rows: SparseTeacher | DrawnRows | Tensor) -> None:
+        """Store one example: kind topk, a SparseTeacher of [L, k] ids and log-probs and [L] log tail; kinds
+        sampled and hybrid, DrawnRows ([L, k + S], [L, k + S], [L]); kind hidden, the [L, H] final hidden states."""
         if example_id in self.done or any(e == example_id for e, _ in self._buf):
             raise TeacherStoreError(f"example id {example_id!r} is stored twice")
         if self.kind == "hidden":
@@ -158,9 +248,9 @@ class TeacherStoreWriter:
                     f"{example_id}: expected ids/logprobs [L, k] and log_tail [L], got "
                     f"{tuple(rows.ids.shape)}, {tuple(rows.logprobs.shape)}, {tuple(rows.log_tail.shape)}"
                 )
-            if rows.ids.shape[1] != self.top_k:
-                raise ValueError(f"{example_id}: {rows.ids.shape[1]} ids per token, the store keeps {self.top_k}")
-            stored = {n: getattr(rows, n).detach().to("cpu") for n in DTYPES}
+            if rows.ids.shape[1] != self.width:
+                raise ValueError(f"{example_id}: {rows.ids.shape[1]} ids per token, the store keeps {self.width}")
+            stored = {n: getattr(rows, n).detach().to("cpu") for n in TENSORS[self.kind]}
             if self.dtypes["ids"] == torch.int16:
                 stored["ids"] = stored["ids"].long() - ID16_OFFSET
             self._buf.append((example_id, {n: t.to(self.dtypes[n]) for n, t in stored.items()}))
@@ -213,17 +303,20 @@ def _read_index(root: Path) -> dict:
         raise TeacherStoreError(f"{path}: corrupted (not valid JSON); rerun `ssb logits --force`") from None
     if index.get("format") != FORMAT:
         raise TeacherStoreError(f"{path}: not an ssb teacher-logits index")
-    if index.get("schema_version") != SCHEMA_VERSION:
+    if index.get("schema_version") not in READABLE_VERSIONS:
         raise TeacherStoreError(
-            f"{path}: schema version {index.get('schema_version')}, this ssb reads version "
-            f"{SCHEMA_VERSION}; rerun `ssb logits --force`"
+            f"{path}: schema version {index.get('schema_version')}, this ssb reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; rerun `ssb logits --force`"
         )
+    index.setdefault("samples", 0)  # version 2 had no drawn kinds
+    index.setdefault("seed", None)
     return index
 
 
 class TeacherStore:
     """Random access to stored teacher rows: `store[example_id]` -> SparseTeacher ([L, k] and [L] tensors) for
-    kind topk, DenseTeacher ([L, H] float32 hidden states) for kind hidden."""
+    kind topk, SampledTeacher ([L, k + S] tensors) for sampled and hybrid, DenseTeacher ([L, H] float32 hidden
+    states) for kind hidden."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -236,6 +329,7 @@ class TeacherStore:
     kind = property(lambda self: self.index["kind"])
     temperature = property(lambda self: self.index["temperature"])
     top_k = property(lambda self: self.index["top_k"])
+    samples = property(lambda self: self.index["samples"])
     vocab_size = property(lambda self: self.index["vocab_size"])
     fingerprint = property(lambda self: self.index["fingerprint"])
 
@@ -268,7 +362,7 @@ class TeacherStore:
     def length(self, example_id: str) -> int:
         return self._where[example_id][2]
 
-    def __getitem__(self, example_id: str) -> SparseTeacher:
+    def __getitem__(self, example_id: str) -> SparseTeacher | SampledTeacher | DenseTeacher:
         if example_id not in self._where:
             raise TeacherStoreError(
                 f"{self.root}: no teacher logits for example {example_id!r}; rerun `ssb logits` (pairs changed since?)"
@@ -277,9 +371,12 @@ class TeacherStore:
         f = self._shard(shard)
         if self.kind == "hidden":
             return DenseTeacher(f.get_slice("hidden")[start : start + n].float())
-        rows = [f.get_slice(name)[start : start + n] for name in DTYPES]
+        rows = [f.get_slice(name)[start : start + n] for name in TENSORS[self.kind]]
         ids = rows[0].long() + (ID16_OFFSET if rows[0].dtype == torch.int16 else 0)
-        return SparseTeacher(ids, rows[1].float(), rows[2].float())
+        if self.kind == "topk":
+            return SparseTeacher(ids, rows[1].float(), rows[2].float())
+        log_tail = rows[2].float() if self.kind == "hybrid" else torch.zeros(n)
+        return estimate(DrawnRows(ids, rows[1].float(), log_tail), self.top_k)
 
     def _shard(self, i: int):
         if i not in self._open:

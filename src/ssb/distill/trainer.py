@@ -9,6 +9,11 @@ token-level mean over the effective batch.
 The student's final hidden states at the solution positions go through the output head inside the loss, a chunk
 at a time. Under FSDP or DeepSpeed ZeRO-3 (head weights sharded outside the forward pass) the model itself
 projects only the solution positions (`logits_to_keep` = a boolean mask) and the loss starts from those logits.
+
+Every metrics record names what its `kd` is (`kd_is`: full = the exact full-vocabulary T^2 KL, as the paper logs;
+topk_bucketed = top-k + one tail bucket, a lower bound; sampled_estimate = an unbiased estimate from stored
+draws). At each epoch's end, with a reference subset, one more record gives `full_kd` (exact T^2 KL, token mean)
+and `stored_kd` (the stored scheme's value) on those few fixed pairs.
 """
 
 from __future__ import annotations
@@ -17,17 +22,26 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, TrainerCallback
 
-from ssb.distill.loss import DenseTeacher, DistillLoss, OutputHead, SparseTeacher, final_hidden
+from ssb.distill.loss import DenseTeacher, DistillLoss, OutputHead, SampledTeacher, SparseTeacher, final_hidden
 from ssb.training import metrics_line
 
 
 class DistillTrainer(Trainer):
     def __init__(
-        self, *args, distill_loss: DistillLoss, teacher: str, metrics_path: str | Path | None = None, **kwargs
+        self,
+        *args,
+        distill_loss: DistillLoss,
+        teacher: str,
+        metrics_path: str | Path | None = None,
+        kd_is: str = "full",
+        reference: tuple | None = None,
+        **kwargs,
     ):
-        """teacher: 'stored' (sparse rows in the batch), 'online' (frozen base = adapter disabled) or 'none'."""
+        """teacher: 'stored' (sparse rows in the batch), 'online' (frozen base = adapter disabled) or 'none'.
+        kd_is: what the logged kd is (full, topk_bucketed, sampled_estimate). reference: (pairs, exact store or
+        None = run the frozen teacher, stored-scheme store or None) for the per-epoch full-KL record."""
         super().__init__(*args, **kwargs)
         if teacher not in ("stored", "online", "none"):
             raise ValueError(f"teacher must be 'stored', 'online' or 'none', got {teacher!r}")
@@ -43,6 +57,10 @@ class DistillTrainer(Trainer):
         self._acc: torch.Tensor | None = None  # kd, ce, solution tokens, examples since the last log
         self._log_step = 0
         self.remove_callback(PrinterCallback)
+        self.kd_is = kd_is if teacher != "none" else None
+        self.reference = reference if teacher != "none" and not self.via_logits else None
+        if self.reference:
+            self.add_callback(_ReferenceKL(self))
 
     def _unwrapped(self, model):
         return self.accelerator.unwrap_model(model)
@@ -66,6 +84,8 @@ class DistillTrainer(Trainer):
             if self.via_logits:
                 raise ValueError("logits.store=hidden is not supported under FSDP / ZeRO-3; use logits.store=topk")
             teacher = DenseTeacher(inputs["t_hidden"])
+        elif self.teacher_mode == "stored" and "t_weights" in inputs:
+            teacher = SampledTeacher(inputs["t_ids"], inputs["t_weights"], inputs["t_logprobs"])
         elif self.teacher_mode == "stored":
             teacher = SparseTeacher(inputs["t_ids"], inputs["t_logprobs"], inputs["t_log_tail"])
         rows = self._rows(model, inputs["input_ids"], inputs["attention_mask"], shift)
@@ -115,9 +135,62 @@ class DistillTrainer(Trainer):
             "epoch": round(self.state.epoch or 0.0, 4),
             "loss": logs["loss"],
             "kd": logs.get("kd"),
+            "kd_is": self.kd_is,
             "ce": logs.get("ce"),
             "grad_norm": logs.get("grad_norm"),
             "lr": logs.get("learning_rate"),
             "completion_len": logs.get("completion_len"),
         }
         metrics_line(self.metrics_path, "train", rec, self.state.max_steps)
+
+    @torch.no_grad()
+    def reference_kd(self) -> dict:
+        """Token-mean T^2 KL of the current student on the reference pairs: exact over the full vocabulary
+        (`full_kd`) and, with a sparse store, as the stored scheme gives it (`stored_kd`)."""
+        pairs, exact, stored = self.reference
+        model = self._unwrapped(self.model)
+        device = next(model.parameters()).device
+        loss = DistillLoss(self.distill_loss.temperature)
+        was_training, sums, tokens = model.training, {"full_kd": 0.0, "stored_kd": 0.0}, 0
+
+        def rows(prompt, p):  # [L, H] final hidden states predicting the solution
+            ids = torch.tensor([prompt + p.solution_ids], device=device)
+            return final_hidden(model, ids, torch.ones_like(ids))[0, len(prompt) - 1 : len(prompt) - 1 + p.solution_len]
+
+        model.eval()
+        try:
+            for p in pairs:
+                h = rows(p.student_prompt, p)
+                if exact is None:
+                    with model.disable_adapter():
+                        full = DenseTeacher(rows(p.teacher_prompt, p))
+                else:
+                    full = exact[p.id]
+                targets = torch.tensor(p.solution_ids, device=device)
+                teachers = {"full_kd": full, "stored_kd": stored[p.id] if stored is not None else None}
+                with self.accelerator.autocast():
+                    for key, t in teachers.items():
+                        if t is not None:
+                            t = type(t)(*(x.to(device) for x in t))
+                            sums[key] += loss(h, targets, t, normalizer=1, head=self.head).kd_sum.item()
+                tokens += p.solution_len
+        finally:
+            model.train(was_training)
+        out = {k: v / max(1, tokens) for k, v in sums.items() if stored is not None or k == "full_kd"}
+        return {**out, "reference_pairs": len(pairs), "reference_tokens": tokens}
+
+    def log_reference(self) -> None:
+        if not self.is_world_process_zero():
+            return
+        rec = {"step": self.state.global_step, "epoch": round(self.state.epoch or 0.0, 4), **self.reference_kd()}
+        metrics_line(self.metrics_path, "train", {**rec, "kd_is": self.kd_is}, self.state.max_steps)
+
+
+class _ReferenceKL(TrainerCallback):
+    """Logs the exact full-vocabulary KL on the reference pairs at the end of each epoch."""
+
+    def __init__(self, trainer: DistillTrainer):
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer.log_reference()

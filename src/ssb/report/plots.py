@@ -85,7 +85,11 @@ def training_plot(series: dict[str, list[dict]]) -> bytes | None:
     return line_panels(
         series,
         [
-            ("Training loss", [("loss", "loss"), ("kd", "KD (T² KL)"), ("ce", "CE")], "loss"),
+            (
+                "Training loss",
+                [("loss", "loss"), ("kd", "KD (T² KL)"), ("ce", "CE"), ("full_kd", "full T² KL, reference pairs")],
+                "loss",
+            ),
             ("Gradient norm", [("grad_norm", "grad norm")], "L2 norm before clipping"),
             ("Solution length", [("completion_len", "tokens")], "mean tokens per example"),
         ],

@@ -130,6 +130,8 @@ def build_trainer(cfg: Config, run: RunDir, say=print):
                     f"{run.logits_dir}: teacher logits for {p.id!r} cover {store.length(p.id)} tokens, "
                     f"the solution has {p.solution_len}; rerun `ssb logits --force`"
                 )
+    sparse = mode == "stored" and store.kind != "hidden"
+    kd_is = "full" if not sparse else ("topk_bucketed" if store.kind == "topk" else "sampled_estimate")
     set_seed(cfg.seed)  # LoRA initialisation
     model = get_peft_model(model, lora_config(cfg))
     common = trainer_arguments(
@@ -160,6 +162,8 @@ def build_trainer(cfg: Config, run: RunDir, say=print):
         teacher=mode,
         metrics_path=run.metrics,
         distill_loss=DistillLoss(tc.temperature, kd_weight=tc.kd_weight, ce_weight=tc.ce_weight),
+        kd_is=kd_is,
+        reference=_reference(cfg, run, records, kept, mode, store),
     )
     place_tensorboard_logs(trainer, run.train_dir / "tb")
     n_tok = sum(p.solution_len for p in kept)
@@ -173,10 +177,33 @@ def build_trainer(cfg: Config, run: RunDir, say=print):
         "dropped_too_long": len(pairs) - len(kept),
         "solution_tokens": n_tok,
         "teacher": mode,
+        "kd_is": kd_is if mode != "none" else None,
         "processes": trainer.accelerator.num_processes,
         "mixed_precision": precision,
     }
     return trainer, info
+
+
+def _reference(cfg: Config, run: RunDir, records: list[dict], kept: list, mode: str, store):
+    """(pairs, exact teacher store or None = online, stored-scheme store or None) for the per-epoch full-KL record
+    on the first logits.reference_pairs pairs by id; None when there is nothing exact to compare with."""
+    from ssb.distill.store import TeacherStore
+    from ssb.stages.logits import reference_ids
+
+    ids = set(reference_ids(records, cfg.logits.reference_pairs))
+    pairs = [p for p in kept if p.id in ids]
+    if not pairs or mode == "none":
+        return None
+    if mode == "online":
+        return pairs, None, None
+    if store.kind == "hidden":
+        return pairs, store, None
+    root = run.logits_dir / "reference"
+    if not (root / "index.json").exists():
+        return None
+    exact = TeacherStore(root)
+    pairs = [p for p in pairs if p.id in exact]
+    return (pairs, exact, store) if pairs else None
 
 
 def _save(cfg: Config, run: RunDir, trainer) -> None:
