@@ -238,6 +238,18 @@ class Config:
         "auto: bf16 on CUDA and on CPUs with AMX bf16 units (several times fp32's matmul rate there), else "
         "`dtype`; model: always `dtype`. The dtype is recorded in each record's `backend` field",
     )
+    generation_backend: Literal["auto", "engine", "vllm"] = opt(
+        "auto",
+        "Who generates in rollout, teach and eval: 'engine' (ssb's own static-KV engine), 'vllm' (vLLM; install "
+        "with scripts/install-vllm.sh, docs/vllm.md) or auto: vLLM where it imports, runs on this device and "
+        "supports the model, else the engine (one line says which and why). Teacher logits stay on torch; GRPO's "
+        "rollouts stay on the engine (its weights change every step). Recorded in each record's `backend` field",
+    )
+    vllm_kv_cache_gib: float = opt(
+        0.0,
+        "vLLM's KV cache in GiB; 0 = auto: room for batch_size sequences of (longest prompt + max_new_tokens) "
+        "tokens (what the engine's static cache holds), capped at half the memory available at start-up",
+    )
     trust_remote_code: bool = opt(False, "Allow model code from the Hub (only if you trust it)")
     seed: int = opt(0, "Seed for sampling, curation choices and training order")
     data: DataConfig = opt(DataConfig, "Training data")
@@ -279,6 +291,7 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "train.warmup_ratio": ("must be in [0, 1)", lambda v: 0 <= v < 1),
     "eval.n": ("must be >= 1", lambda v: v >= 1),
     "rounds": ("must be >= 1", lambda v: v >= 1),
+    "vllm_kv_cache_gib": ("must be >= 0 (0 = auto)", lambda v: v >= 0),
 }
 
 

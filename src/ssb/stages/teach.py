@@ -15,8 +15,8 @@ from ssb.rundir import RunDir, stage
 
 
 def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    from ssb.engine.engine import Engine, SamplingParams
-    from ssb.models import load_from_config
+    from ssb.engine import SamplingParams
+    from ssb.engine.backends import make_generator
     from ssb.verify import Verifier
 
     tc = cfg.teach
@@ -34,15 +34,14 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
             tries[a["id"]] = tries.get(a["id"], 0) + 1
         if attempts:
             st.say(f"[teach] resuming: {len(kept_ids)} pairs kept from {len(attempts)} earlier attempts")
-        model = tok = engine = None
+        engine = None
         with Verifier() as verifier, JsonlWriter(run.teach_attempts) as log, JsonlWriter(run.pairs) as pairs:
             for round_ in range(tc.attempts):
                 todo = [c for c in curated if c["id"] not in kept_ids and tries.get(c["id"], 0) <= round_]
                 if not todo:
                     continue
                 if engine is None:
-                    model, tok = load_from_config(cfg, generation=True)
-                    engine = Engine(model, tok, batch_size=tc.batch_size)
+                    engine = make_generator(cfg, batch_size=tc.batch_size, manifest=(run, "teach"))
                 st.say(f"[teach] attempt {round_ + 1}/{tc.attempts}: {len(todo)} questions (T={tc.temperature})")
                 params = SamplingParams(
                     temperature=tc.temperature,
