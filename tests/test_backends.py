@@ -93,7 +93,9 @@ def test_kv_budget_follows_the_workload_and_the_memory():
     gib = 1 << 30
     assert kv_cache_bytes(cfg, 2, 64, 1000, 100 * gib) == int(1.25 * 64 * 1000 * per_token)
     assert kv_cache_bytes(cfg, 2, 64, 1000, gib // 10) == gib // 20  # at most half of what is available
-    assert kv_cache_bytes(cfg, 2, 64, 1000, 0) == 1000 * per_token  # at least one sequence
+    assert kv_cache_bytes(cfg, 2, 64, 1000, 0) == int(1.1 * 1000 * per_token)  # at least one sequence
+    # ... of vLLM's max_model_len: it refuses to start otherwise ("To serve at least one request ...")
+    assert kv_cache_bytes(cfg, 4, 8, 168, 100 * gib, max_len=2048) == int(1.1 * 2048 * kv_bytes_per_token(cfg, 4))
 
 
 def test_request_seed_depends_on_seed_and_prompt_only():

@@ -55,13 +55,15 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
 
 
 def kv_cache_bytes(
-    config: dict, dtype_bytes: int, batch_size: int, tokens_per_sequence: int, available_bytes: int
+    config: dict, dtype_bytes: int, batch_size: int, tokens_per_sequence: int, available_bytes: int, max_len: int = 0
 ) -> int:
     """KV cache budget: batch_size sequences of tokens_per_sequence tokens (the engine's static cache holds
-    the same, times its 1.25 slack), at least one sequence, at most half of available_bytes."""
+    the same, with the same 1.25 slack), at most half of available_bytes, but at least one sequence of
+    max(tokens_per_sequence, max_len) tokens plus 10%: vLLM refuses to start unless one max_model_len
+    sequence fits (its usable cache is a little below the bytes given)."""
     per_token = kv_bytes_per_token(config, dtype_bytes)
     want = int(1.25 * batch_size * tokens_per_sequence * per_token)
-    floor = tokens_per_sequence * per_token
+    floor = int(1.1 * max(tokens_per_sequence, max_len) * per_token)
     return max(floor, min(want, available_bytes // 2))
 
 
@@ -149,14 +151,17 @@ class VllmGenerator:
         from vllm import LLM
 
         dtype_bytes = 4 if self.dtype == "float32" else 2
+        # room for later calls with somewhat longer prompts (teach's rounds, eval resumes) without a restart
+        max_len = self.config.get("max_position_embeddings") or tokens_per_sequence
+        max_len = min(max_len, max(tokens_per_sequence, 2048))
         if self.kv_cache_gib > 0:
             self.kv_cache_bytes = int(self.kv_cache_gib * GIB)
         else:
+            sequences = min(self.batch_size, sequences)
+            available = available_memory_bytes()
             self.kv_cache_bytes = kv_cache_bytes(
-                self.config, dtype_bytes, min(self.batch_size, sequences), tokens_per_sequence, available_memory_bytes()
+                self.config, dtype_bytes, sequences, tokens_per_sequence, available, max_len
             )
-        max_len = self.config.get("max_position_embeddings") or tokens_per_sequence
-        max_len = min(max_len, max(tokens_per_sequence, 2048))
         cpu = not self.device.startswith("cuda")
         print(
             f"[vllm] starting {self.backend} on {self.device}: KV cache {self.kv_cache_bytes / GIB:.2f} GiB, "
