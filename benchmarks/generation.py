@@ -16,10 +16,13 @@ for token.
 RSS is its own: ru_maxrss of that process, weights included) on the same prompts and sampling settings:
 `engine` (ssb's engine, all prompts x K, with its peak KV bytes allocated and in use) and `hf_generate` (HF
 `generate` one sequence at a time, on the first --ref-prompts prompts, 1 sample each: per-token cost of batch-1
-decoding does not depend on the prompt). A vLLM contender goes in `CONTENDERS` beside them.
+decoding does not depend on the prompt).
+vLLM is a contender when its venv exists (scripts/install-vllm.sh; --vllm-python): same prompts, k, sampling settings,
+dtype and batch size (max_num_seqs), in a subprocess; its tok/s (start-up excluded, reported apart) and the peak
+resident memory of its process tree go under `contenders.vllm` in the final JSON line.
 
 Usage: benchmarks/generation.py [--quick] [--model PATH] [--batch-size 64] [--threads N] [--dtype auto]
-       [--contenders engine,hf_generate] [--no-in-process]
+       [--contenders engine,hf_generate] [--no-in-process] [--vllm-python .venv-vllm/bin/python | none]
 Prints one final JSON line and writes benchmarks/results/generation.json.
 """
 
@@ -191,7 +194,77 @@ def contenders(args, names: list[str]) -> dict:
     return out
 
 
+def bench_vllm(prompts, k: int, params: SamplingParams, model_path: str, dtype: str, batch_size: int, python: str):
+    """vLLM as a contender on the same prompts and sampling settings: runs `--vllm-worker` in a subprocess with
+    the vLLM venv's `python` (scripts/install-vllm.sh), sampling the peak resident memory of its whole process tree
+    (vLLM's engine runs in child processes). Returns {tok_per_s, peak_rss_gb, ...} or {"error": why}."""
+    import subprocess
+    import tempfile
+
+    import psutil
+
+    if not Path(python).exists():
+        return {"error": f"no vLLM python at {python} (run scripts/install-vllm.sh or pass --vllm-python)"}
+    spec = {
+        "prompts": prompts,
+        "k": k,
+        "params": vars(params),
+        "model": model_path,
+        "dtype": dtype,
+        "batch_size": batch_size,
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    proc = subprocess.Popen(
+        [python, __file__, "--vllm-worker", f.name], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    peak, root = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.25)
+    Path(f.name).unlink()
+    lines = [line for line in proc.stdout.read().splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"vLLM worker exited with {proc.returncode}"}
+    return {**json.loads(lines[-1]), "peak_rss_gb": round(peak / 1e9, 2)}
+
+
+def vllm_worker(spec_path: str) -> None:
+    """The subprocess side of bench_vllm: start vLLM, generate, print one JSON line."""
+    from transformers import AutoTokenizer
+
+    from ssb.engine.vllm import VllmGenerator
+
+    spec = json.loads(Path(spec_path).read_text())
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    t = time.perf_counter()
+    gen = VllmGenerator(spec["model"], tok, dtype=spec["dtype"], batch_size=spec["batch_size"], progress=False)
+    gen.generate(spec["prompts"][:1], 1, SamplingParams(temperature=0, max_new_tokens=1))  # starts the engine
+    startup = time.perf_counter() - t
+    t = time.perf_counter()
+    comps = [c for r in gen.generate(spec["prompts"], spec["k"], SamplingParams(**spec["params"])) for c in r]
+    seconds = time.perf_counter() - t
+    tokens = sum(c.num_tokens for c in comps)
+    result = {
+        "tok_per_s": round(tokens / seconds, 1),
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "startup_s": round(startup, 1),
+        "kv_cache_gib": round(gen.kv_cache_bytes / 2**30, 2),
+        "finish_length_fraction": round(sum(c.finish_reason == "length" for c in comps) / len(comps), 3),
+        "backend": gen.backend,
+    }
+    gen.close()
+    print(json.dumps(result), flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--vllm-worker":
+        return vllm_worker(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run (< 3 minutes)")
     ap.add_argument(
@@ -216,6 +289,11 @@ def main() -> None:
     )
     ap.add_argument("--contender", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)  # inside a subprocess
     ap.add_argument("--no-in-process", action="store_true", help="only the contenders (skip the in-process run)")
+    ap.add_argument(
+        "--vllm-python",
+        default=str(ROOT / ".venv-vllm" / "bin" / "python"),
+        help="python of the vLLM venv (scripts/install-vllm.sh); 'none' skips the vLLM contender",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -306,6 +384,10 @@ def main() -> None:
         },
     }
     result["contenders"] = contenders(args, names)
+    if args.vllm_python != "none":
+        vllm_dtype = str(gen_model.dtype).removeprefix("torch.")
+        vllm = bench_vllm(prompts, args.k, params, model_path, vllm_dtype, args.batch_size, args.vllm_python)
+        result.setdefault("contenders", {})["vllm"] = vllm
     save_result("generation", result)
     print(json.dumps(result))
 

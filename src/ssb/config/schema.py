@@ -292,6 +292,18 @@ class Config:
         "Fewer sequences run at once when batch_size of them could not all reach max_new_tokens within it; a "
         "budget below one sequence is an error. null: a quarter of the memory available when a stage starts",
     )
+    generation_backend: Literal["auto", "engine", "vllm"] = opt(
+        "auto",
+        "Who generates in rollout, teach and eval: 'engine' (ssb's own engine), 'vllm' (vLLM; install "
+        "with scripts/install-vllm.sh, docs/vllm.md) or auto: vLLM where it imports, runs on this device and "
+        "supports the model, else the engine (one line says which and why). Teacher logits stay on torch; GRPO's "
+        "rollouts stay on the engine (its weights change every step). Recorded in each record's `backend` field",
+    )
+    vllm_kv_cache_gib: float = opt(
+        0.0,
+        "vLLM's KV cache in GiB; 0 = auto: room for batch_size sequences of (longest prompt + max_new_tokens) "
+        "tokens, capped at half the memory available at start-up",
+    )
     trust_remote_code: bool = opt(False, "Allow model code from the Hub (only if you trust it)")
     seed: int = opt(0, "Seed for sampling, curation choices and training order")
     data: DataConfig = opt(DataConfig, "Training data")
@@ -339,6 +351,7 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "eval.n": ("must be >= 1", lambda v: v >= 1),
     "rounds": ("must be >= 1", lambda v: v >= 1),
     "generation_memory_mib": ("must be > 0 or null", lambda v: v is None or v > 0),
+    "vllm_kv_cache_gib": ("must be >= 0 (0 = auto)", lambda v: v >= 0),
 }
 
 

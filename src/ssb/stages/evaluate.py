@@ -199,16 +199,13 @@ def evaluate(
 
 
 def _generate(cfg: Config, model: str, todo: list[Example], samples_path: Path, session: int) -> None:
-    from ssb.engine.engine import Engine, SamplingParams
-    from ssb.models import load_from_config
+    from ssb.engine import SamplingParams
+    from ssb.engine.backends import make_generator
     from ssb.prompts import student_messages
     from ssb.verify import Verifier
 
     ec = cfg.eval
-    lm, tok = load_from_config(cfg, model, generation=True)
-    engine = Engine(
-        lm, tok, batch_size=ec.batch_size, progress=True, kv_budget_mib=cfg.generation_memory_mib, log=print
-    )
+    engine = make_generator(cfg, model, batch_size=ec.batch_size, progress=True, log=print)
     # A fixed seed: the engine keys each sample's random stream on (seed, prompt, index), so a resumed run
     # draws exactly the samples an uninterrupted one would have.
     params = SamplingParams(

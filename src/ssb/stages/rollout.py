@@ -17,8 +17,8 @@ from ssb.rundir import RunDir, stage
 
 
 def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    from ssb.engine.engine import Engine, SamplingParams
-    from ssb.models import load_from_config
+    from ssb.engine import SamplingParams
+    from ssb.engine.backends import make_generator
     from ssb.verify import Verifier
 
     questions = question_records(cfg.data.train)
@@ -33,8 +33,7 @@ def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
             st.say(f"[rollout] resuming: {len(done)} of {len(questions)} questions already done")
         rc = cfg.rollout
         if todo:
-            model, tok = load_from_config(cfg, generation=True)
-            engine = Engine(model, tok, batch_size=rc.batch_size, kv_budget_mib=cfg.generation_memory_mib, log=st.say)
+            engine = make_generator(cfg, batch_size=rc.batch_size, manifest=(run, "rollout"), log=st.say)
             params = SamplingParams(
                 temperature=rc.temperature,
                 top_k=rc.top_k,

@@ -70,8 +70,8 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
 def teach_questions(cfg: Config, run: RunDir, curated: list[dict], st) -> None:
     """Up to teach.attempts tries for each curated question without a kept pair, appending to the run's
     teach_attempts.jsonl and pairs.jsonl; resumes from what those files hold."""
-    from ssb.engine.engine import Engine, SamplingParams
-    from ssb.models import load_from_config
+    from ssb.engine import SamplingParams
+    from ssb.engine.backends import make_generator
     from ssb.verify import Verifier
 
     tc = cfg.teach
@@ -82,17 +82,14 @@ def teach_questions(cfg: Config, run: RunDir, curated: list[dict], st) -> None:
         tries[a["id"]] = tries.get(a["id"], 0) + 1
     if attempts:
         st.say(f"[teach] resuming: {len(kept_ids)} pairs kept from {len(attempts)} earlier attempts")
-    model = tok = engine = None
+    engine = None
     with Verifier() as verifier, JsonlWriter(run.teach_attempts) as log, JsonlWriter(run.pairs) as pairs:
         for round_ in range(tc.attempts):
             todo = [c for c in curated if c["id"] not in kept_ids and tries.get(c["id"], 0) <= round_]
             if not todo:
                 continue
             if engine is None:
-                model, tok = load_from_config(cfg, generation=True)
-                engine = Engine(
-                    model, tok, batch_size=tc.batch_size, kv_budget_mib=cfg.generation_memory_mib, log=st.say
-                )
+                engine = make_generator(cfg, batch_size=tc.batch_size, manifest=(run, "teach"), log=st.say)
             st.say(f"[teach] attempt {round_ + 1}/{tc.attempts}: {len(todo)} questions (T={tc.temperature})")
             params = SamplingParams(
                 temperature=tc.temperature,

