@@ -14,8 +14,8 @@ from ssb.config import ConfigError
 from ssb.experiment.runner import run_experiment
 from ssb.experiment.spec import load_spec
 from ssb.files import read_jsonl
+from ssb.metrics import Scores, crossed_bootstrap, paired_crossed_bootstrap, replicates
 from ssb.rundir import RunDir
-from ssb.stats import Scores, crossed_bootstrap, paired_crossed_bootstrap, replicates
 
 QUESTIONS = 6
 EXPERIMENTS = Path(__file__).parents[1] / "configs" / "experiments"

@@ -102,7 +102,7 @@ def findings(runs: dict[str, Path], *, reference: str = "base", iters: int = 100
     the pass@1 difference with a 95% paired bootstrap interval over problems (resampled by calculation for the
     built-in arithmetic, whose problems repeat calculations), whether it resolves a difference, and which
     `ssb experiment` config measures it over seeds."""
-    from ssb.stats import Scores, difference_sentence, paired_crossed_bootstrap
+    from ssb.metrics import Scores, difference_sentence, paired_crossed_bootstrap
 
     ref_scores, ref_clusters = _scores_and_clusters(runs[reference])
     ref = Scores({0: ref_scores}, ref_clusters)
