@@ -11,8 +11,9 @@ import random
 from collections import Counter
 
 from ssb.config import Config
-from ssb.files import read_jsonl, write_jsonl
+from ssb.files import write_jsonl
 from ssb.prompts import load_template, student_messages, teacher_messages
+from ssb.records import check_rollout, read_checked
 from ssb.rundir import RunDir, stage
 
 
@@ -60,12 +61,18 @@ def choose_pair(rollouts: list[dict], rng: random.Random, negative: bool = True)
 def curate(cfg: Config, run: RunDir, force: bool = False) -> dict:
     parts = (cfg.curate, cfg.rollout.system_prompt, cfg.seed)
     template = load_template(cfg.curate.template, negative=cfg.curate.negative)
-    with stage(run, "curate", parts + (template,), inputs=[run.rollouts], outputs=[run.curated], force=force) as st:
-        if st is None:
-            return run.stage_entry("curate")["counts"]
-        records = read_jsonl(run.rollouts)
+
+    def check() -> list[dict]:  # read-only: a torn last line is reported, and the rollout stage redoes it
+        records = read_checked(run.rollouts, check_rollout, repair=False)
         if not records:
             raise FileNotFoundError(f"{run.rollouts}: no rollouts; run `ssb rollout` first")
+        return records
+
+    inputs, outputs = [run.rollouts], [run.curated]
+    with stage(run, "curate", parts + (template,), inputs, outputs, force=force, check=check) as st:
+        if st is None:
+            return run.stage_entry("curate")["counts"]
+        records = st.checked
         funnel = Counter()
         kept = []
         for rec in records:
