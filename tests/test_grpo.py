@@ -142,6 +142,7 @@ def test_grpo_learns_from_varying_rewards_and_resumes(tmp_path, tiny_model_dir, 
     _check_metrics_match_meter(rows, per_step=4)
     assert second["steps"] == 2 and second["completions"] == first["completions"] == 8
     assert second["generated_tokens"] == rows[-1]["generated_tokens"]
+    assert second["train_loss"] == pytest.approx(sum(r["loss"] for r in rows) / 2, abs=1e-6)  # both steps
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 

@@ -244,6 +244,10 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny, monk
     train(cfg, run)
     assert [r["step"] for r in _metrics(run)] == [r["step"] for r in _metrics(ref)] == list(range(1, 7))
     _assert_same_adapter(_adapter(run), _adapter(ref), atol=1e-5)
+    # the manifest's mean loss covers all 6 steps, not only the 4 of the resumed session
+    losses = [r["loss"] for r in _metrics(ref)]
+    assert ref.stage_entry("train")["counts"]["train_loss"] == pytest.approx(sum(losses) / 6, abs=1e-5)
+    assert run.stage_entry("train")["counts"]["train_loss"] == pytest.approx(sum(losses) / 6, abs=1e-4)
 
 
 def test_logits_from_another_temperature_or_model_are_refused(tmp_path, tiny):

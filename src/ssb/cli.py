@@ -16,7 +16,8 @@ import warnings
 from pathlib import Path
 
 from ssb.config import Config, ConfigError, describe, load_config, preset_names, preset_path, read_yaml, save_config
-from ssb.rundir import RunDir
+from ssb.models import ModelError
+from ssb.rundir import RunDir, before_work
 from ssb.stages import VERBS, load
 
 DEFAULT_PRESET = "quick"
@@ -77,6 +78,17 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str]:
         base, origin = read_yaml(preset_path(preset)), f"preset {preset!r}"
     elif args.config is None:
         base, origin = read_yaml(run.config), f"the config saved in {run.config}"
+        try:  # an error in the saved config names that file
+            load_config(None, (), base=base)
+        except ConfigError as e:
+            raise ConfigError(f"{run.config}: {e}") from None
+        if base.get("trust_remote_code") is True:  # a run directory can come from anyone, like an adapter
+            base = {**base, "trust_remote_code": False}
+            print(
+                f"ssb: note: {run.config} has trust_remote_code: true; a saved config cannot turn remote code on. "
+                "If you trust the model's repository, pass --set trust_remote_code=true",
+                file=sys.stderr,
+            )
     else:
         origin = "defaults"
     if args.config:
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ssb {args.verb}: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError, ModelError) as e:  # bad input: files, data, models, devices; each names its place
         print(f"ssb {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -126,9 +138,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     print(f"[ssb {args.verb}] config: {origin}; run directory: {run.root}", flush=True)
     if args.verb == "eval":
         return load("eval")(cfg, args)
-    run.mkdir()
-    save_config(cfg, run.config)
-    load(args.verb)(cfg, run, force=args.force)
+    # config.yaml is written once the command gets past its input checks (when the first stage starts work, or at
+    # the end if every stage was already done): a command that fails on bad input leaves the previous one.
+    with before_work(lambda: save_config(cfg, run.config)):
+        load(args.verb)(cfg, run, force=args.force)
     return 0
 
 

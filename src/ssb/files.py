@@ -1,7 +1,9 @@
 """Crash-safe file IO shared by every part of ssb: atomic writes, appended JSONL, content digests.
 
 Writes are atomic (temp file + fsync + rename) and JSONL files are appended one flushed record at a time, so a
-killed process never leaves a half-written file that a later run trusts: `read_jsonl` drops a torn last line.
+killed process never leaves a half-written file that a later run trusts: `read_jsonl` drops a torn last line and
+says so (naming file and line), and the stage that writes the file redoes that record when it resumes.
+Text read from users' files is decoded by `decode_utf8`, whose error names the file and line.
 """
 
 from __future__ import annotations
@@ -10,12 +12,30 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def decode_utf8(data: bytes, path: str | Path) -> str:
+    """`data` as text (a leading byte-order mark dropped); not UTF-8 is a ValueError naming file, line and column."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); save the file as UTF-8"
+        ) from None
+
+
+def read_text(path: str | Path) -> str:
+    """A user's text file (YAML, template, JSON) as a string; see `decode_utf8`."""
+    return decode_utf8(Path(path).read_bytes(), path)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -72,31 +92,46 @@ class JsonlWriter:
         self.close()
 
 
-def read_jsonl(path: str | Path, *, repair: bool = True) -> list[dict]:
-    """Read our own JSONL artifact. A torn last line (killed mid-write) is dropped and, with `repair`,
-    cut from the file so appends continue cleanly. A bad line elsewhere is corruption: an error naming it."""
+def read_jsonl(path: str | Path, *, repair: bool = True, lines: bool = False) -> list:
+    """Read our own JSONL artifact. A torn last line (killed mid-write: not JSON, or cut inside a UTF-8 character)
+    is dropped with a warning naming file and line, and with `repair` cut from the file so appends continue
+    cleanly; the stage that writes the file redoes that record when it resumes. A complete last record whose
+    newline was lost gets it back (with `repair`), so the next append starts a line of its own. A bad line
+    elsewhere is corruption: an error naming it. `lines`: (line number, record) pairs instead of records."""
     path = Path(path)
     if not path.exists():
         return []
     raw = path.read_bytes()
-    lines = raw.split(b"\n")
+    chunks = raw.split(b"\n")
     records, good_bytes = [], 0
-    for i, line in enumerate(lines):
+    for i, line in enumerate(chunks):
         if not line.strip():
             good_bytes += len(line) + 1
             continue
         try:
-            records.append(json.loads(line))
+            rec = json.loads(line)
+            records.append((i + 1, rec) if lines else rec)
             good_bytes += len(line) + 1
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # last line without newline: a record cut off by a kill
+        except (ValueError, RecursionError):  # not JSON, cut inside a UTF-8 character, or nested too deeply
+            if i == len(chunks) - 1:  # last line without newline: a record cut off by a kill
+                print(
+                    f"ssb: warning: {path}:{i + 1}: dropped an incomplete last record (its writer was interrupted); "
+                    f"rerunning the stage that writes {path.name} redoes it",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if repair:
                     with open(path, "r+b") as f:
                         f.truncate(min(good_bytes, len(raw)))
                 break
             raise ValueError(
-                f"{path}:{i + 1}: corrupted record (not valid JSON); delete the file or rerun the stage with --force"
+                f"{path}:{i + 1}: corrupted record (not valid JSON or not UTF-8); delete the file or rerun the stage "
+                "with --force"
             ) from None
+    else:
+        if repair and raw and not raw.endswith(b"\n"):
+            with open(path, "ab") as f:
+                f.write(b"\n")
     return records
 
 

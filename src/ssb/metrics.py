@@ -1,7 +1,7 @@
 """Evaluation statistics: pass@k, majority vote, confidence intervals and paired significance tests.
 
-Pure functions over plain numbers (no scipy; numpy for the bootstrap over seeds and problems): the eval stage and `ssb compare` build on them, and every
-formula is checkable by hand. Conventions:
+Pure functions over plain numbers (no scipy; numpy for the bootstrap over seeds and problems): the eval stage
+and `ssb compare` build on them, and every formula is checkable by hand. Conventions:
 
 - A *problem* is the unit of sampling. With n samples per problem, a problem's pass@1 is its share of correct
   samples; a benchmark's pass@1 is the mean of those shares over problems.

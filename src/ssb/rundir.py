@@ -39,18 +39,22 @@ simply runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ssb.config import config_hash
-from ssb.files import atomic_write_json, file_digest
+from ssb.files import atomic_write_json, decode_utf8, file_digest
 from ssb.memory import PeakRSS
 
 MANIFEST_VERSION = 1
@@ -59,6 +63,21 @@ SAMPLES, SUMMARY, EVAL_CONFIG = "samples.jsonl", "summary.json", "eval_config.js
 
 
 # ---------------------------------------------------------------------------------------------- layout
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def safe_name(text: str, fallback: str) -> str:
+    """One directory-name component made from `text`: other characters become '-', and never '', '.' or '..'
+    (`fallback` then), so a name from a config value can never point outside its parent."""
+    return _UNSAFE_NAME.sub("-", text).strip("-.") or fallback
+
+
+def benchmark_tag(source: str) -> str:
+    """A directory-safe name for an eval data source: 'arith', 'gsm8k', a file's stem, a Hub id's last part.
+    `ssb run` and `ssb eval --run-dir` both name RUN/eval/<model>/<benchmark> with it."""
+    src = source.rstrip("/\\")
+    return safe_name(Path(src).stem if ("/" in src or "." in src or "\\" in src) else src, "data")
 
 
 @dataclass(frozen=True)
@@ -109,7 +128,8 @@ class RunDir:
         return self.rl_dir(name) / "checkpoints"
 
     def eval_dir(self, model_tag: str, benchmark: str) -> Path:
-        return self.root / "eval" / model_tag / benchmark
+        """RUN/eval/<model>/<benchmark>, each part made directory-safe (`safe_name`)."""
+        return self.root / "eval" / safe_name(model_tag, "model") / safe_name(benchmark, "data")
 
     @property
     def sft_run(self) -> RunDir:
@@ -137,9 +157,16 @@ class RunDir:
         if not self.manifest_path.exists():
             return {"version": MANIFEST_VERSION, "stages": {}}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError:
-            raise ValueError(f"{self.manifest_path}: corrupted manifest (not valid JSON)") from None
+            manifest = json.loads(decode_utf8(self.manifest_path.read_bytes(), self.manifest_path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.manifest_path}:{e.lineno}: corrupted manifest (not valid JSON)") from None
+        stages = manifest.get("stages") if isinstance(manifest, dict) else None
+        if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+            raise ValueError(
+                f"{self.manifest_path}: field 'stages': corrupted manifest (expected an object of stage entries); "
+                "move it away to start the run's bookkeeping over"
+            )
+        return manifest
 
     def stage_entry(self, stage: str) -> dict | None:
         return self.read_manifest()["stages"].get(stage)
@@ -150,6 +177,48 @@ class RunDir:
         atomic_write_json(self.manifest_path, manifest)
 
 
+def move_aside(path: Path) -> Path:
+    """Rename `path` (a file or a directory) to `<name>.stale-<time>` beside it and return the new path. The name is
+    never one that exists: a second move within the same second gets `.stale-<time>-2` (then -3, ...), so no older
+    copy is overwritten and a directory never meets "Directory not empty"."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        target = path.with_name(f"{path.name}.stale-{stamp}" + (f"-{n}" if n > 1 else ""))
+        if os.path.lexists(target):
+            continue
+        try:
+            path.rename(target)
+        except OSError as e:  # a directory of that name appeared meanwhile
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                continue
+            raise
+        return target
+    raise AssertionError("unreachable")
+
+
+_BEFORE_WORK: ContextVar[list | None] = ContextVar("ssb_before_work", default=None)
+
+
+@contextlib.contextmanager
+def before_work(action: Callable[[], None]) -> Iterator[None]:
+    """Run `action` once: when the first stage inside the block starts work, or when the block ends without an
+    error, whichever comes first. The CLI saves config.yaml this way: a command that fails on its config or inputs
+    (checked before a stage starts) leaves the previous config.yaml as it was, while a stage that is killed
+    mid-work resumes with the config it ran under."""
+    pending = [action]
+    token = _BEFORE_WORK.set(pending)
+    try:
+        yield
+        _run_pending(pending)
+    finally:
+        _BEFORE_WORK.reset(token)
+
+
+def _run_pending(pending: list | None) -> None:
+    while pending:
+        pending.pop()()
+
+
 @dataclass
 class Stage:
     """What a running stage reports back: counts go into the manifest, `summary` is printed."""
@@ -157,6 +226,7 @@ class Stage:
     name: str
     counts: dict
     resumed: bool
+    checked: Any = None  # what the stage's `check` returned (its validated inputs)
 
     def say(self, line: str) -> None:
         print(line, flush=True)
@@ -164,16 +234,23 @@ class Stage:
 
 @contextlib.contextmanager
 def stage(
-    run: RunDir, name: str, config_parts: tuple, inputs: list[Path], outputs: list[Path], force: bool = False
+    run: RunDir,
+    name: str,
+    config_parts: tuple,
+    inputs: list[Path],
+    outputs: list[Path],
+    force: bool = False,
+    check: Callable[[], Any] | None = None,
 ) -> Iterator[Stage | None]:
     """Run a stage under the manifest's bookkeeping.
 
-    Yields None when the stage already finished with the same config and inputs (the caller skips it).
+    Yields None when the stage already finished with the same config and inputs (the caller skips it). Otherwise
+    `check` (reading and validating the stage's inputs; its result is `Stage.checked`) runs first, before anything
+    is moved, written or recorded, so a stage that fails on bad input leaves the run directory as it was.
     A stage interrupted earlier with the same config resumes (its function reads what exists). If the config or
-    inputs changed since, the old outputs are moved aside to `<name>.stale-<time>` (nothing is deleted) and the
-    stage starts over; `force` does the same for a finished stage.
+    inputs changed since, the old outputs are moved aside to `<name>.stale-<time>` (`move_aside`: nothing is deleted
+    or overwritten) and the stage starts over; `force` does the same for a finished stage.
     """
-    run.mkdir()
     chash, ihash = stage_hashes(config_parts, inputs)
     entry = run.stage_entry(name) or {}
     same = entry.get("config_hash") == chash and entry.get("inputs_hash") == ihash
@@ -184,12 +261,14 @@ def stage(
     if run.share is not None and not force and _adopt_shared(run, name, chash, ihash, outputs):
         yield None
         return
+    checked = check() if check is not None else None
+    run.mkdir()
     resumed = bool(entry) and same and not force and entry.get("status") in ("running", "failed")
     if not resumed:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
         for p in outputs:
             if p.exists():
-                p.rename(p.with_name(f"{p.name}.stale-{stamp}"))
+                move_aside(p)
+    _run_pending(_BEFORE_WORK.get())
     t0 = time.time()
     run.update_stage(
         name,
@@ -199,7 +278,7 @@ def stage(
         inputs_hash=ihash,
         resumed=resumed,
     )
-    st = Stage(name=name, counts={}, resumed=resumed)
+    st = Stage(name=name, counts={}, resumed=resumed, checked=checked)
     rss = PeakRSS()  # this stage's own peak resident memory, also when `ssb run` runs stages in one process
     try:
         with rss:

@@ -17,7 +17,9 @@ from pathlib import Path
 from ssb.config import Config
 from ssb.files import atomic_write_json, atomic_write_text
 
-ADAPTER_BASE_FILE = "ssb_base.json"  # beside every adapter we write: the base model it was trained on
+# beside every adapter we write: the base model it was trained on, and (information only: loading never reads it as
+# permission) whether that run trusted the base's remote code
+ADAPTER_BASE_FILE = "ssb_base.json"
 
 
 def train_device(cfg: Config) -> str:
@@ -106,6 +108,39 @@ def metrics_line(path: Path | None, tag: str, rec: dict, max_steps) -> dict:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
     return rec
+
+
+def log_boundaries_callback():
+    """A TrainerCallback that also logs at every checkpoint and at the last step, on top of every
+    `logging_steps`: then each metrics line's loss covers exactly the steps since the line before, whatever the
+    step a resumed run restarts from, and the lines together cover every step (`mean_train_loss`)."""
+    from transformers import TrainerCallback
+
+    class LogBoundaries(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            every = state.save_steps or args.save_steps
+            at_checkpoint = isinstance(every, int) and every > 0 and state.global_step % every == 0
+            if at_checkpoint or state.global_step >= state.max_steps:
+                control.should_log = True
+
+    return LogBoundaries()
+
+
+def mean_train_loss(path: Path) -> float | None:
+    """The mean training loss over all steps of a run, resumed sessions included, from its metrics file: each
+    line's loss is the mean over the steps since the previous line (`log_boundaries_callback`), so lines are
+    weighted by those steps. None when no line has a loss."""
+    from ssb.files import read_jsonl
+
+    total = steps = 0.0
+    prev = 0
+    for rec in sorted(read_jsonl(path, repair=False), key=lambda r: r.get("step", 0)):
+        step, loss = rec.get("step", 0), rec.get("loss")
+        if isinstance(loss, (int, float)) and step > prev:
+            total += loss * (step - prev)
+            steps += step - prev
+        prev = max(prev, step)
+    return total / steps if steps else None
 
 
 def trim_metrics(path: Path, last_step: int) -> None:

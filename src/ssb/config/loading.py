@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,9 +18,12 @@ from typing import Any, Literal
 import yaml
 
 from ssb.config.schema import Config, ConfigError, to_dict
-from ssb.files import atomic_write_text
+from ssb.files import atomic_write_text, read_text
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+# A decimal number as people write it. YAML 1.1 (PyYAML) reads `1e-4` and `1E5` as strings (it wants `1.0e-4`);
+# for a float key they mean the number. Not matched: `nan`, `inf` and other words.
+_DECIMAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -63,6 +67,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            return float(value)
         raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -104,7 +110,7 @@ def parse_override(item: str) -> dict:
         raise ConfigError(f"bad override {item!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     if raw.strip() == "None":
         value = None
@@ -124,6 +130,8 @@ def preset_names() -> list[str]:
 
 
 def preset_path(name: str) -> Path:
+    if not isinstance(name, str) or name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r} (shipped presets: {', '.join(preset_names())})")
     path = PRESETS_DIR / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"unknown preset {name!r} (shipped presets: {', '.join(preset_names())})")
@@ -131,13 +139,26 @@ def preset_path(name: str) -> Path:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A config file's top-level mapping. Every error is a ConfigError naming the file (and line, where YAML or the
+    UTF-8 decoder knows it)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path))
+    except ValueError as e:  # not UTF-8; the message names the line
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(filter(None, [getattr(e, "context", None), getattr(e, "problem", None)])) or str(e)
+        raise ConfigError(f"{where}: not valid YAML ({what})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not usable YAML (nested too deeply)") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     return data
@@ -151,7 +172,10 @@ def load_config(
     if path is not None:
         data = read_yaml(path)
         if "preset" in data:
-            values = _deep_merge(values, read_yaml(preset_path(data.pop("preset"))))
+            try:
+                values = _deep_merge(values, read_yaml(preset_path(data.pop("preset"))))
+            except ConfigError as e:
+                raise ConfigError(f"{path}: key 'preset': {e}") from None
         try:
             values = _deep_merge(values, data)
             _build(Config, values)

@@ -7,6 +7,7 @@ paper's settings where the paper gives one. Loading from YAML and overrides live
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -342,6 +343,16 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "logits.samples": ("must be >= 0 (0 = auto)", lambda v: v >= 0),
     "logits.reference_pairs": ("must be >= 0 (0 = off)", lambda v: v >= 0),
     "train.lora_r": ("must be >= 1", lambda v: v >= 1),
+    "train.lora_alpha": ("must be >= 1", lambda v: v >= 1),
+    "train.lora_dropout": ("must be in [0, 1)", lambda v: 0 <= v < 1),
+    "train.weight_decay": ("must be >= 0", lambda v: v >= 0),
+    "train.max_grad_norm": ("must be >= 0 (0 = no clipping)", lambda v: v >= 0),
+    "train.kd_weight": ("must be >= 0", lambda v: v >= 0),
+    "train.ce_weight": ("must be >= 0", lambda v: v >= 0),
+    "train.max_length": ("must be >= 1", lambda v: v >= 1),
+    "train.logging_steps": ("must be >= 1", lambda v: v >= 1),
+    "train.save_steps": ("must be >= 1", lambda v: v >= 1),
+    "seed": ("must be >= 0", lambda v: v >= 0),
     "train.batch_size": ("must be >= 1", lambda v: v >= 1),
     "train.grad_accum": ("must be >= 1", lambda v: v >= 1),
     "train.epochs": ("must be > 0", lambda v: v > 0),
@@ -358,6 +369,9 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
 def validate(cfg: Config) -> None:
     """Check value ranges that types alone cannot express. Raises ConfigError naming the key."""
     flat = flatten(to_dict(cfg))
+    for key, value in flat.items():  # NaN passes every `<` test and inf most; neither is ever meant
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}")
     for key, (what, ok) in _RULES.items():
         if key in flat and not ok(flat[key]):
             raise ConfigError(f"config key '{key}': {what}, got {flat[key]!r}")
@@ -371,6 +385,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': must be in (0, 1], got {value!r}")
         if last in ("top_k", "offset") and value < 0:
             raise ConfigError(f"config key '{key}': must be >= 0, got {value!r}")
+        if last in ("limit", "save_total_limit") and value is not None and value < 1:
+            raise ConfigError(f"config key '{key}': must be >= 1, or null for no limit, got {value!r}")
     for b in cfg.baselines:
         if b not in ("sft", "grpo", "dr_grpo"):
             raise ConfigError(f"config key 'baselines': unknown baseline {b!r} (choose from sft, grpo, dr_grpo)")

@@ -12,7 +12,6 @@ and the distribution over solution token j is read at position prompt_len - 1 + 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,25 +49,20 @@ def _check_messages(path: Path, line: int, field: str, value) -> None:
 
 
 def read_pairs(path: str | Path, vocab_size: int | None = None) -> list[dict]:
-    """Read and validate RUN/pairs.jsonl; errors name the file, line and field."""
+    """Read and validate RUN/pairs.jsonl; errors name the file, line and field. Read-only: a torn last line (a
+    killed teach stage) is reported and skipped, and the teach stage redoes that pair when it resumes."""
+    from ssb.files import read_jsonl
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run `ssb teach` first")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a JSONL file")
     records, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    for i, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            r = json.loads(raw)
-        except json.JSONDecodeError:
-            if i == len(lines):  # a torn last line from a killed teach stage: not a finished pair
-                break
-            raise ValueError(f"{path}:{i}: not valid JSON") from None
+    for i, r in read_jsonl(path, repair=False, lines=True):
         if not isinstance(r, dict):
             raise ValueError(f"{path}:{i}: expected a JSON object")
-        if not isinstance(r.get("id"), str) or not r["id"]:
+        if not isinstance(r.get("id"), str) or not r["id"].strip():
             raise ValueError(f"{path}:{i}: field 'id': expected a non-empty string")
         if r["id"] in seen:
             raise ValueError(f"{path}:{i}: field 'id': {r['id']!r} already used on line {seen[r['id']]}")

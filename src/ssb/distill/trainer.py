@@ -25,7 +25,7 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, TrainerCallback
 
 from ssb.distill.loss import DenseTeacher, DistillLoss, OutputHead, SampledTeacher, SparseTeacher, final_hidden
-from ssb.training import metrics_line
+from ssb.training import log_boundaries_callback, metrics_line
 
 
 class DistillTrainer(Trainer):
@@ -61,6 +61,7 @@ class DistillTrainer(Trainer):
         self.reference = reference if teacher != "none" and not self.via_logits else None
         if self.reference:
             self.add_callback(_ReferenceKL(self))
+        self.add_callback(log_boundaries_callback())
 
     def _unwrapped(self, model):
         return self.accelerator.unwrap_model(model)
@@ -118,7 +119,8 @@ class DistillTrainer(Trainer):
             acc = self._acc.detach()
             if self.accelerator.num_processes > 1:
                 acc = self.accelerator.reduce(acc, reduction="sum")
-            steps = max(1, self.state.global_step - self._log_step)
+            since = max(self._log_step, getattr(self, "_initial_global_step", 0))  # a resumed run starts there
+            steps = max(1, self.state.global_step - since)
             kd, ce, tokens, examples = acc.tolist()
             if self.teacher_mode != "none":
                 logs["kd"] = kd / steps

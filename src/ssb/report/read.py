@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ssb.files import read_jsonl
+from ssb.files import decode_utf8
+from ssb.records import check_id_only, check_metrics, need, read_checked
 from ssb.rundir import RunDir
 
 NOT_RUN = "not run"
@@ -15,14 +16,18 @@ STAGE_ORDER = ("rollout", "curate", "teach", "logits", "train", "grpo", "dr_grpo
 N_EXAMPLES = 3
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return read_jsonl(path, repair=False)  # a report never modifies a run
+def _jsonl(path: Path, check=check_id_only) -> list[dict]:
+    return read_checked(path, check, repair=False)  # a report never modifies a run
 
 
-def _need(d: dict, key: str, path: Path):
-    if key not in d:
-        raise ValueError(f"{path}: missing field '{key}'")
-    return d[key]
+def _check_pair(rec: dict, where: str) -> None:
+    check_id_only(rec, where)
+    need(rec, where, "question", str)
+    need(rec, where, "solution", str)
+
+
+def _check_attempt_tokens(rec: dict, where: str) -> None:
+    need(rec, where, "num_tokens", int)
 
 
 def read_evals(root: Path) -> list[dict]:
@@ -30,28 +35,31 @@ def read_evals(root: Path) -> list[dict]:
     rows = []
     for path in sorted((root / "eval").glob("**/summary.json")):
         try:
-            s = json.loads(path.read_text())
+            s = json.loads(decode_utf8(path.read_bytes(), path))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(s, dict):
+            raise ValueError(f"{path}: expected a JSON object")
         rel = path.parent.relative_to(root / "eval").parts
-        ci = _need(s, "pass@1_ci", path)
+        where = str(path)
+        ci = need(s, where, "pass@1_ci", dict)
         rows.append(
             {
                 "tag": rel[0] if len(rel) > 1 else "-",
                 "benchmark": s.get("benchmark") or rel[-1],
-                "n": _need(s, "n", path),
-                "problems": _need(s, "problems", path),
-                "pass1": _need(s, "pass@1", path),
-                "low": _need(ci, "low", path),
-                "high": _need(ci, "high", path),
-                "level": ci.get("level", 0.95),
-                "maj": _need(s, "maj@n", path),
-                "mean_tokens": _need(s, "mean_tokens", path),
-                "truncated": _need(s, "truncated_share", path),
+                "n": need(s, where, "n", int),
+                "problems": need(s, where, "problems", int),
+                "pass1": need(s, where, "pass@1", float),
+                "low": need(ci, where, "low", float, label="pass@1_ci.low"),
+                "high": need(ci, where, "high", float, label="pass@1_ci.high"),
+                "level": ci.get("level", 0.95) if isinstance(ci.get("level", 0.95), (int, float)) else 0.95,
+                "maj": need(s, where, "maj@n", float),
+                "mean_tokens": need(s, where, "mean_tokens", float),
+                "truncated": need(s, where, "truncated_share", float),
                 "looping": s.get("looping_share"),  # the reasoning-quality shares: absent in older summaries
                 "wrong_step": s.get("wrong_step_share"),
                 "right_wrong_step": s.get("correct_with_wrong_step_share"),
-                "seconds": s.get("wall_seconds"),
+                "seconds": need(s, where, "wall_seconds", float, type(None)) if "wall_seconds" in s else None,
                 "peak_rss_bytes": s.get("peak_rss_bytes"),
                 "model": s.get("model"),
             }
@@ -61,7 +69,7 @@ def read_evals(root: Path) -> list[dict]:
 
 def read_examples(run: RunDir, k: int = N_EXAMPLES) -> list[dict]:
     """The first k teacher pairs, with the wrong answer the hint showed (from curated.jsonl) when there was one."""
-    pairs = _jsonl(run.pairs)[:k]
+    pairs = _jsonl(run.pairs, _check_pair)[:k]
     curated = {c["id"]: c for c in _jsonl(run.curated)} if pairs else {}
     out = []
     for p in pairs:
@@ -69,9 +77,9 @@ def read_examples(run: RunDir, k: int = N_EXAMPLES) -> list[dict]:
         out.append(
             {
                 "id": p["id"],
-                "question": _need(p, "question", run.pairs),
+                "question": p["question"],
                 "gold": p.get("gold"),
-                "solution": _need(p, "solution", run.pairs),
+                "solution": p["solution"],
                 "extracted": p.get("extracted"),
                 "wrong_answer": c.get("wrong_answer"),
                 "wrong": c.get("wrong"),
@@ -82,23 +90,48 @@ def read_examples(run: RunDir, k: int = N_EXAMPLES) -> list[dict]:
     return out
 
 
+# the counts the report computes with (other counts are not read)
+_NUMERIC_COUNTS = (
+    "questions", "all_correct", "all_wrong", "unparsed", "mixed", "pairs", "correct_share", "pass_rate_first_attempt",
+    "steps", "solution_tokens", "train_loss", "completions", "reward_first", "reward_last", "tokens",
+    "generated_tokens",
+)  # fmt: skip
+
+
+def _check_stages(stages: dict, path: Path) -> dict:
+    """Stage entries as the report uses them: numbers where it computes, text where it prints."""
+    for name, entry in stages.items():
+        for key in ("seconds",):
+            if entry.get(key) is not None:
+                need(entry, str(path), key, float, label=f"stages.{name}.{key}")
+        counts = entry.get("counts") or {}
+        if not isinstance(counts, dict):
+            raise ValueError(f"{path}: field 'stages.{name}.counts': expected an object")
+        for key in _NUMERIC_COUNTS:
+            if counts.get(key) is not None:
+                need(counts, str(path), key, float, label=f"stages.{name}.counts.{key}")
+    return stages
+
+
 def read_run(root: Path, label: str) -> dict:
     if not root.is_dir():
         raise FileNotFoundError(f"run directory not found: {root}")
     run = RunDir(root)
-    stages = run.read_manifest().get("stages", {})
-    teach_tokens = sum(a.get("num_tokens", 0) for a in _jsonl(run.teach_attempts)) if "teach" in stages else None
+    stages = _check_stages(run.read_manifest().get("stages", {}), run.manifest_path)
+    teach_tokens = (
+        sum(a["num_tokens"] for a in _jsonl(run.teach_attempts, _check_attempt_tokens)) if "teach" in stages else None
+    )
     return {
         "label": label,
         "root": root,
         "stages": stages,
-        "metrics": _jsonl(run.metrics),
-        "grpo_metrics": _jsonl(RunDir(root).grpo_dir / "metrics.jsonl"),
+        "metrics": _jsonl(run.metrics, check_metrics),
+        "grpo_metrics": _jsonl(run.grpo_metrics, check_metrics),
         "arm_metrics": {
-            "SSB": _jsonl(run.metrics),
-            "SFT": _jsonl(run.sft_run.metrics),
-            "GRPO": _jsonl(run.rl_metrics("grpo")),
-            "Dr. GRPO": _jsonl(run.rl_metrics("dr_grpo")),
+            "SSB": _jsonl(run.metrics, check_metrics),
+            "SFT": _jsonl(run.sft_run.metrics, check_metrics),
+            "GRPO": _jsonl(run.rl_metrics("grpo"), check_metrics),
+            "Dr. GRPO": _jsonl(run.rl_metrics("dr_grpo"), check_metrics),
         },
         "epochs": _train_epochs(run),
         "evals": read_evals(root),

@@ -11,8 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from ssb.files import read_jsonl
+from ssb.files import atomic_write_text, decode_utf8
 from ssb.metrics import mcnemar_exact, paired_bootstrap
+from ssb.records import need, read_checked
 from ssb.rundir import SAMPLES, SUMMARY
 from ssb.stages.evaluate import EvalError, pct
 
@@ -21,9 +22,34 @@ def _load_run(d: Path) -> tuple[dict, dict[str, float]]:
     path = Path(d) / SUMMARY
     if not path.exists():
         raise EvalError(f"{path}: not found (is {d} an eval output directory, and did the evaluation finish?)")
-    summary = json.loads(path.read_text())
-    scores = {r["id"]: r["correct"] / len(r["samples"]) for r in read_jsonl(Path(d) / SAMPLES, repair=False)}
+    summary = _read_json(path)
+    for key in ("model", "benchmark"):
+        need(summary, str(path), key, str, type(None))
+    for key in ("n", "pass@1", "maj@n", "mean_tokens", "truncated_share"):
+        need(summary, str(path), key, int, float)
+    ci = need(summary, str(path), "pass@1_ci", dict)
+    for key in ("low", "high"):
+        need(ci, str(path), key, int, float, label=f"pass@1_ci.{key}")
+    scores = {}
+    for r in read_checked(Path(d) / SAMPLES, _check_sample, repair=False):
+        scores[r["id"]] = r["correct"] / len(r["samples"])
     return summary, scores
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(decode_utf8(path.read_bytes(), path))
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise EvalError(f"{path}: expected a JSON object")
+    return data
+
+
+def _check_sample(rec: dict, where: str) -> None:
+    need(rec, where, "id", str, nonempty=True)
+    need(rec, where, "correct", int)
+    need(rec, where, "samples", list, nonempty=True)
 
 
 def compare(dirs: list[Path], *, iters: int = 10000, seed: int = 0) -> str:
@@ -92,7 +118,7 @@ LABELS = {"ssb": "SSB", "sft": "SFT", "grpo": "GRPO"}
 
 
 def _scores_and_clusters(d: Path) -> tuple[dict[str, float], dict[str, str]]:
-    records = read_jsonl(Path(d) / SAMPLES, repair=False)
+    records = read_checked(Path(d) / SAMPLES, _check_sample, repair=False)
     scores = {r["id"]: r["correct"] / len(r["samples"]) for r in records}
     return scores, {r["id"]: r.get("cluster") or r["id"] for r in records}
 
@@ -139,10 +165,14 @@ def compare_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         table = compare([Path(d) for d in args.dirs], iters=args.iters, seed=args.seed)
-    except (EvalError, ValueError) as e:
+    except (EvalError, ValueError, OSError) as e:
         print(f"ssb compare: error: {e}", file=sys.stderr)
         return 2
     print(table)
     if args.output:
-        Path(args.output).write_text(table + "\n")
+        try:
+            atomic_write_text(args.output, table + "\n")
+        except OSError as e:
+            print(f"ssb compare: error: cannot write {args.output}: {e}", file=sys.stderr)
+            return 2
     return 0

@@ -12,8 +12,9 @@ import random
 from collections import Counter
 
 from ssb.config import Config
-from ssb.files import read_jsonl, write_jsonl
+from ssb.files import write_jsonl
 from ssb.prompts import load_template, student_messages, teacher_messages
+from ssb.records import check_rollout, read_checked
 from ssb.rundir import RunDir, stage
 
 
@@ -64,12 +65,18 @@ def curate(cfg: Config, run: RunDir, force: bool = False) -> dict:
         del curate_cfg["order"]
     parts = (curate_cfg, cfg.rollout.system_prompt, cfg.seed)
     template = load_template(cfg.curate.template, negative=cfg.curate.negative, order=cfg.curate.order)
-    with stage(run, "curate", parts + (template,), inputs=[run.rollouts], outputs=[run.curated], force=force) as st:
-        if st is None:
-            return run.stage_entry("curate")["counts"]
-        records = read_jsonl(run.rollouts)
+
+    def check() -> list[dict]:  # read-only: a torn last line is reported, and the rollout stage redoes it
+        records = read_checked(run.rollouts, check_rollout, repair=False)
         if not records:
             raise FileNotFoundError(f"{run.rollouts}: no rollouts; run `ssb rollout` first")
+        return records
+
+    inputs, outputs = [run.rollouts], [run.curated]
+    with stage(run, "curate", parts + (template,), inputs, outputs, force=force, check=check) as st:
+        if st is None:
+            return run.stage_entry("curate")["counts"]
+        records = st.checked
         funnel = Counter()
         kept = []
         for rec in records:

@@ -30,11 +30,11 @@ from pathlib import Path
 
 from ssb.config import Config, DatasetSpec, validate
 from ssb.data import BENCHMARKS, Example, load_examples
-from ssb.files import JsonlWriter, atomic_write_json, file_digest, read_jsonl
+from ssb.files import JsonlWriter, atomic_write_json, decode_utf8, file_digest, read_jsonl
 from ssb.memory import PeakRSS
 from ssb.metrics import majority_vote, mean_ci, pass_at_k, wilson_ci
 from ssb.models import generation_dtype_name
-from ssb.rundir import EVAL_CONFIG, SAMPLES, SUMMARY, RunDir
+from ssb.rundir import EVAL_CONFIG, SAMPLES, SUMMARY, RunDir, benchmark_tag, move_aside
 from ssb.verify.steps import step_stats
 
 BENCHMARK_CHOICES = ("gsm8k", "math500", "aime24", "amc23", "arith")
@@ -113,17 +113,28 @@ def eval_settings(
     }
 
 
+def _read_json(path: Path) -> dict:
+    """An eval output's JSON file (eval_config.json, summary.json); errors name it."""
+    try:
+        data = json.loads(decode_utf8(path.read_bytes(), path))
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); pass --force to start over") from None
+    if not isinstance(data, dict):
+        raise EvalError(f"{path}: expected a JSON object; pass --force to start over")
+    return data
+
+
 def _prepare_outputs(out: Path, settings: dict, ids: set[str], force: bool) -> dict[str, dict]:
-    """Check existing outputs against `settings` (or move them aside with `force`); finished records by id."""
+    """Check existing outputs against `settings` (or move them aside with `force`); finished records by id.
+    Everything is checked before eval_config.json is written, so outputs that do not match stay as they were."""
     files = [out / SAMPLES, out / SUMMARY, out / EVAL_CONFIG]
     if force:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
         for p in files:
             if p.exists():
-                p.rename(p.with_name(f"{p.name}.stale-{stamp}"))
-    records = read_jsonl(out / SAMPLES)
+                move_aside(p)
+    records = read_jsonl(out / SAMPLES, lines=True)
     if (out / EVAL_CONFIG).exists():
-        old = json.loads((out / EVAL_CONFIG).read_text())
+        old = _read_json(out / EVAL_CONFIG)
         new = json.loads(json.dumps(settings))
         diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
         if diff:
@@ -136,15 +147,23 @@ def _prepare_outputs(out: Path, settings: dict, ids: set[str], force: bool) -> d
             f"{out}: has eval outputs but no {EVAL_CONFIG} to check them against; pass --force to move "
             f"them aside, or choose another --output-dir"
         )
-    atomic_write_json(out / EVAL_CONFIG, settings)
     done: dict[str, dict] = {}
-    for line, r in enumerate(records, 1):
-        if r.get("id") not in ids or r["id"] in done or len(r.get("samples", ())) != settings["n"]:
+    for line, r in records:
+        samples = r.get("samples") if isinstance(r, dict) else None
+        if (
+            not isinstance(r, dict)
+            or r.get("id") not in ids
+            or r["id"] in done
+            or not isinstance(samples, list)
+            or len(samples) != settings["n"]
+            or not all(isinstance(x, dict) for x in samples)
+        ):
             raise EvalError(
-                f"{out / SAMPLES}:{line}: record {r.get('id')!r} is unknown, repeated or has the wrong "
-                f"number of samples; pass --force to start over"
+                f"{out / SAMPLES}:{line}: record {r.get('id') if isinstance(r, dict) else r!r} is unknown, repeated "
+                f"or malformed (field 'id' or 'samples'); pass --force to start over"
             )
         done[r["id"]] = r
+    atomic_write_json(out / EVAL_CONFIG, settings)
     return done
 
 
@@ -163,16 +182,23 @@ def evaluate(
     """Evaluate `model` (alias, Hub id, local dir, LoRA adapter or ssb run dir) on `benchmark` (gsm8k, math500,
     aime24, amc23, arith, or None for cfg.eval.data); `data_file` replaces where the records come from.
     Resumes a killed run; returns the summary (also written to output_dir/summary.json)."""
+    from ssb.prompts import student_messages
+    from ssb.stages.inputs import fitting_questions
+
     ec = cfg.eval
     spec = dataset_spec(cfg, benchmark, data_file)
     examples = load_examples(spec, None if benchmark is None else data_file)
-    name = benchmark or (Path(spec.source).stem if spec.source != "arith" else "arith")
+    prompts = [student_messages(e.question, cfg.rollout.system_prompt) for e in examples]
+    examples = fitting_questions(
+        cfg, model, examples, prompts, ec.max_new_tokens, setting="eval.max_new_tokens", spec=spec, spec_key="eval.data"
+    )
+    name = benchmark or benchmark_tag(spec.source)
     settings = eval_settings(cfg, model, name, spec, data_file, examples)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = _prepare_outputs(out, settings, {e.id for e in examples}, force)
     if len(done) == len(examples) and (out / SUMMARY).exists():
-        summary = json.loads((out / SUMMARY).read_text())
+        summary = _read_json(out / SUMMARY)
         print(f"[eval] {out}: already done (--force reruns it)", flush=True)
         print(result_line(summary), flush=True)
         return summary
@@ -417,8 +443,8 @@ def eval_from_args(cfg: Config, args: argparse.Namespace) -> int:
     if out is None:
         if not run_dir:
             raise EvalError("ssb eval needs --output-dir (or --run-dir, to write into RUN/eval/...)")
-        tag = tag or Path(model.rstrip("/")).name.replace("/", "_")
-        bench = args.benchmark or (Path(args.data).stem if args.data else data.source)
-        out = RunDir(run_dir).eval_dir(tag, bench)
+        tag = tag or Path(model.rstrip("/")).name
+        bench = args.benchmark or benchmark_tag(args.data or data.source)
+        out = RunDir(run_dir).eval_dir(tag, bench)  # directory-safe parts, whatever the source string
     evaluate(cfg, model, args.benchmark, Path(out), data_file=args.data, force=getattr(args, "force", False))
     return 0

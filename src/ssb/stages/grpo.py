@@ -32,7 +32,9 @@ from ssb.files import atomic_write_json, read_jsonl
 from ssb.rundir import RunDir, stage
 from ssb.training import (
     last_checkpoint,
+    log_boundaries_callback,
     lora_config,
+    mean_train_loss,
     metrics_line,
     place_tensorboard_logs,
     quiet_trainer_warnings,
@@ -43,6 +45,10 @@ from ssb.training import (
 )
 
 METER_FILE = "ssb_grpo_meter.json"
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def completion_text(completion) -> str:
@@ -183,9 +189,9 @@ def engine_rollout(cfg: Config, batch_size: int = 128):
     return rollout
 
 
-def build_trainer(cfg: Config, run: RunDir, meter: Meter, name: str = "grpo"):
+def build_trainer(cfg: Config, run: RunDir, meter: Meter, name: str = "grpo", questions: list[dict] | None = None):
     """TRL's GRPOTrainer for this config: the base model, LoRA from cfg.train, the verifier reward; files under
-    RUN/<name> (grpo or dr_grpo)."""
+    RUN/<name> (grpo or dr_grpo). `questions`: the training questions (default: loaded from cfg.data.train)."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import GRPOConfig as TRLGRPOConfig
@@ -196,7 +202,7 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter, name: str = "grpo"):
     from ssb.prompts import student_messages
 
     gc = cfg.grpo
-    questions = question_records(cfg.data.train)
+    questions = question_records(cfg.data.train) if questions is None else questions
     if not questions:
         raise ValueError(f"no training questions from data.train ({cfg.data.train.source})")
     data = Dataset.from_list(
@@ -253,7 +259,7 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter, name: str = "grpo"):
         train_dataset=data,
         processing_class=tok,
         peft_config=lora_config(cfg),
-        callbacks=[_callback(meter, run.rl_metrics(name), name)],
+        callbacks=[_callback(meter, run.rl_metrics(name), name), log_boundaries_callback()],
         rollout_func=engine_rollout(cfg) if gc.generation == "ssb" else None,
     )
     place_tensorboard_logs(trainer, run.rl_dir(name) / "tb")
@@ -305,7 +311,29 @@ def grpo(cfg: Config, run: RunDir, force: bool = False, name: str = "grpo") -> d
         cfg.rollout.policy,
         cfg.seed,
     )
-    with stage(run, name, parts, inputs=[], outputs=[out], force=force) as st:
+
+    def check() -> list[dict]:  # bad or too-long questions fail here, before anything in the run directory changes
+        from ssb.data import question_records
+        from ssb.prompts import student_messages
+        from ssb.stages.inputs import fitting_questions
+
+        spec = cfg.data.train
+        questions = question_records(spec)
+        prompts = [student_messages(q["question"], cfg.rollout.system_prompt) for q in questions]
+        return fitting_questions(
+            cfg,
+            cfg.model,
+            questions,
+            prompts,
+            gc.max_completion_length,
+            setting="grpo.max_completion_length",
+            spec=spec,
+            spec_key="data.train",
+        )
+
+    from ssb.data import data_files
+
+    with stage(run, name, parts, data_files(cfg.data.train), [out], force=force, check=check) as st:
         if st is None:
             return (run.stage_entry(name) or {}).get("counts", {})
         if steps_note:
@@ -313,7 +341,7 @@ def grpo(cfg: Config, run: RunDir, force: bool = False, name: str = "grpo") -> d
         out.mkdir(parents=True, exist_ok=True)
         meter = Meter()
         with quiet_trainer_warnings():
-            trainer, tok, n_questions = build_trainer(cfg, run, meter, name)
+            trainer, tok, n_questions = build_trainer(cfg, run, meter, name, st.checked)
         st.say(
             f"[{name}] {n_questions} questions x {gc.num_generations} completions, {gc.batch_size} questions "
             f"per step, lr {gc.learning_rate}, beta {gc.beta}, loss {gc.loss_type}, LoRA r={cfg.train.lora_r}"
@@ -336,7 +364,7 @@ def grpo(cfg: Config, run: RunDir, force: bool = False, name: str = "grpo") -> d
             completions=meter.completions,
             generated_tokens=meter.generated_tokens,
             seconds_training=round(meter.elapsed(), 2),
-            train_loss=round(result.training_loss, 6),
+            train_loss=round(_or(mean_train_loss(metrics), result.training_loss), 6),  # every step, resumes included
             reward_first=rewards[0] if rewards else None,
             reward_last=rewards[-1] if rewards else None,
             loss_type=gc.loss_type,

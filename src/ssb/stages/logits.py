@@ -34,11 +34,19 @@ def needs_stored_logits(cfg: Config) -> bool:
 
 
 def logits(cfg: Config, run: RunDir, force: bool = False) -> dict:
+    from ssb.distill.pairs import read_pairs
+
     stored = needs_stored_logits(cfg)
     parts = (cfg.model, cfg.dtype, cfg.logits, cfg.train.temperature, stored)
     if cfg.logits.store in ("sampled", "hybrid"):
         parts += (cfg.seed,)  # the draws depend on it
-    with stage(run, "logits", parts, inputs=[run.pairs], outputs=[run.logits_dir] if stored else [], force=force) as st:
+
+    def check() -> None:  # bad pairs fail here, before anything in the run directory changes
+        if stored and not read_pairs(run.pairs):
+            raise ValueError(f"{run.pairs}: no training pairs; the teach stage kept none")
+
+    outputs = [run.logits_dir] if stored else []
+    with stage(run, "logits", parts, [run.pairs], outputs, force=force, check=check) as st:
         if st is None:
             return run.stage_entry("logits")["counts"]
         if not stored:

@@ -53,7 +53,7 @@ def report_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         report([Path(d) for d in args.run_dirs], output=Path(args.output) if args.output else None)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"ssb report: error: {e}", file=sys.stderr)
         return 2
     return 0

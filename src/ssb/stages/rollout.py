@@ -1,7 +1,8 @@
 """Stage 1, `ssb rollout`: K sampled answers per training question, each verified against the gold answer.
 
 Writes RUN/data/train.jsonl (the questions) and RUN/rollouts.jsonl (one line per question, appended as soon as
-its K samples are done, so a killed run resumes with the questions it had not finished).
+its K samples are done, so a killed run resumes with the questions it had not finished; a line torn by the kill is
+dropped and its question redone). The local data file is one of the stage's inputs: editing it reruns the stage.
 """
 
 from __future__ import annotations
@@ -9,29 +10,46 @@ from __future__ import annotations
 from collections import Counter
 
 from ssb.config import Config
-from ssb.data import question_records
-from ssb.files import JsonlWriter, read_jsonl, write_jsonl
+from ssb.data import data_files, question_records
+from ssb.files import JsonlWriter, write_jsonl
 from ssb.models import generation_dtype_name
 from ssb.prompts import student_messages
+from ssb.records import check_rollout_counted, read_checked
 from ssb.rundir import RunDir, stage
 
 
 def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
     from ssb.engine import SamplingParams
     from ssb.engine.backends import make_generator
+    from ssb.stages.inputs import fitting_questions
     from ssb.verify import Verifier
 
-    questions = question_records(cfg.data.train)
+    spec, rc = cfg.data.train, cfg.rollout
+    questions = question_records(spec)  # a bad record is an error naming file, line and field (or skipped)
+
+    def check() -> list[dict]:
+        prompts = [student_messages(q["question"], rc.system_prompt) for q in questions]
+        return fitting_questions(
+            cfg,
+            cfg.model,
+            questions,
+            prompts,
+            rc.max_new_tokens,
+            setting="rollout.max_new_tokens",
+            spec=spec,
+            spec_key="data.train",
+        )
+
     outputs = [run.rollouts, run.train_data]
-    with stage(run, "rollout", rollout_parts(cfg), inputs=[], outputs=outputs, force=force) as st:
+    with stage(run, "rollout", rollout_parts(cfg), data_files(spec), outputs, force=force, check=check) as st:
         if st is None:
             return run.stage_entry("rollout")["counts"]
+        questions = st.checked
         write_jsonl(run.train_data, questions)
-        done = {r["id"] for r in read_jsonl(run.rollouts)}
+        done = {r["id"] for r in read_checked(run.rollouts, check_rollout_counted)}
         todo = [q for q in questions if q["id"] not in done]
         if done:
             st.say(f"[rollout] resuming: {len(done)} of {len(questions)} questions already done")
-        rc = cfg.rollout
         if todo:
             engine = make_generator(cfg, batch_size=rc.batch_size, manifest=(run, "rollout"), log=st.say)
             params = SamplingParams(
@@ -70,7 +88,7 @@ def rollout(cfg: Config, run: RunDir, force: bool = False) -> dict:
                 engine.generate(prompts, n=rc.k, params=params, callback=save)
             if hasattr(engine, "summary"):  # tokens/s and KV memory (other backends may not report them)
                 st.say(f"[rollout] {engine.summary()}")
-        records = read_jsonl(run.rollouts)
+        records = read_checked(run.rollouts, check_rollout_counted)
         st.counts.update(rollout_counts(records))
         c = st.counts
         st.say(

@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 from ssb.compute import budget_lines
 from ssb.config import Config, ConfigError
 from ssb.files import read_jsonl, write_jsonl
-from ssb.rundir import RunDir
+from ssb.rundir import RunDir, benchmark_tag
 from ssb.stages import PIPELINE, load
 from ssb.stages.compare import compare, findings
 from ssb.stages.evaluate import evaluate
-
-
-def benchmark_tag(source: str) -> str:
-    """A directory-safe name for an eval data source: 'arith', 'gsm8k', a file's stem, a Hub id's last part."""
-    return Path(source).stem if ("/" in source or "." in source) else source
 
 
 def sft_config(cfg: Config) -> Config:
@@ -80,7 +74,7 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
     for n in range(1, cfg.rounds + 1):
         rcfg = dataclasses.replace(round_config(cfg, n, model), train=merge_if_more_rounds(cfg, n))
         rrun = run if n == 1 else run.round_dir(n)
-        res = ssb_round(rcfg, rrun.mkdir(), force)
+        res = ssb_round(rcfg, rrun, force)
         if res is None:
             break
         results[f"round{n}"] = res

@@ -8,6 +8,11 @@ so later stages append them to either prompt without re-tokenising joined string
 With `teach.target_pairs` set, the stage goes on drawing batches of fresh training questions until the run holds
 that many pairs (or `teach.max_batches` is reached, or the data runs out; the reason is logged): see
 `ssb.stages.target`. The manifest's teach counts then carry the yield funnel over all batches.
+
+Crash safety: a kept pair is written (and fsynced) before its attempt is logged, so a kill between the two never
+loses a verified pair; a resumed stage logs the attempt of any pair whose log line the kill prevented. A hinted
+prompt too long for the model's context (question + two rollouts + the teacher's answer) is left out with a
+warning naming it, and counted.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dataclasses
 from ssb.config import Config
 from ssb.files import JsonlWriter, read_jsonl
 from ssb.models import generation_dtype_name
+from ssb.records import check_attempt, check_curated, check_id_only, read_checked
 from ssb.rundir import RunDir, stage
 
 
@@ -32,20 +38,23 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
     else:  # further batches run rollout and curate too, so their settings count
         parts = (cfg.model, teach_cfg, cfg.rollout, cfg.data, cfg.curate, cfg.seed, generation_dtype_name(cfg))
         outputs.append(run.batches_dir)
-    with stage(run, "teach", parts, inputs=[run.curated], outputs=outputs, force=force) as st:
-        if st is None:
-            return run.stage_entry("teach")["counts"]
+
+    def check() -> list[dict]:
         if not run.curated.exists():
             raise FileNotFoundError(f"{run.curated}: missing; run `ssb curate` first")
-        curated = read_jsonl(run.curated)
-        teach_questions(cfg, run, curated, st)
+        return read_checked(run.curated, check_curated, repair=False)
+
+    with stage(run, "teach", parts, [run.curated], outputs, force=force, check=check) as st:
+        if st is None:
+            return run.stage_entry("teach")["counts"]
+        skipped = teach_questions(cfg, run, st.checked, st)
         batches, target_counts = [run], {}
         if tc.target_pairs is not None:
             more, target_counts = draw_batches(cfg, run)
             batches += more
-        attempts = [a for b in batches for a in read_jsonl(b.teach_attempts)]
+        attempts = [a for b in batches for a in read_checked(b.teach_attempts, check_attempt)]
         first = [a for a in attempts if a["attempt"] == 0]
-        n_pairs = len(read_jsonl(run.pairs))
+        n_pairs = len(read_checked(run.pairs, check_id_only))
         n_curated = sum(len(read_jsonl(b.curated)) for b in batches)
         st.counts.update(
             questions=n_curated,
@@ -56,6 +65,7 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
             truncated=sum(a["finish_reason"] == "length" for a in attempts),
             solution_tokens=sum(a["num_tokens"] for a in attempts if a["kept"]),
             funnel=funnel(batches, n_pairs),
+            too_long=len(skipped),
         )
         st.counts.update(target_counts)  # with a target: target_pairs, target_reached, batches, shortfall_reason
         c = st.counts
@@ -67,25 +77,45 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
         return dict(st.counts)
 
 
-def teach_questions(cfg: Config, run: RunDir, curated: list[dict], st) -> None:
+def teach_questions(cfg: Config, run: RunDir, curated: list[dict], st) -> set[str]:
     """Up to teach.attempts tries for each curated question without a kept pair, appending to the run's
-    teach_attempts.jsonl and pairs.jsonl; resumes from what those files hold."""
+    teach_attempts.jsonl and pairs.jsonl; resumes from what those files hold. Returns the ids left out because
+    their hinted prompt does not fit the model's context."""
     from ssb.engine import SamplingParams
     from ssb.engine.backends import make_generator
+    from ssb.stages.inputs import too_long
     from ssb.verify import Verifier
 
     tc = cfg.teach
-    attempts = read_jsonl(run.teach_attempts)
-    kept_ids = {p["id"] for p in read_jsonl(run.pairs)} | {a["id"] for a in attempts if a["kept"]}
+    pairs_done = read_checked(run.pairs, check_id_only)
+    attempts = read_checked(run.teach_attempts, check_attempt)
+    kept_ids = {p["id"] for p in pairs_done}
     tries: dict[str, int] = {}
     for a in attempts:
         tries[a["id"]] = tries.get(a["id"], 0) + 1
-    if attempts:
+    if attempts or pairs_done:
         st.say(f"[teach] resuming: {len(kept_ids)} pairs kept from {len(attempts)} earlier attempts")
+    bad, limit = too_long(cfg, cfg.model, [c["teacher_messages"] for c in curated], tc.max_new_tokens)
+    skipped = {curated[i]["id"] for i, _ in bad}
+    if skipped:
+        shown = ", ".join(repr(x) for x in sorted(skipped)[:10]) + (", ..." if len(skipped) > 10 else "")
+        st.say(
+            f"[teach] warning: left out {len(skipped)} question(s) whose hinted prompt + teach.max_new_tokens="
+            f"{tc.max_new_tokens} exceeds the model's context of {limit} tokens: {shown}"
+        )
     engine = None
     with Verifier() as verifier, JsonlWriter(run.teach_attempts) as log, JsonlWriter(run.pairs) as pairs:
+        logged = {(a["id"], a["attempt"]) for a in attempts}
+        for p in pairs_done:  # a kill between the pair and its log line: log it now
+            if (p["id"], p.get("attempt", 0)) not in logged:
+                log.write(_attempt_from_pair(p))
+                tries[p["id"]] = tries.get(p["id"], 0) + 1
         for round_ in range(tc.attempts):
-            todo = [c for c in curated if c["id"] not in kept_ids and tries.get(c["id"], 0) <= round_]
+            todo = [
+                c
+                for c in curated
+                if c["id"] not in kept_ids and c["id"] not in skipped and tries.get(c["id"], 0) <= round_
+            ]
             if not todo:
                 continue
             if engine is None:
@@ -103,7 +133,7 @@ def teach_questions(cfg: Config, run: RunDir, curated: list[dict], st) -> None:
                 c, sol = todo[i], comps[0]
                 v = verifier.check_many([(sol.text, c["gold"])], policy=cfg.rollout.policy)[0]
                 keep = v.correct and sol.finish_reason == "stop"
-                if keep:  # the pair first: a kill between the two writes leaves a pair, not a lost one
+                if keep:  # the pair first: a kill before the log line below loses nothing
                     pairs.write(
                         {
                             "id": c["id"],
@@ -136,3 +166,23 @@ def teach_questions(cfg: Config, run: RunDir, curated: list[dict], st) -> None:
             engine.generate([c["teacher_messages"] for c in todo], n=1, params=params, callback=save)
             if hasattr(engine, "summary"):  # tokens/s and KV memory (other backends may not report them)
                 st.say(f"[teach] {engine.summary()}")
+    return skipped
+
+
+def _attempt_from_pair(p: dict) -> dict:
+    """The attempt-log line of a kept pair (written when a kill came between the pair and its log line)."""
+    return {
+        "id": p["id"],
+        "attempt": p.get("attempt", 0),
+        "text": p.get("solution", ""),
+        "num_tokens": len(p.get("solution_ids") or ()),
+        "finish_reason": "stop",
+        "kept": True,
+        "backend": p.get("backend"),
+        "extracted": p.get("extracted"),
+        "rule": None,
+        "verdict": "correct",
+        "correct": True,
+        "policy": None,
+        "restored": True,  # rebuilt from the pair: the kill came before this line was written
+    }

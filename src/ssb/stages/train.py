@@ -25,6 +25,7 @@ from ssb.stages.logits import needs_stored_logits
 from ssb.training import (
     last_checkpoint,
     lora_config,
+    mean_train_loss,
     place_tensorboard_logs,
     save_adapter,
     train_device,
@@ -34,25 +35,32 @@ from ssb.training import (
 
 
 @contextlib.contextmanager
-def _stage_all_ranks(run: RunDir, name: str, parts: tuple, inputs: list, outputs: list, force: bool):
+def _stage_all_ranks(run: RunDir, name: str, parts: tuple, inputs: list, outputs: list, force: bool, check=None):
     """`stage` on the main process; the other processes follow its decision (skip / resume) without touching files."""
     from accelerate import PartialState
 
     state = PartialState()
     if state.num_processes == 1:
-        with stage(run, name, parts, inputs, outputs, force) as st:
+        with stage(run, name, parts, inputs, outputs, force, check) as st:
             yield st
         return
     from accelerate.utils import broadcast_object_list
 
     if state.is_main_process:
-        with stage(run, name, parts, inputs, outputs, force) as st:
+        with contextlib.ExitStack() as stack:
+            try:
+                st = stack.enter_context(stage(run, name, parts, inputs, outputs, force, check))
+            except BaseException as e:  # bad input: tell the other processes instead of leaving them waiting
+                broadcast_object_list([{"error": f"{type(e).__name__}: {e}"}], from_process=0)
+                raise
             broadcast_object_list([{"skip": st is None, "resumed": bool(st and st.resumed)}], from_process=0)
             yield st
         state.wait_for_everyone()
     else:
         decision = [None]
         broadcast_object_list(decision, from_process=0)
+        if "error" in decision[0]:
+            raise ValueError(f"the main process stopped before training: {decision[0]['error']}")
         yield None if decision[0]["skip"] else Stage(name=name, counts={}, resumed=decision[0]["resumed"])
         state.wait_for_everyone()
 
@@ -62,7 +70,15 @@ def train(cfg: Config, run: RunDir, force: bool = False) -> dict:
     stored = needs_stored_logits(cfg)
     inputs = [run.pairs] + ([run.logits_dir] if stored else [])
     outputs = [run.train_dir, run.adapter_dir, run.metrics] + ([run.merged_dir] if tc.merge else [])
-    with _stage_all_ranks(run, "train", (cfg.model, tc, cfg.logits, cfg.seed), inputs, outputs, force) as st:
+
+    def check() -> None:  # bad pairs fail here, before anything in the run directory changes
+        from ssb.distill.pairs import read_pairs
+
+        if not read_pairs(run.pairs):
+            raise ValueError(f"{run.pairs}: no training pairs; the teach stage kept none")
+
+    parts = (cfg.model, tc, cfg.logits, cfg.seed)
+    with _stage_all_ranks(run, "train", parts, inputs, outputs, force, check) as st:
         if st is None:
             return (run.stage_entry("train") or {}).get("counts", {})
         trainer, info = build_trainer(cfg, run, say=st.say)
@@ -76,15 +92,17 @@ def train(cfg: Config, run: RunDir, force: bool = False) -> dict:
             run.metrics.unlink()
         result = trainer.train(resume_from_checkpoint=resume)
         _save(cfg, run, trainer)
+        # over every step: after a resume, the Trainer's own training_loss covers only this session's steps
+        loss = mean_train_loss(run.metrics) if trainer.is_world_process_zero() else None
+        loss = result.training_loss if loss is None else loss
         st.counts.update(
             steps=trainer.state.global_step,
-            train_loss=round(result.training_loss, 6),
+            train_loss=round(loss, 6),
             seconds_training=round(result.metrics.get("train_runtime", 0.0), 2),
         )
         if trainer.is_world_process_zero():
             st.say(
-                f"[train] done: {trainer.state.global_step} steps, mean loss {result.training_loss:.4f}; "
-                f"adapter -> {run.adapter_dir}"
+                f"[train] done: {trainer.state.global_step} steps, mean loss {loss:.4f}; adapter -> {run.adapter_dir}"
             )
         return dict(st.counts)
 

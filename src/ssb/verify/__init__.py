@@ -1,8 +1,8 @@
 """Verification: extract a final answer from a completion and judge it against the gold answer.
 
-`extract` turns a completion into one answer string, `equiv` compares two answers (math-verify plus exact
-arithmetic guards), `worker` runs those comparisons in processes with deadlines, `verifier` combines them,
-and `cli` is `ssb verify`.
+`extract` turns a completion into one answer string (linear time), `equiv` compares two answers (math-verify plus
+exact arithmetic guards), `worker` runs those comparisons, and the extraction of long texts, in processes with
+deadlines, `verifier` combines them, and `cli` is `ssb verify`. docs/security.md states the bounds.
 """
 
 from ssb.verify.extract import GOLD_FORMATS, POLICIES, Extraction, extract_answer, normalize_gold

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from ssb.files import atomic_write_text
-from ssb.verify.extract import GOLD_FORMATS, POLICIES, extract_or_whole, normalize_gold
-from ssb.verify.verifier import VERDICTS, Verifier, is_equivalent
+from ssb.verify.extract import GOLD_FORMATS, POLICIES, normalize_gold
+from ssb.verify.verifier import VERDICTS, Verifier, check
 
 
 class _BadRecord(ValueError):
@@ -21,11 +21,15 @@ class _BadRecord(ValueError):
 def _read_records(path: Path, args) -> tuple[list[tuple[dict, str, str, str]], int]:
     """(record, pred, gold, policy) per good line and the number of skipped bad lines."""
     records, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _BadRecord(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
                 records.append(_parse_record(line, args))
             except _BadRecord as e:
                 if not args.skip_bad_records:
@@ -41,6 +45,8 @@ def _parse_record(line: str, args) -> tuple[dict, str, str, str]:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
         raise _BadRecord(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise _BadRecord("invalid JSON (nested too deeply)") from None
     if not isinstance(rec, dict):
         raise _BadRecord(f"expected a JSON object, got {type(rec).__name__}")
     for field in ("pred", "gold"):
@@ -71,22 +77,30 @@ def _verify_file(args) -> int:
     except _BadRecord as e:
         print(f"ssb verify: error: {e}", file=sys.stderr)
         return 2
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         print(f"ssb verify: error: cannot read {path}: {e}", file=sys.stderr)
         return 2
-    found = [extract_or_whole(pred, policy) for _, pred, _, policy in records]
     with Verifier(timeout=args.timeout, workers=args.workers) as verifier:
-        verdicts = verifier.equivalent_many([(f.answer or "", r[2]) for f, r in zip(found, records)])
+        # extraction included: a text too long to read here is read in a worker, under the deadline
+        judged = verifier.check_many(
+            [(pred, gold) for _, pred, gold, _ in records], [policy for *_, policy in records], whole=True
+        )
         stats = verifier.stats
+    verdicts = [v.verdict for v in judged]
     out = [
         json.dumps(
-            {**rec, "extracted": f.answer, "rule": f.rule, "verdict": v, "correct": v == "correct"}, ensure_ascii=False
+            {**rec, "extracted": v.extracted, "rule": v.rule, "verdict": v.verdict, "correct": v.correct},
+            ensure_ascii=False,
         )
         + "\n"
-        for (rec, *_), f, v in zip(records, found, verdicts)
+        for (rec, *_), v in zip(records, judged)
     ]
     if args.output:
-        _write_atomic(Path(args.output), out)
+        try:
+            _write_atomic(Path(args.output), out)
+        except OSError as e:
+            print(f"ssb verify: error: cannot write {args.output}: {e}", file=sys.stderr)
+            return 2
     else:
         sys.stdout.writelines(out)
     seconds = time.perf_counter() - start
@@ -136,7 +150,6 @@ def verify_main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"ssb verify: error: gold: {e}", file=sys.stderr)
         return 2
-    found = extract_or_whole(args.pred, args.policy)
-    verdict = is_equivalent(found.answer, gold, args.timeout) if found.answer else "unparsed"
+    verdict = check(args.pred, gold, args.policy, args.timeout, whole=True).verdict
     print(verdict)
     return 0 if verdict == "correct" else 1

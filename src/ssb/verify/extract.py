@@ -1,7 +1,10 @@
 """Answer extraction from completions, gold normalisation and the exact plain-number fast path.
 
-Pure string work (regexes, `fractions.Fraction`): nothing here imports sympy, so it is cheap enough
-to run in the calling process for every rollout. `ssb.verify` re-exports the public names.
+Pure string work (regexes, `fractions.Fraction`): nothing here imports sympy. Every function takes time
+linear in its input, or close to it (brace matching is one pass however deeply `\\boxed{` nests), and
+`ssb.verify.verifier` runs it in the calling process only for texts up to `INLINE_CHARS` characters; longer
+texts are extracted inside a worker process, under the item's deadline. `ssb.verify` re-exports the public
+names.
 
 Extraction policies (the name is recorded with every verdict):
   boxed    the last brace-matched `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`): the paper's rule.
@@ -17,9 +20,13 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
+from itertools import accumulate
 
 POLICIES = ("boxed", "lenient")
 GOLD_FORMATS = ("gsm8k", "aime", "amc", "math", "plain", "auto")
+# Texts up to this many characters are extracted in the calling process (microseconds); longer ones are extracted
+# in a verification worker, under the item's deadline (ssb.verify.verifier).
+INLINE_CHARS = 10_000
 
 
 @dataclass(frozen=True)
@@ -124,21 +131,38 @@ def normalize_gold(raw: str | int | float, fmt: str = "auto") -> str:
     return _normalize_math_gold(text)
 
 
+_BOX_OPEN_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])[ \t]*\{")
+_SPACE_RE = re.compile(r"\s*")
+
+
 def _normalize_math_gold(text: str) -> str:
-    changed = True
-    while changed:
-        changed = False
+    """Peels `$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]` and whole-string `\\boxed{...}` wrappers, in any order and
+    depth. The wrappers are peeled by moving two indices inward (never re-slicing the string) and braces are
+    matched in one pass, so a gold of any size or nesting is normalised in linear time."""
+    lo, hi = 0, len(text)
+    closing = None
+    while True:
+        lo = _SPACE_RE.match(text, lo, hi).end()
+        while hi > lo and text[hi - 1].isspace():
+            hi -= 1
         for left, right in _MATH_WRAPPERS:
-            if text.startswith(left) and text.endswith(right) and len(text) > len(left) + len(right):
-                text, changed = text[len(left) : -len(right)].strip(), True
+            if hi - lo > len(left) + len(right) and text.startswith(left, lo, hi) and text.endswith(right, lo, hi):
+                lo, hi = lo + len(left), hi - len(right)
                 break
-        boxed = _last_boxed(text)
-        if boxed is not None and re.fullmatch(r"\\(?:boxed|fbox)\s*\{.*\}", text, re.S):
-            text, changed = boxed.strip(), True
+        else:
+            box = _BOX_OPEN_RE.match(text, lo, hi)
+            if box is None or text[hi - 1] != "}":
+                break
+            if closing is None:
+                closing = _closing_braces(text)
+            if closing.get(box.end() - 1) != hi - 1:  # `\boxed{1} + \boxed{2}` is not one wrapper
+                break
+            lo, hi = box.end(), hi - 1
+    text = text[lo:hi].strip()
     if not text.strip("$ "):
         raise ValueError("gold answer is empty once its $...$ / \\boxed{} wrapper is removed")
     if brace_depth_ok(text) is False:
-        raise ValueError(f"gold answer has unbalanced braces: {text!r}")
+        raise ValueError(f"gold answer has unbalanced braces: {text[:200]!r}")
     return text
 
 
@@ -163,49 +187,55 @@ _PROSE_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}[,;]?\s+[A-Za-z]{2,}(?![A-Za
 _WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
 
 
+_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.S)  # an escaped character (skipped), or a brace
+_ESCAPED_RE = re.compile(r"\\.", re.S)
+_NOT_BRACE_RE = re.compile(r"[^{}]+")
+_DEPTH = {"{": 1, "}": -1}
+
+
 def brace_depth_ok(s: str) -> bool:
-    """True if `{`/`}` (escaped ones ignored) are balanced in `s`."""
-    depth, i = 0, 0
-    while i < len(s):
-        if s[i] == "\\":
-            i += 2
-            continue
-        depth += {"{": 1, "}": -1}.get(s[i], 0)
-        if depth < 0:
-            return False
-        i += 1
-    return depth == 0
+    """True if `{`/`}` (escaped ones ignored) are balanced in `s`. Linear, and at C speed (a megabyte of braces
+    takes milliseconds): escapes and other characters are dropped by regexes, the depth is a running sum."""
+    if "{" not in s and "}" not in s:
+        return True
+    braces = _NOT_BRACE_RE.sub("", _ESCAPED_RE.sub("", s) if "\\" in s else s)
+    if 2 * braces.count("{") != len(braces):
+        return False
+    return min(accumulate(map(_DEPTH.__getitem__, braces)), default=0) >= 0
 
 
-def _match_brace(s: str, start: int) -> int | None:
-    """Index of the `}` closing the `{` at `start` (escaped `\\{` `\\}` ignored), or None."""
-    depth, i = 0, start
-    while i < len(s):
-        c = s[i]
-        if c == "\\":
-            i += 2
-            continue
+def _closing_braces(text: str) -> dict[int, int]:
+    """Position of every `{` that is closed -> position of its `}` (escaped `\\{` `\\}` ignored), in one pass."""
+    stack: list[int] = []
+    closing: dict[int, int] = {}
+    for m in _BRACE_TOKEN_RE.finditer(text):
+        c = m.group()
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
+            stack.append(m.start())
+        elif c == "}" and stack:
+            closing[stack.pop()] = m.start()
+    return closing
+
+
+_BOX_TOKEN_RE = re.compile(r"[^\s$]+")
+_HSPACE_RE = re.compile(r"[ \t]*")
 
 
 def _last_boxed(text: str) -> str | None:
-    for m in reversed(list(_BOX_CMD_RE.finditer(text))):
-        i = m.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
+    """Contents of the last closed `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`), or None. Linear time: the braces
+    are matched once for the whole text, not once per `\\boxed{` (20,000 nested unclosed boxes take milliseconds)."""
+    boxes = list(_BOX_CMD_RE.finditer(text))
+    closing = None
+    for m in reversed(boxes):
+        i = _HSPACE_RE.match(text, m.end()).end()
         if i < len(text) and text[i] == "{":
-            end = _match_brace(text, i)
+            if closing is None:
+                closing = _closing_braces(text)
+            end = closing.get(i)
             if end is not None:  # an unclosed box (truncated output) is skipped
                 return text[i + 1 : end]
         elif i > m.end():  # `\boxed 5`: one token, up to whitespace or `$`
-            tok = re.match(r"[^\s$]+", text[i:])
+            tok = _BOX_TOKEN_RE.match(text, i)
             if tok:
                 return tok.group(0)
     return None
@@ -235,16 +265,28 @@ def clean_answer(span: str) -> str:
     return s.strip()
 
 
+_LEAD_RE = re.compile(r"[ *]*")
+_SENTENCE_END_RE = re.compile(r"(?<!\d)\.(?=\s|$)|\.(?=\s+[A-Z])")
+# Bounds that keep the answer-phrase rule linear: only the last phrases are tried, and an "answer" that runs on
+# for more characters than this without ending its sentence is prose, not an answer.
+_ANSWER_PHRASES = 100
+_ANSWER_SPAN = 1000
+
+
 def _after_answer_phrase(text: str) -> str | None:
-    """The cleaned answer after the last "answer is" / "Final answer:" that has one."""
-    for m in reversed(list(_ANSWER_RE.finditer(text))):
-        rest = text[m.end() :]
-        env = _MATH_ENV_RE.match(rest.lstrip(" *"))
+    """The cleaned answer after the last "answer is" / "Final answer:" that has one (of the last 100 such
+    phrases; spans of at most 1,000 characters, so a megabyte of "answer is \\boxed{" stays linear)."""
+    for m in reversed(list(_ANSWER_RE.finditer(text))[-_ANSWER_PHRASES:]):
+        pos = m.end()
+        start = _LEAD_RE.match(text, pos).end()
+        env = _MATH_ENV_RE.match(text, start, min(len(text), start + _ANSWER_SPAN))
         if env:
             span = env.group(0)
-        else:
-            span = rest.split("\n", 1)[0]
-            span = re.split(r"(?<!\d)\.(?=\s|$)|\.(?=\s+[A-Z])", span, maxsplit=1)[0]
+        else:  # to the end of the sentence on this line (positions, not a copy of the rest of the text)
+            line_end = text.find("\n", pos, pos + _ANSWER_SPAN)
+            line_end = min(len(text), pos + _ANSWER_SPAN) if line_end < 0 else line_end
+            stop = _SENTENCE_END_RE.search(text, pos, line_end)
+            span = text[pos : stop.start() if stop else line_end]
         answer = clean_answer(span)
         if answer and _PROSE_RE.search(answer):  # "... is that Tom has 5 apples" -> 5
             nums = list(_LAST_NUM_RE.finditer(answer))
@@ -278,9 +320,11 @@ def extract_answer(text: str, policy: str = "lenient") -> Extraction:
 
 
 def looks_like_bare_answer(text: str) -> bool:
-    """True for an answer written on its own (`\\frac{1}{2}`, `(3,4]`, `42 apples`), not prose."""
+    """True for an answer written on its own (`\\frac{1}{2}`, `(3,4]`, `42 apples`, `1+1+...+1` however long), not
+    prose. Decided by content alone: one line, no answer marker (`####`, `\\boxed`, "answer"), and no words but a
+    name or a unit."""
     t = text.strip()
-    if not t or "\n" in t or len(t) > 200 or "####" in t or _BOX_CMD_RE.search(t):
+    if not t or "\n" in t or "####" in t or _BOX_CMD_RE.search(t):
         return False
     if re.search(r"\banswer\b", t, re.I):
         return False
@@ -304,3 +348,57 @@ def extract_or_whole(text: str, policy: str = "lenient") -> Extraction:
         return found
     whole = clean_answer(text)
     return Extraction(whole or None, "whole" if whole else None)
+
+
+# ---------------------------------------------------------------------------------------- judging
+# How a text is read before it is compared: "answer" (already an answer: only cleaned), a policy
+# ("lenient", "boxed": extracted from a completion), or "whole:<policy>" (`extract_or_whole`).
+HOWS = ("answer", *POLICIES, *(f"whole:{p}" for p in POLICIES))
+
+_SAME_TEXT = [
+    (re.compile(r"\\[dt]frac"), r"\\frac"),
+    (re.compile(r"\\(?:left|right)(?=[()\[\]|.]|\\[{}])"), ""),
+    (re.compile(r"\s*([-+=,;()\[\]{}^_/])\s*"), r"\1"),
+]
+
+
+def _same_text(s: str) -> str:
+    for pattern, repl in _SAME_TEXT:
+        s = pattern.sub(repl, s)
+    return s.strip()
+
+
+def fast_verdict(pred: str, gold: str) -> str | None:
+    """Exact verdict when both answers are plain numbers or simple fractions, or are the same text
+    up to spacing / `\\dfrac` / `\\left(`; None otherwise (the symbolic comparison decides)."""
+    if pred == gold or _same_text(pred) == _same_text(gold):
+        return "correct"
+    p = as_fraction(pred)
+    if p is None:
+        return None
+    g = as_fraction(gold)
+    if g is None:
+        return None
+    return "correct" if p == g else "incorrect"
+
+
+def read_answer(text: str, how: str) -> Extraction:
+    """The answer in `text` read as `how` says (see HOWS)."""
+    if how == "answer":
+        answer = clean_answer(text)
+        return Extraction(answer or None, None)
+    if how.startswith("whole:"):
+        return extract_or_whole(text, how.removeprefix("whole:"))
+    return extract_answer(text, how)
+
+
+def prejudge(text: str, gold: str, how: str) -> tuple[Extraction, str, str | None]:
+    """(what was extracted, the cleaned answer to compare, the verdict or None when only the symbolic
+    comparison can decide). `gold` is already normalised."""
+    if how not in HOWS:
+        raise ValueError(f"unknown answer reading {how!r} (expected one of {', '.join(HOWS)})")
+    found = read_answer(text or "", how)
+    pred = clean_answer(found.answer or "")
+    if not pred:
+        return found, pred, "unparsed"
+    return found, pred, fast_verdict(pred, gold)

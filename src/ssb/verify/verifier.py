@@ -7,13 +7,15 @@ gold answer is normalised per source, and the two are compared:
   2. otherwise math-verify plus our guards (`ssb.verify.equiv.compare`) in a small pool of worker
      processes (`ssb.verify.worker`), each item with its own deadline; an item that overruns gets the verdict "timeout"
      and its worker is replaced, so one pathological answer costs at most `timeout` seconds.
+Extraction is linear-time string work; it runs in process for texts up to `INLINE_CHARS` characters and inside
+the worker, under the same deadline, for longer ones, so a verification of any input returns within its timeout
+(plus the workers' start-up, paid once per pool).
 Verdicts: "correct", "incorrect", "unparsed" (no answer could be extracted, or it did not parse and
 did not match the gold as text) and "timeout".
 """
 
 from __future__ import annotations
 
-import re
 import threading
 import weakref
 from collections import Counter
@@ -21,12 +23,13 @@ from dataclasses import asdict, dataclass
 
 from ssb.verify.extract import (
     GOLD_FORMATS,
+    HOWS,
+    INLINE_CHARS,
     POLICIES,
     Extraction,
-    as_fraction,
-    clean_answer,
     extract_answer,
     normalize_gold,
+    prejudge,
 )
 from ssb.verify.worker import WorkerPool
 
@@ -58,31 +61,10 @@ class Verdict:
         return asdict(self)
 
 
-_SAME_TEXT = [
-    (re.compile(r"\\[dt]frac"), r"\\frac"),
-    (re.compile(r"\\(?:left|right)(?=[()\[\]|.]|\\[{}])"), ""),
-    (re.compile(r"\s*([-+=,;()\[\]{}^_/])\s*"), r"\1"),
-]
-
-
-def _same_text(s: str) -> str:
-    for pattern, repl in _SAME_TEXT:
-        s = pattern.sub(repl, s)
-    return s.strip()
-
-
-def _fast_verdict(pred: str, gold: str) -> str | None:
-    """Exact verdict when both answers are plain numbers or simple fractions, or are the same text
-    up to spacing / `\\dfrac` / `\\left(`; None otherwise (the worker pool decides)."""
-    if pred == gold or _same_text(pred) == _same_text(gold):
-        return "correct"
-    p = as_fraction(pred)
-    if p is None:
-        return None
-    g = as_fraction(gold)
-    if g is None:
-        return None
-    return "correct" if p == g else "incorrect"
+def _inline(text: str, gold: str, how: str) -> tuple[Extraction, str, str | None] | None:
+    """`prejudge` in this process for a text short enough to extract here; None for a longer one (a worker
+    extracts it, under the item's deadline)."""
+    return prejudge(text, gold, how) if len(text) <= INLINE_CHARS else None
 
 
 class Verifier:
@@ -118,40 +100,77 @@ class Verifier:
             "worker_crashes": self._pool.crashes,
         }
 
-    def equivalent_many(self, items: list[tuple[str, str]], *, timeout: float | None = None) -> list[str]:
-        """Verdicts for (pred, gold) pairs of already-extracted answers, in order. Golds are
-        normalised with `normalize_gold(gold, "auto")`; a bad gold raises ValueError naming its item."""
-        results: list[str | None] = [None] * len(items)
-        slow: dict[tuple[str, str], list[int]] = {}
-        for i, (pred, gold) in enumerate(items):
-            try:
-                gold = normalize_gold(gold, "auto")
-            except ValueError as e:
-                raise ValueError(f"item {i}: gold: {e}") from None
-            pred = clean_answer(pred or "")
-            fast = _fast_verdict(pred, gold) if pred else "unparsed"
-            if fast is not None:
-                results[i] = fast
+    def judge_many(
+        self, items: list[tuple[str, str, str]], *, timeout: float | None = None
+    ) -> list[tuple[str | None, str | None, str]]:
+        """(extracted, rule, verdict) for (text, normalised gold, how) triples, in order; `how` is one of
+        `ssb.verify.extract.HOWS`. Short texts are read here and only undecided answers go to the pool; long
+        texts are read in a worker, so a verification of any input returns within `timeout`."""
+        results: list[tuple[str | None, str | None, str] | None] = [None] * len(items)
+        slow: dict[tuple[str, str, str], list[tuple[int, Extraction | None]]] = {}
+        for i, (text, gold, how) in enumerate(items):
+            if how not in HOWS:
+                raise ValueError(f"item {i}: unknown answer reading {how!r} (expected one of {', '.join(HOWS)})")
+            text = text or ""
+            local = _inline(text, gold, how)
+            if local is None:  # too long to read here: the worker extracts it under the deadline
+                slow.setdefault((text, gold, how), []).append((i, None))
+                continue
+            found, pred, verdict = local
+            if verdict is not None:
+                results[i] = (found.answer, found.rule, verdict)
             else:  # identical pairs (K rollouts agreeing) are compared once
-                slow.setdefault((pred, gold), []).append(i)
+                slow.setdefault((pred, gold, "answer"), []).append((i, found))
         if slow:
             keys = list(slow)
             with self._lock:
                 if not self._close.alive:
                     raise RuntimeError("Verifier is closed")
-                verdicts = self._pool.run(keys, timeout or self.timeout)
+                replies = self._pool.run(keys, timeout or self.timeout)
             self.counts["pooled"] += len(keys)
-            for key, verdict in zip(keys, verdicts):
-                for i in slow[key]:
-                    results[i] = verdict
-        self.counts.update(results)
+            for key, (extracted, rule, verdict) in zip(keys, replies):
+                for i, found in slow[key]:  # read here (found) or by the worker
+                    results[i] = (extracted, rule, verdict) if found is None else (found.answer, found.rule, verdict)
+        self.counts.update(r[2] for r in results)  # type: ignore[index]
         return results  # type: ignore[return-value]
 
-    def check_many(self, items: list[tuple[str, str]], policy: str = "lenient") -> list[Verdict]:
-        """Verdicts for (completion, gold) pairs, in order: extract with `policy`, then compare."""
-        found = [extract_answer(completion, policy) for completion, _ in items]
-        verdicts = self.equivalent_many([(f.answer or "", gold) for f, (_, gold) in zip(found, items)])
-        return [Verdict(f.answer, f.rule, v, v == "correct", policy) for f, v in zip(found, verdicts)]
+    def equivalent_many(self, items: list[tuple[str, str]], *, timeout: float | None = None) -> list[str]:
+        """Verdicts for (pred, gold) pairs of already-extracted answers, in order. Golds are
+        normalised with `normalize_gold(gold, "auto")`; a bad gold raises ValueError naming its item."""
+        golds = _normalized_golds(items)
+        judged = self.judge_many([(pred or "", g, "answer") for (pred, _), g in zip(items, golds)], timeout=timeout)
+        return [verdict for _, _, verdict in judged]
+
+    def check_many(
+        self,
+        items: list[tuple[str, str]],
+        policy: str | list[str] = "lenient",
+        *,
+        whole: bool = False,
+        timeout: float | None = None,
+    ) -> list[Verdict]:
+        """Verdicts for (completion, gold) pairs, in order: extract with `policy` (one for all, or one per item),
+        then compare. `whole`: a text that is a bare answer is taken whole (`extract_or_whole`, for `ssb verify`)."""
+        policies = [policy] * len(items) if isinstance(policy, str) else list(policy)
+        if len(policies) != len(items):
+            raise ValueError(f"{len(policies)} policies for {len(items)} items")
+        for p in set(policies):
+            if p not in POLICIES:
+                raise ValueError(f"unknown extraction policy {p!r} (expected one of {', '.join(POLICIES)})")
+        golds = _normalized_golds(items)
+        hows = [f"whole:{p}" if whole else p for p in policies]
+        judged = self.judge_many([(text or "", g, h) for (text, _), g, h in zip(items, golds, hows)], timeout=timeout)
+        return [Verdict(e, r, v, v == "correct", p) for (e, r, v), p in zip(judged, policies)]
+
+
+def _normalized_golds(items: list[tuple[str, str]]) -> list[str]:
+    golds = []
+    for i, (_, gold) in enumerate(items):
+        try:
+            golds.append(normalize_gold(gold, "auto"))
+        except ValueError as e:
+            raise ValueError(f"item {i}: gold: {e}") from None
+    return golds
 
 
 _shared: Verifier | None = None
@@ -168,16 +187,24 @@ def _shared_verifier() -> Verifier:
 
 def is_equivalent(pred: str, gold: str, timeout: float = 5.0) -> str:
     """Verdict for one extracted answer against one gold, in at most about `timeout` seconds."""
-    gold_n, pred_c = normalize_gold(gold, "auto"), clean_answer(pred or "")
-    fast = _fast_verdict(pred_c, gold_n) if pred_c else "unparsed"
-    if fast is not None:
-        return fast
-    return _shared_verifier().equivalent_many([(pred_c, gold_n)], timeout=timeout)[0]
+    gold_n = normalize_gold(gold, "auto")
+    local = _inline(pred or "", gold_n, "answer")
+    if local is not None and local[2] is not None:
+        return local[2]
+    return _shared_verifier().judge_many([(pred or "", gold_n, "answer")], timeout=timeout)[0][2]
 
 
-def check(completion: str, gold: str, policy: str = "lenient", timeout: float = 5.0) -> Verdict:
-    """Extracts the answer from `completion` with `policy` and compares it with `gold`."""
-    found = extract_answer(completion, policy)
-    normalize_gold(gold, "auto")  # a bad gold is an error even when nothing was extracted
-    verdict = is_equivalent(found.answer, gold, timeout) if found.answer else "unparsed"
-    return Verdict(found.answer, found.rule, verdict, verdict == "correct", policy)
+def check(completion: str, gold: str, policy: str = "lenient", timeout: float = 5.0, *, whole: bool = False) -> Verdict:
+    """Extracts the answer from `completion` with `policy` and compares it with `gold` (a bad gold is an error even
+    when nothing is extracted). `whole`: a bare answer is taken whole, as `ssb verify PRED GOLD` does."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown extraction policy {policy!r} (expected one of {', '.join(POLICIES)})")
+    gold_n = normalize_gold(gold, "auto")
+    how = f"whole:{policy}" if whole else policy
+    local = _inline(completion or "", gold_n, how)
+    if local is not None and local[2] is not None:
+        found, _, verdict = local
+        extracted, rule = found.answer, found.rule
+    else:
+        extracted, rule, verdict = _shared_verifier().judge_many([(completion or "", gold_n, how)], timeout=timeout)[0]
+    return Verdict(extracted, rule, verdict, verdict == "correct", policy)

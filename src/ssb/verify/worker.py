@@ -1,8 +1,10 @@
 """Worker processes for answer verification, each item bounded by its own deadline.
 
-`WorkerPool.run` sends (pred, gold) pairs to `ssb.verify.worker`  subprocesses, which run
-`ssb.verify.equiv.compare`. A worker that overruns an item's deadline (sympy can hang on inputs such
-as `5^{5^{5^5}}`) or dies is killed and replaced, and the item gets the verdict "timeout". Deadlines
+`WorkerPool.run` sends (text, gold, how) items to `ssb.verify.worker` subprocesses, which read the answer
+(`ssb.verify.extract.prejudge`: extraction for a completion, cleaning for an answer) and, unless that already
+decides, run `ssb.verify.equiv.compare`. A worker that overruns an item's deadline (sympy can hang on inputs such
+as `5^{5^{5^5}}`; extraction is linear, but a megabyte of text still takes time) or dies is killed and replaced,
+and the item gets the verdict "timeout". Deadlines
 are enforced by the parent with `select`, not signals, so the pool works from any thread. Workers
 are plain subprocesses (multiprocessing's spawn/forkserver would re-import the caller's __main__)
 and die with the parent process (Linux PR_SET_PDEATHSIG), even while stuck inside sympy.
@@ -16,14 +18,15 @@ import queue
 import threading
 
 from ssb.verify.equiv import compare
+from ssb.verify.extract import prejudge
 
 log = logging.getLogger(__name__)
 _WORKER_MAIN = "import os, sys; from ssb.verify.worker import _serve; _serve(*map(int, sys.argv[1:])); os._exit(0)"
 
 
 def _serve(parent_pid: int, memory_limit: int) -> None:
-    """Worker loop (`ssb.verify.worker` ): JSON lines [key, pred, gold] in on stdin,
-    [key, verdict] out on stdout, until stdin closes."""
+    """Worker loop (`ssb.verify.worker`): JSON lines [key, text, gold, how] in on stdin,
+    [key, extracted, rule, verdict] out on stdout, until stdin closes."""
     import json
     import signal
     import sys
@@ -49,18 +52,23 @@ def _serve(parent_pid: int, memory_limit: int) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     compare("1", "1")  # import sympy / math-verify before saying ready: deadlines time work only
+    prejudge("\\boxed{1}", "1", "lenient")
     out.write('"ready"\n')
     out.flush()
     for line in sys.stdin:
-        key, pred, gold = json.loads(line)
+        key, text, gold, how = json.loads(line)
+        extracted = rule = None
         try:
-            verdict = compare(pred, gold)
+            found, pred, verdict = prejudge(text, gold, how)
+            extracted, rule = found.answer, found.rule
+            if verdict is None:
+                verdict = compare(pred, gold)
         except MemoryError:
             verdict = "timeout"  # over the memory bound: a resource limit, like the deadline
         except Exception:  # noqa: BLE001 - one bad answer must not end the worker
-            log.exception("verification failed for pred=%r gold=%r", pred[:80], gold[:80])
+            log.exception("verification failed for text=%r gold=%r", text[:80], gold[:80])
             verdict = "incorrect"
-        out.write(json.dumps([key, verdict]) + "\n")
+        out.write(json.dumps([key, extracted, rule, verdict]) + "\n")
         out.flush()
 
 
@@ -124,11 +132,11 @@ class _Worker:
     def fileno(self) -> int:
         return self.proc.stdout.fileno()
 
-    def send(self, key: int, pred: str, gold: str) -> bool:
+    def send(self, key: int, text: str, gold: str, how: str) -> bool:
         import json
 
         try:
-            self.proc.stdin.write((json.dumps([key, pred, gold]) + "\n").encode())
+            self.proc.stdin.write((json.dumps([key, text, gold, how]) + "\n").encode())
             return True
         except OSError:  # died between items
             return False
@@ -158,7 +166,7 @@ class _Worker:
 
 
 class WorkerPool:
-    """Up to `workers` worker processes running `compare`, each item bounded by its own deadline.
+    """Up to `workers` worker processes reading and comparing answers, each item bounded by its own deadline.
 
     `run` may be called from any thread (one call at a time; callers hold a lock). A worker that
     overruns an item's deadline, or dies on it, is killed and replaced and the item gets "timeout".
@@ -173,7 +181,9 @@ class WorkerPool:
     def _spawn(self) -> _Worker:
         return _Worker(self.memory_limit, self.start_timeout)
 
-    def run(self, items: list[tuple[str, str]], timeout: float) -> list[str]:
+    def run(self, items: list[tuple[str, str, str]], timeout: float) -> list[tuple[str | None, str | None, str]]:
+        """(extracted, rule, verdict) per (text, gold, how) item; (None, None, "timeout") for an item whose worker
+        overran the deadline or died."""
         import time
         from collections import deque
         from multiprocessing.connection import wait
@@ -182,7 +192,7 @@ class WorkerPool:
             return []
         while len(self.workers) < min(self.size, len(items)):
             self.workers.append(self._spawn())
-        results: list[str | None] = [None] * len(items)
+        results: list[tuple | None] = [None] * len(items)
         pending = deque(range(len(items)))
         left = len(items)
         while left:
@@ -205,13 +215,13 @@ class WorkerPool:
                     if msg == "ready":
                         w.state = "idle"
                     elif w.state == "busy" and msg[0] == w.task:
-                        results[msg[0]], w.state, w.task = msg[1], "idle", None
+                        results[msg[0]], w.state, w.task = tuple(msg[1:]), "idle", None
                         left -= 1
             now = time.monotonic()
             for w in list(self.workers):
                 if w.state != "idle" and now >= w.deadline:
                     left -= self._replace(w, results, crashed=False)
-        return [r if r is not None else "timeout" for r in results]
+        return [r if r is not None else (None, None, "timeout") for r in results]
 
     def _replace(self, w: _Worker, results: list, crashed: bool) -> int:
         """Kills `w`, gives its item (if any) a "timeout" verdict, starts a fresh worker."""
@@ -223,7 +233,7 @@ class WorkerPool:
         self.workers[self.workers.index(w)] = self._spawn()
         if w.state != "busy":
             return 0
-        results[w.task] = "timeout"
+        results[w.task] = (None, None, "timeout")
         if crashed:
             self.crashes += 1
             log.warning("verification worker died on an item; counted as timeout")
