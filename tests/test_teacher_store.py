@@ -10,6 +10,7 @@ from ssb.config import load_config
 from ssb.distill.loss import SparseTeacher
 from ssb.distill.store import TeacherStore, TeacherStoreError, TeacherStoreWriter, auto_top_k, bytes_per_token, sparsify
 from ssb.rundir import RunDir
+from ssb.testing import write_arith_pairs
 
 META = dict(temperature=2.0, top_k=4, vocab_size=50, fingerprint="abc", model="m")
 
@@ -155,29 +156,6 @@ def _sharp_tiny_model(path):
     return path
 
 
-def write_pairs(path, tok, n):
-    sysm = "You are a helpful math tutor."
-    with open(path, "w") as f:
-        for i in range(n):
-            q = f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?"
-            sol = f"{i} + {i + 2} = {2 * i + 2}. " + "So the final answer is " * (i % 3) + f"\\boxed{{{2 * i + 2}}}."
-            hint = f"{q}\nCorrect: {sol}\nWrong: {i}. Write a solution."
-            f.write(
-                json.dumps(
-                    {
-                        "id": f"arith-{i}",
-                        "question": q,
-                        "gold": str(2 * i + 2),
-                        "teacher_messages": [{"role": "system", "content": sysm}, {"role": "user", "content": hint}],
-                        "student_messages": [{"role": "system", "content": sysm}, {"role": "user", "content": q}],
-                        "solution": sol,
-                        "solution_ids": tok(sol, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
-                    }
-                )
-                + "\n"
-            )
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -189,7 +167,7 @@ def tiny(tmp_path_factory):
 def _run(tmp_path, tiny, n=5, **sets):
     path, _, tok = tiny
     run = RunDir(tmp_path / "run").mkdir()
-    write_pairs(run.pairs, tok, n)
+    write_arith_pairs(run.pairs, tok, n)
     over = {
         "model": str(path),
         "logits.store": "topk",

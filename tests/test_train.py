@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from ssb.config import load_config, save_config
 from ssb.rundir import RunDir
+from ssb.testing import write_arith_pairs
 
 SYSTEM = "You are a helpful math tutor."
 
@@ -36,28 +37,6 @@ def tiny(tmp_path_factory):
     return path, AutoTokenizer.from_pretrained(path)
 
 
-def _write_pairs(path, tok, n):
-    with open(path, "w") as f:
-        for i in range(n):
-            q = f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?"
-            sol = f"{i} + {i + 2} = {2 * i + 2}. " + "So the final answer is " * (i % 3) + f"\\boxed{{{2 * i + 2}}}."
-            hint = f"{q}\nCorrect: {sol}\nWrong: {i}. Write a solution."
-            f.write(
-                json.dumps(
-                    {
-                        "id": f"arith-{i}",
-                        "question": q,
-                        "gold": str(2 * i + 2),
-                        "teacher_messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": hint}],
-                        "student_messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
-                        "solution": sol,
-                        "solution_ids": tok(sol, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
-                    }
-                )
-                + "\n"
-            )
-
-
 BASE = {
     "logits.store": "topk",
     "logits.top_k": 16,
@@ -75,7 +54,7 @@ BASE = {
 def _setup(root, tiny, n=6, **sets):
     path, tok = tiny
     run = RunDir(root).mkdir()
-    _write_pairs(run.pairs, tok, n)
+    write_arith_pairs(run.pairs, tok, n)
     cfg = load_config(None, [f"{k}={v}" for k, v in {"model": str(path), **BASE, **sets}.items()])
     return run, cfg
 

@@ -33,6 +33,19 @@ def decode_utf8(data: bytes, path: str | Path) -> str:
         ) from None
 
 
+def read_json_object(path: str | Path, hint: str = "") -> dict:
+    """A JSON file holding one object; not UTF-8, not JSON or not an object is a ValueError naming the file (and
+    line), followed by `hint`."""
+    path = Path(path)
+    try:
+        data = json.loads(decode_utf8(path.read_bytes(), path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}){hint}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object{hint}")
+    return data
+
+
 def read_text(path: str | Path) -> str:
     """A user's text file (YAML, template, JSON) as a string; see `decode_utf8`."""
     return decode_utf8(Path(path).read_bytes(), path)

@@ -83,3 +83,25 @@ def make_tiny_model(
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def write_arith_pairs(path, tokenizer, n: int, system: str = "You are a helpful math tutor.") -> None:
+    """n teacher/student pairs of simple sums (`pairs.jsonl` as the teach stage writes it), for logits and train
+    tests: solutions of three lengths, each ending in the end-of-turn token."""
+    import json
+
+    with open(path, "w") as f:
+        for i in range(n):
+            q = f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?"
+            sol = f"{i} + {i + 2} = {2 * i + 2}. " + "So the final answer is " * (i % 3) + f"\\boxed{{{2 * i + 2}}}."
+            hint = f"{q}\nCorrect: {sol}\nWrong: {i}. Write a solution."
+            record = {
+                "id": f"arith-{i}",
+                "question": q,
+                "gold": str(2 * i + 2),
+                "teacher_messages": [{"role": "system", "content": system}, {"role": "user", "content": hint}],
+                "student_messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+                "solution": sol,
+                "solution_ids": tokenizer(sol, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+            }
+            f.write(json.dumps(record) + "\n")

@@ -22,7 +22,7 @@ import torch
 
 from ssb.engine.cache import UnsupportedModelError, unwrap_causal_lm
 from ssb.engine.fallback import hf_generate_all
-from ssb.engine.sampling import SamplingParams, check_sampling
+from ssb.engine.sampling import SamplingParams, check_request
 from ssb.engine.scheduler import Completion, Scheduler
 
 __all__ = ["Completion", "Engine", "SamplingParams", "stop_token_ids", "tokenize_prompts"]
@@ -162,11 +162,7 @@ class Engine:
         self, prompts, n: int, params: SamplingParams, callback: Callable[[int, list[Completion]], None] | None = None
     ) -> list[list[Completion]]:
         """n completions per prompt, in order; `callback(i, completions)` fires when prompt i's n are done."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if params.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
-        check_sampling(params.temperature, params.top_k, params.top_p)
+        check_request(n, params)
         ids = tokenize_prompts(self.tokenizer, prompts)
         vocab = self.lm.get_input_embeddings().num_embeddings
         for i, p in enumerate(ids):

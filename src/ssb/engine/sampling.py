@@ -37,6 +37,15 @@ def sequence_uniforms(seed: int, prompt_ids: list[int], sample_index: int, lengt
     return torch.rand(length, generator=gen, dtype=torch.float64)
 
 
+def check_request(n: int, params: SamplingParams) -> None:
+    """What every generator checks before it starts: at least one sample, one new token, valid sampling."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if params.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    check_sampling(params.temperature, params.top_k, params.top_p)
+
+
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(

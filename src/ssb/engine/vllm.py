@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ssb.engine.engine import stop_token_ids, tokenize_prompts
-from ssb.engine.sampling import SamplingParams, check_sampling
+from ssb.engine.sampling import SamplingParams, check_request
 from ssb.engine.scheduler import Completion
 
 GIB = 1 << 30
@@ -189,11 +189,7 @@ class VllmGenerator:
         from vllm import SamplingParams as VllmParams
         from vllm.sampling_params import RequestOutputKind
 
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if params.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
-        check_sampling(params.temperature, params.top_k, params.top_p)
+        check_request(n, params)
         ids = tokenize_prompts(self.tokenizer, prompts)
         vocab = self.config.get("vocab_size") or len(self.tokenizer)
         for i, p in enumerate(ids):

@@ -4,10 +4,9 @@ The report only reads; whatever a run has not produced yet is returned as missin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ssb.files import decode_utf8
+from ssb.files import read_json_object
 from ssb.records import check_id_only, check_metrics, need, read_checked
 from ssb.rundir import RunDir
 
@@ -34,12 +33,7 @@ def read_evals(root: Path) -> list[dict]:
     """One row per RUN/eval/<model tag>/<benchmark>/summary.json."""
     rows = []
     for path in sorted((root / "eval").glob("**/summary.json")):
-        try:
-            s = json.loads(decode_utf8(path.read_bytes(), path))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(s, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+        s = read_json_object(path)
         rel = path.parent.relative_to(root / "eval").parts
         where = str(path)
         ci = need(s, where, "pass@1_ci", dict)

@@ -7,11 +7,10 @@ and, when both runs have n = 1, the exact McNemar p-value (else the bootstrap p-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from ssb.files import atomic_write_text, decode_utf8
+from ssb.files import atomic_write_text, read_json_object
 from ssb.metrics import mcnemar_exact, paired_bootstrap
 from ssb.records import need, read_checked
 from ssb.rundir import SAMPLES, SUMMARY
@@ -38,12 +37,9 @@ def _load_run(d: Path) -> tuple[dict, dict[str, float]]:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(decode_utf8(path.read_bytes(), path))
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise EvalError(f"{path}: expected a JSON object")
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
 
 def _check_sample(rec: dict, where: str) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ssb.config import Config, DatasetSpec, validate
 from ssb.data import BENCHMARKS, Example, load_examples
-from ssb.files import JsonlWriter, atomic_write_json, decode_utf8, file_digest, read_jsonl
+from ssb.files import JsonlWriter, atomic_write_json, file_digest, read_json_object, read_jsonl
 from ssb.memory import PeakRSS
 from ssb.metrics import majority_vote, mean_ci, pass_at_k, wilson_ci
 from ssb.models import generation_dtype_name
@@ -116,12 +116,9 @@ def eval_settings(
 def _read_json(path: Path) -> dict:
     """An eval output's JSON file (eval_config.json, summary.json); errors name it."""
     try:
-        data = json.loads(decode_utf8(path.read_bytes(), path))
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); pass --force to start over") from None
-    if not isinstance(data, dict):
-        raise EvalError(f"{path}: expected a JSON object; pass --force to start over")
-    return data
+        return read_json_object(path, hint="; pass --force to start over")
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
 
 def _prepare_outputs(out: Path, settings: dict, ids: set[str], force: bool) -> dict[str, dict]:

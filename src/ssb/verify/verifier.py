@@ -22,29 +22,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from ssb.verify.extract import (
-    GOLD_FORMATS,
     HOWS,
     INLINE_CHARS,
     POLICIES,
     Extraction,
-    extract_answer,
     normalize_gold,
     prejudge,
 )
 from ssb.verify.worker import WorkerPool
-
-__all__ = [
-    "Extraction",
-    "Verdict",
-    "Verifier",
-    "check",
-    "extract_answer",
-    "is_equivalent",
-    "normalize_gold",
-    "POLICIES",
-    "GOLD_FORMATS",
-    "VERDICTS",
-]
 
 VERDICTS = ("correct", "incorrect", "unparsed", "timeout")
 
