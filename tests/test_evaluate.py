@@ -16,7 +16,8 @@ from ssb.files import read_jsonl, write_jsonl
 from ssb.metrics import wilson_ci
 from ssb.stages import evaluate as ev
 from ssb.stages.compare import compare, compare_main
-from ssb.stages.evaluate import EvalError, build_summary, evaluate
+from ssb.stages.evaluate import EvalError, evaluate
+from ssb.summary import build_summary
 
 Z95 = 1.959963984540054
 

@@ -8,8 +8,8 @@ import pytest
 
 from ssb.files import atomic_write_json, write_jsonl
 from ssb.rundir import RunDir
-from ssb.stages.evaluate import build_summary
 from ssb.stages.report import report
+from ssb.summary import build_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUESTION = "Is 3 < 5 & 7 > 2? <script>alert('x')</script> How many apples?"

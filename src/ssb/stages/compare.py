@@ -14,7 +14,7 @@ from ssb.files import atomic_write_text, read_json_object
 from ssb.metrics import mcnemar_exact, paired_bootstrap
 from ssb.records import need, read_checked
 from ssb.rundir import SAMPLES, SUMMARY
-from ssb.stages.evaluate import EvalError, pct
+from ssb.summary import EvalError, pct
 
 
 def _load_run(d: Path) -> tuple[dict, dict[str, float]]:
