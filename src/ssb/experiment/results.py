@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ssb.experiment.runner import arm_runs, eval_dir
-from ssb.experiment.spec import ExperimentSpec
+from ssb.experiment.spec import ExperimentSpec, arm_runs, eval_dir
 from ssb.files import atomic_write_json, atomic_write_text, read_jsonl
 from ssb.metrics import Scores, crossed_bootstrap, paired_crossed_bootstrap
 from ssb.rundir import SAMPLES, SUMMARY

@@ -32,40 +32,13 @@ import time
 from pathlib import Path
 
 from ssb.config import Config, config_hash, save_config
-from ssb.experiment.spec import ExperimentSpec, arm_config, dump_spec
+from ssb.experiment.results import write_results
+from ssb.experiment.spec import ArmRun, ExperimentSpec, arm_runs, dump_spec, eval_dir, greedy
 from ssb.files import atomic_write_text, file_digest, read_jsonl, write_jsonl
-from ssb.rundir import RunDir, record_done, stage_hashes
+from ssb.rundir import record_done, stage_hashes
 from ssb.stages import PIPELINE, load
 
 TRAINED = ("ssb", "sft")
-
-
-@dataclasses.dataclass(frozen=True)
-class ArmRun:
-    seed: int
-    arm: str
-    kind: str
-    cfg: Config
-    run: RunDir
-
-
-def arm_runs(spec: ExperimentSpec, out: Path, seed: int) -> list[ArmRun]:
-    share = out / "stage-index"
-    return [
-        ArmRun(seed, arm, a.kind, arm_config(spec, arm, seed), RunDir(out / f"seed-{seed}" / arm, share=share))
-        for arm, a in spec.arms.items()
-    ]
-
-
-def greedy(cfg: Config) -> bool:
-    return cfg.eval.temperature == 0
-
-
-def eval_dir(out: Path, ar: ArmRun, eval_name: str) -> Path:
-    """Where an arm's evaluation on one eval set lives (the shared one for a greedy base arm)."""
-    if ar.kind == "base" and greedy(ar.cfg):
-        return out / "shared" / ar.arm / "eval" / eval_name
-    return ar.run.eval_dir(ar.arm, eval_name)
 
 
 def model_of(ar: ArmRun) -> str | None:
@@ -212,8 +185,6 @@ def run_seed(spec: ExperimentSpec, out: Path, seed: int) -> None:
 
 def run_experiment(spec: ExperimentSpec, out: Path, seeds: list[int], *, results_iters: int | None = None) -> dict:
     """Run (or resume) the whole experiment; rewrite the results after every seed. Returns the results."""
-    from ssb.experiment.results import write_results
-
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "experiment.yaml", dump_spec(spec, seeds))
     t0 = time.time()

@@ -27,6 +27,7 @@ import yaml
 from ssb.config import Config, ConfigError, DatasetSpec, load_config, read_yaml
 from ssb.config.loading import _build as build_dataclass  # typed build from a mapping, errors name the key
 from ssb.config.schema import opt
+from ssb.rundir import RunDir
 
 KINDS = ("base", "ssb", "sft", "grpo")
 
@@ -205,3 +206,36 @@ def spec_to_dict(spec: ExperimentSpec, seeds: list[int] | None = None) -> dict:
 
 def dump_spec(spec: ExperimentSpec, seeds: list[int] | None = None) -> str:
     return yaml.safe_dump(spec_to_dict(spec, seeds), sort_keys=False, width=120)
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class ArmRun:
+    """One arm under one seed: its config and its run directory."""
+
+    seed: int
+    arm: str
+    kind: str
+    cfg: Config
+    run: RunDir
+
+
+def arm_runs(spec: ExperimentSpec, out: Path, seed: int) -> list[ArmRun]:
+    share = out / "stage-index"
+    return [
+        ArmRun(seed, arm, a.kind, arm_config(spec, arm, seed), RunDir(out / f"seed-{seed}" / arm, share=share))
+        for arm, a in spec.arms.items()
+    ]
+
+
+def greedy(cfg: Config) -> bool:
+    return cfg.eval.temperature == 0
+
+
+def eval_dir(out: Path, ar: ArmRun, eval_name: str) -> Path:
+    """Where an arm's evaluation on one eval set lives (the shared one for a greedy base arm)."""
+    if ar.kind == "base" and greedy(ar.cfg):
+        return out / "shared" / ar.arm / "eval" / eval_name
+    return ar.run.eval_dir(ar.arm, eval_name)

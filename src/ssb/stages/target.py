@@ -16,6 +16,7 @@ The yield funnel over all batches: questions (rolled out) -> mixed (curated) -> 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from ssb.config import Config
 from ssb.files import JsonlWriter, read_jsonl
@@ -32,12 +33,12 @@ def batch_config(cfg: Config, n: int, size: int) -> Config:
     return dataclasses.replace(cfg, data=data, teach=teach)
 
 
-def draw_batches(cfg: Config, run: RunDir) -> tuple[list[RunDir], dict]:
-    """Run further batches until RUN/pairs.jsonl holds teach.target_pairs pairs; (batch dirs, target counts)."""
+def draw_batches(cfg: Config, run: RunDir, teach: Callable[[Config, RunDir], dict]) -> tuple[list[RunDir], dict]:
+    """Run further batches until RUN/pairs.jsonl holds teach.target_pairs pairs; (batch dirs, target counts).
+    `teach` is the teach stage (passed in by it: this module is its helper, so it does not import it back)."""
     from ssb.data import question_records
     from ssb.stages.curate import curate
     from ssb.stages.rollout import rollout
-    from ssb.stages.teach import teach
 
     tc, spec = cfg.teach, cfg.data.train
     target = tc.target_pairs

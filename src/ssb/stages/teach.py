@@ -50,7 +50,7 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
         skipped = teach_questions(cfg, run, st.checked, st)
         batches, target_counts = [run], {}
         if tc.target_pairs is not None:
-            more, target_counts = draw_batches(cfg, run)
+            more, target_counts = draw_batches(cfg, run, teach)
             batches += more
         attempts = [a for b in batches for a in read_checked(b.teach_attempts, check_attempt)]
         first = [a for a in attempts if a["attempt"] == 0]
