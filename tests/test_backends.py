@@ -76,7 +76,7 @@ def test_make_generator_without_vllm_uses_the_engine_and_records_it(tiny_model_d
     cfg = load_config(None, [f"model={tiny_model_dir}", "device=cpu"])
     run = RunDir(tmp_path / "run").mkdir()
     gen = make_generator(cfg, batch_size=4, progress=False, manifest=(run, "rollout"))
-    assert gen.backend.startswith("torch-static-kv/")
+    assert gen.backend.startswith("torch-paged-kv/")
     assert "[generation] engine: vLLM is not installed" in capsys.readouterr().out
     recorded = run.stage_entry("rollout")["generation"]
     assert recorded["backend"] == gen.backend and "not installed" in recorded["why"]

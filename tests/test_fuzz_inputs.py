@@ -488,6 +488,21 @@ CASES = {
         ["verify", "--input", "{root}/v.jsonl"],
         ["{root}/v.jsonl:2", "nested"],
     ),
+    "experiment-yaml-unclosed": (
+        _write("e.yaml", "name: x\narms: {b: {kind: base}\n"),
+        ["experiment", "{root}/e.yaml", "--out", "{root}/exp"],
+        ["{root}/e.yaml:3:", "not valid YAML"],
+    ),
+    "experiment-unknown-kind": (
+        _write("e.yaml", "name: x\npreset: quick\narms: {b: {kind: magic}}\n"),
+        ["experiment", "{root}/e.yaml", "--out", "{root}/exp"],
+        ["{root}/e.yaml", "'arms.b.kind'"],
+    ),
+    "experiment-bad-override": (
+        _write("e.yaml", "name: x\npreset: quick\narms: {s: {kind: ssb, set: [rollout.k=zero]}}\n"),
+        ["experiment", "{root}/e.yaml", "--out", "{root}/exp"],
+        ["{root}/e.yaml", "'rollout.k'"],
+    ),
     "verify-bad-gold": (
         _write("v.jsonl", '{"pred": "1", "gold": "1"}\n{"pred": "1", "gold": "\\\\boxed{"}\n'),
         ["verify", "--input", "{root}/v.jsonl"],

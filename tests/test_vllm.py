@@ -98,7 +98,7 @@ def test_rollout_teach_eval_records_match_the_engine_at_temperature_0(tmp_path, 
         }
     e, v = out["engine"], out["vllm"]
     assert {r["backend"] for r in v["rollouts"]} == {f"vllm-{__import__('vllm').__version__}/float32"}
-    assert {r["backend"] for r in e["rollouts"]} == {"torch-static-kv/float32"}
+    assert {r["backend"] for r in e["rollouts"]} == {"torch-paged-kv/float32"}
     assert v["manifest"]["rollout"]["generation"]["backend"].startswith("vllm-")
     assert [r["id"] for r in v["rollouts"]] == [r["id"] for r in e["rollouts"]]
     assert _generated(v["rollouts"], "rollouts") == _generated(e["rollouts"], "rollouts")
