@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ssb.config import load_config, save_config
+from ssb.config import ConfigError, load_config, save_config
 from ssb.rundir import RunDir
 from ssb.testing import write_arith_pairs
 
@@ -337,3 +337,23 @@ def test_sampled_store_end_to_end_logs_what_kd_is_and_the_full_kl(tmp_path, tiny
     assert logits(hybrid_cfg, hybrid)["top_k"] == 16  # BASE's logits.top_k: the exact head
     assert TeacherStore(hybrid.logits_dir)["arith-0"].ids.shape[1] == 16 + 64
     assert train(hybrid_cfg, hybrid)["kd_is"] == "sampled_estimate"
+
+
+def test_warmup_ratio_is_a_share_of_the_steps_and_report_to_passes_through(tmp_path, tiny):
+    """train.warmup_ratio reaches the Trainer as a share of the optimizer steps (transformers 5 reads a float
+    warmup_steps below 1 that way), and train.report_to as the Trainer's own report_to."""
+    from ssb.stages.train import build_trainer
+
+    run, cfg = _setup(
+        tmp_path / "run", tiny, **{"train.kd_weight": 0, "train.ce_weight": 1, "train.warmup_ratio": 0.25}
+    )
+    trainer, _ = build_trainer(cfg, run)
+    assert trainer.args.get_warmup_steps(12) == 3 and trainer.args.get_warmup_steps(40) == 10
+    assert trainer.args.report_to in ([], "none", ["none"])
+    with pytest.raises(ConfigError, match="train.warmup_ratio"):
+        load_config(None, ["train.warmup_ratio=1.0"])
+    run2, cfg2 = _setup(
+        tmp_path / "run2", tiny, **{"train.kd_weight": 0, "train.ce_weight": 1, "train.report_to": "[tensorboard]"}
+    )
+    trainer2, _ = build_trainer(cfg2, run2)
+    assert trainer2.args.report_to == ["tensorboard"]
