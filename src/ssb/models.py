@@ -265,11 +265,8 @@ def context_length(spec: str, trust_remote_code: bool = False) -> int | None:
     info = adapter_info(Path(spec)) if Path(spec).exists() else None
     if info:
         _check_adapter_files(Path(info["adapter"]))
-    base = info["base"] if info else spec
-    src = resolve(base)
+    base, src = _base_source(spec, trust_remote_code)
     _check_weights(Path(src))
-    if trust_remote_code:
-        _warn_remote_code(base)
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -281,16 +278,22 @@ def context_length(spec: str, trust_remote_code: bool = False) -> int | None:
     return min(limits) if limits else None
 
 
+def _base_source(spec: str, trust_remote_code: bool) -> tuple[str, str]:
+    """(the base model a spec names: itself, or an adapter's base; where its files are), warning once when the
+    user's own setting lets that repository's code run."""
+    info = adapter_info(Path(spec)) if Path(spec).exists() else None
+    base = info["base"] if info else spec
+    if trust_remote_code:
+        _warn_remote_code(base)
+    return base, resolve(base)
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     """The tokenizer of a model spec (an adapter's base). Only `trust_remote_code` (the user's own setting) lets
     a repository's code run."""
     from transformers import AutoTokenizer
 
-    info = adapter_info(Path(spec)) if Path(spec).exists() else None
-    base = info["base"] if info else spec
-    src = resolve(base)
-    if trust_remote_code:
-        _warn_remote_code(base)
+    base, src = _base_source(spec, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

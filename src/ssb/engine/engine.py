@@ -51,6 +51,17 @@ def stop_token_ids(tokenizer, model) -> set[int]:
     return ids
 
 
+def request_ids(tokenizer, prompts, n: int, params: SamplingParams, vocab: int) -> list[list[int]]:
+    """What every generator does before it starts: check the request, tokenize the prompts, and check their ids
+    lie in the vocabulary."""
+    check_request(n, params)
+    ids = tokenize_prompts(tokenizer, prompts)
+    for i, p in enumerate(ids):
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"prompts[{i}]: token id out of range [0, {vocab})")
+    return ids
+
+
 def tokenize_prompts(tokenizer, prompts) -> list[list[int]]:
     """Chat message lists are rendered with the chat template (generation prompt added); id lists pass through."""
     if not isinstance(prompts, (list, tuple)):
@@ -162,12 +173,7 @@ class Engine:
         self, prompts, n: int, params: SamplingParams, callback: Callable[[int, list[Completion]], None] | None = None
     ) -> list[list[Completion]]:
         """n completions per prompt, in order; `callback(i, completions)` fires when prompt i's n are done."""
-        check_request(n, params)
-        ids = tokenize_prompts(self.tokenizer, prompts)
-        vocab = self.lm.get_input_embeddings().num_embeddings
-        for i, p in enumerate(ids):
-            if min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"prompts[{i}]: token id out of range [0, {vocab})")
+        ids = request_ids(self.tokenizer, prompts, n, params, self.lm.get_input_embeddings().num_embeddings)
         results: list[list[Completion]] = [[] for _ in ids]
         if not ids:
             return results

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ssb.engine.engine import stop_token_ids, tokenize_prompts
-from ssb.engine.sampling import SamplingParams, check_request
+from ssb.engine.engine import request_ids, stop_token_ids
+from ssb.engine.sampling import SamplingParams
 from ssb.engine.scheduler import Completion
 
 GIB = 1 << 30
@@ -189,12 +189,7 @@ class VllmGenerator:
         from vllm import SamplingParams as VllmParams
         from vllm.sampling_params import RequestOutputKind
 
-        check_request(n, params)
-        ids = tokenize_prompts(self.tokenizer, prompts)
-        vocab = self.config.get("vocab_size") or len(self.tokenizer)
-        for i, p in enumerate(ids):
-            if min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"prompts[{i}]: token id out of range [0, {vocab})")
+        ids = request_ids(self.tokenizer, prompts, n, params, self.config.get("vocab_size") or len(self.tokenizer))
         results: list[list[Completion]] = [[] for _ in ids]
         if not ids:
             return results
