@@ -15,6 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ssb import parallel
 from ssb.config import Config, ConfigError, describe, load_config, preset_names, preset_path, read_yaml, save_config
 from ssb.models import ModelError
 from ssb.rundir import RunDir, before_work
@@ -113,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if argv[0] in VERBS and VERBS[argv[0]].own_args:
-        return load(argv[0])(argv[1:])
+        return _single_process(argv[0], argv[1:])
     args = parser.parse_args(argv)
     if getattr(args, "help_config", False):
         _print_config_help()
         return 0
     try:
+        parallel.init()  # launched as several processes (torchrun, accelerate, SLURM): join them
         return _dispatch(args)
     except ConfigError as e:
         print(f"ssb {args.verb}: config error: {e}", file=sys.stderr)
@@ -133,14 +135,35 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _single_process(verb: str, argv: list[str]) -> int:
+    """The verbs that read finished results (compare, report, verify) run on rank 0 alone when launched as several
+    processes; `ssb experiment` runs its arms one process at a time."""
+    try:
+        w = parallel.world()
+    except ValueError as e:
+        print(f"ssb {verb}: error: {e}", file=sys.stderr)
+        return 2
+    if w.size > 1 and verb == "experiment":
+        print(
+            f"ssb experiment: error: launched as {w.size} processes; run `ssb experiment` in one process (its "
+            "arms and seeds run one after another; launch `ssb run` per arm for multi-GPU stages)",
+            file=sys.stderr,
+        )
+        return 2
+    if not w.is_main:
+        return 0
+    return load(verb)(argv)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     cfg, run, origin = resolve_config(args)
-    print(f"[ssb {args.verb}] config: {origin}; run directory: {run.root}", flush=True)
+    if parallel.current().is_main:
+        print(f"[ssb {args.verb}] config: {origin}; run directory: {run.root}", flush=True)
     if args.verb == "eval":
         return load("eval")(cfg, args)
     # config.yaml is written once the command gets past its input checks (when the first stage starts work, or at
     # the end if every stage was already done): a command that fails on bad input leaves the previous one.
-    with before_work(lambda: save_config(cfg, run.config)):
+    with before_work(lambda: save_config(cfg, run.config) if parallel.current().is_main else None):
         load(args.verb)(cfg, run, force=args.force)
     return 0
 

@@ -24,6 +24,10 @@ All stages read and write through `RunDir`, so the layout is defined here and no
     RUN/report/                  report.html + report.md
     RUN/round-N/                 later rounds of iterated SSB, each a run directory of its own
 
+Under several processes (`ssb.parallel`) a generation stage's ranks append to RUN/<file>.rank-R-of-N.jsonl
+(`rank_shard`) and the teacher-logits ranks write RUN/logits/rank-R-of-N/ (`rank_store`); rank 0 merges them
+into the files above (`ssb.shards`), and only rank 0 writes the manifest.
+
 Files are written through `ssb.files` (atomic writes, appended JSONL), so a killed stage never leaves a
 half-written file that a later run trusts.
 
@@ -53,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ssb import parallel
 from ssb.config import config_hash
 from ssb.files import atomic_write_json, decode_utf8, file_digest
 from ssb.memory import PeakRSS
@@ -177,6 +182,30 @@ class RunDir:
         atomic_write_json(self.manifest_path, manifest)
 
 
+def rank_shard(path: Path, rank: int, size: int) -> Path:
+    """The file rank `rank` of `size` processes appends its share of a data-parallel JSONL output to (`ssb.shards`):
+    RUN/rollouts.jsonl -> RUN/rollouts.rank-1-of-4.jsonl. Rank 0 merges them into `path` at the end."""
+    return path.with_name(f"{path.stem}.rank-{rank}-of-{size}{path.suffix}")
+
+
+def rank_shards(path: Path) -> list[Path]:
+    """Every rank's shard of `path` left in its directory, whatever the world size that wrote it."""
+    return sorted(path.parent.glob(f"{glob_escape(path.stem)}.rank-*-of-*{glob_escape(path.suffix)}"))
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def rank_store(logits_dir: Path, rank: int, size: int) -> Path:
+    """The teacher store rank `rank` of `size` writes its share of the logits to; rank 0 merges it into RUN/logits."""
+    return logits_dir / f"rank-{rank}-of-{size}"
+
+
+def rank_stores(logits_dir: Path) -> list[Path]:
+    return sorted(p for p in logits_dir.glob("rank-*-of-*") if p.is_dir())
+
+
 def move_aside(path: Path) -> Path:
     """Rename `path` (a file or a directory) to `<name>.stale-<time>` beside it and return the new path. The name is
     never one that exists: a second move within the same second gets `.stale-<time>-2` (then -3, ...), so no older
@@ -229,11 +258,71 @@ class Stage:
     checked: Any = None  # what the stage's `check` returned (its validated inputs)
 
     def say(self, line: str) -> None:
-        print(line, flush=True)
+        if parallel.current().is_main:  # one voice: the ranks of a data-parallel stage would repeat each other
+            print(line, flush=True)
 
 
 @contextlib.contextmanager
 def stage(
+    run: RunDir,
+    name: str,
+    config_parts: tuple,
+    inputs: list[Path],
+    outputs: list[Path],
+    force: bool = False,
+    check: Callable[[], Any] | None = None,
+    every_rank: bool = False,
+) -> Iterator[Stage | None]:
+    """Run a stage under the manifest's bookkeeping (`_stage_here`), in one process or across the launched ones.
+
+    With several processes (`ssb.parallel`) rank 0 alone decides (skip, resume or start over), moves outputs
+    aside and writes the manifest, which records the world size; the others follow its decision. A stage whose
+    work is split over the ranks (`every_rank`: generation, teacher logits, DDP training) runs its body on every
+    rank, each with its own `check()` result, and is recorded done only after every rank finished its share.
+    Any other stage runs on rank 0 while the others wait, and its error reaches them as their own."""
+    w = parallel.current()
+    if w.size == 1:
+        with _stage_here(run, name, config_parts, inputs, outputs, force, check) as st:
+            yield st
+        return
+    if not w.is_main:
+        decision = parallel.broadcast()
+        if "error" in decision:
+            raise ValueError(f"stage {name}: rank 0 stopped: {decision['error']}")
+        if decision["skip"] or not every_rank:
+            finished = parallel.broadcast()  # rank 0 did the stage (or skipped it) and wrote the manifest
+            if "error" in finished:
+                raise ValueError(f"stage {name}: rank 0 stopped: {finished['error']}")
+            yield None
+            return
+        yield Stage(name=name, counts={}, resumed=decision["resumed"], checked=check() if check else None)
+        parallel.barrier()
+        parallel.broadcast()
+        return
+    outcome: dict = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                st = stack.enter_context(_stage_here(run, name, config_parts, inputs, outputs, force, check))
+            except BaseException as e:  # bad input: tell the other ranks instead of leaving them waiting
+                parallel.broadcast({"error": f"{type(e).__name__}: {e}"})
+                outcome = {"told": True}
+                raise
+            parallel.broadcast({"skip": st is None, "resumed": bool(st and st.resumed)})
+            try:
+                yield st
+            except BaseException as e:
+                outcome = {"error": f"{type(e).__name__}: {e}"}
+                raise
+            if st is not None and every_rank:
+                parallel.barrier()  # every rank's share is written before the stage counts as done
+    finally:
+        if not outcome.get("told"):
+            parallel.broadcast({"error": outcome["error"]} if "error" in outcome else {"done": True})
+
+
+@contextlib.contextmanager
+def _stage_here(
     run: RunDir,
     name: str,
     config_parts: tuple,
@@ -277,6 +366,7 @@ def stage(
         config_hash=chash,
         inputs_hash=ihash,
         resumed=resumed,
+        world_size=parallel.current().size,
     )
     st = Stage(name=name, counts={}, resumed=resumed, checked=checked)
     rss = PeakRSS()  # this stage's own peak resident memory, also when `ssb run` runs stages in one process

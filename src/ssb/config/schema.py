@@ -305,6 +305,11 @@ class Config:
         "vLLM's KV cache in GiB; 0 = auto: room for batch_size sequences of (longest prompt + max_new_tokens) "
         "tokens, capped at half the memory available at start-up",
     )
+    vllm_tensor_parallel: int = opt(
+        1,
+        "GPUs per vLLM engine (tensor parallelism) for a model too large for one. Under torchrun / accelerate / "
+        "SLURM each rank runs its own engine on its own vllm_tensor_parallel GPUs of the node (docs/parallel.md)",
+    )
     trust_remote_code: bool = opt(False, "Allow model code from the Hub (only if you trust it)")
     seed: int = opt(0, "Seed for sampling, curation choices and training order")
     data: DataConfig = opt(DataConfig, "Training data")
@@ -363,6 +368,7 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "rounds": ("must be >= 1", lambda v: v >= 1),
     "generation_memory_mib": ("must be > 0 or null", lambda v: v is None or v > 0),
     "vllm_kv_cache_gib": ("must be >= 0 (0 = auto)", lambda v: v >= 0),
+    "vllm_tensor_parallel": ("must be >= 1", lambda v: v >= 1),
 }
 
 

@@ -48,6 +48,9 @@ INDEX = "index.json"
 DTYPES = {"ids": torch.int32, "logprobs": torch.float16, "log_tail": torch.float32}  # kind topk
 HIDDEN_DTYPE = torch.float16  # kind hidden
 KINDS = ("topk", "sampled", "hybrid", "hidden")
+# what two stores must share to be one (a resumed store, or a rank's share merged into the main one)
+META_KEYS = ("schema_version", "kind", "temperature", "top_k", "samples", "seed", "vocab_size", "hidden_size")
+META_KEYS += ("fingerprint",)
 TENSORS = {
     "topk": ("ids", "logprobs", "log_tail"),
     "sampled": ("ids", "logprobs"),
@@ -213,8 +216,7 @@ class TeacherStoreWriter:
             if not resume:
                 raise TeacherStoreError(f"{self.root}: already holds teacher logits; use --force to recompute them")
             self.index = _read_index(self.root)
-            keys = ("schema_version", "kind", "temperature", "top_k", "samples", "seed", "vocab_size", "hidden_size")
-            for key in (*keys, "fingerprint"):
+            for key in META_KEYS:
                 if self.index.get(key) != meta[key]:
                     raise TeacherStoreError(
                         f"{index_path}: cannot resume: stored {key}={self.index.get(key)!r}, now {meta[key]!r}; "
@@ -277,6 +279,41 @@ class TeacherStoreWriter:
         self.done.update(e for e, _ in self._buf)
         self._buf = []
 
+    def absorb(self, root: str | Path) -> int:
+        """Take over the shards of the store at `root` (a rank's share of a multi-process logits pass, with the
+        same metadata), then delete it; the number of examples added. Each shard is copied in and the index
+        rewritten before the next, so a kill midway leaves a state the next call completes: a shard whose examples
+        are all here already is skipped, and a copy the index does not list yet is overwritten."""
+        import shutil
+
+        root = Path(root)
+        if not (root / INDEX).exists():  # killed before its first shard: nothing to take
+            shutil.rmtree(root, ignore_errors=True)
+            return 0
+        other = _read_index(root)
+        for key in META_KEYS:
+            if other.get(key) != self.index.get(key):
+                raise TeacherStoreError(
+                    f"{root / INDEX}: cannot merge into {self.root}: {key}={other.get(key)!r} there, "
+                    f"{self.index.get(key)!r} here; rerun the logits stage with --force"
+                )
+        self.flush()
+        added = 0
+        for shard in other["shards"]:
+            ids = [e[0] for e in shard["examples"]]
+            if all(i in self.done for i in ids):
+                continue
+            if any(i in self.done for i in ids):
+                raise TeacherStoreError(f"{root / shard['file']}: holds examples already in {self.root}")
+            name = f"shard-{len(self.index['shards']):05d}.safetensors"
+            atomic_write_bytes(self.root / name, (root / shard["file"]).read_bytes())
+            self.index["shards"].append({**shard, "file": name})
+            atomic_write_json(self.root / INDEX, self.index)
+            self.done.update(ids)
+            added += len(ids)
+        shutil.rmtree(root)
+        return added
+
     def close(self) -> dict:
         """Write what is buffered and mark the store complete. Returns counts for the manifest."""
         self.flush()
@@ -291,6 +328,14 @@ class TeacherStoreWriter:
             "shards": len(self.index["shards"]),
             "bytes_per_token": round(size / max(1, tokens), 1),
         }
+
+
+def stored_ids(root: str | Path) -> set[str]:
+    """The example ids a (possibly unfinished) store at `root` holds; empty when it has no index yet."""
+    root = Path(root)
+    if not (root / INDEX).exists():
+        return set()
+    return {e[0] for s in _read_index(root)["shards"] for e in s["examples"]}
 
 
 def _read_index(root: Path) -> dict:

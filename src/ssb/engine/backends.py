@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ssb import parallel
 from ssb.config import Config, ConfigError
 
 INSTALL_HINT = "scripts/install-vllm.sh (docs/vllm.md)"
@@ -131,11 +132,12 @@ def make_generator(
             batch_size=batch_size,
             device=device,
             kv_cache_gib=cfg.vllm_kv_cache_gib,
+            tensor_parallel=cfg.vllm_tensor_parallel,
             progress=progress,
             cleanup=cleanup,
             trust_remote_code=cfg.trust_remote_code,
         )
-    if manifest is not None:
+    if manifest is not None and parallel.current().is_main:  # one writer of the manifest
         run, stage_name = manifest
         run.update_stage(
             stage_name, generation={"backend": gen.backend, "why": why, "reproducibility": gen.reproducibility}

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from ssb import parallel
 from ssb.engine.engine import request_ids, stop_token_ids
 from ssb.engine.sampling import SamplingParams
 from ssb.engine.scheduler import Completion
@@ -83,6 +84,28 @@ def available_memory_bytes() -> int:
         return 4 * GIB
 
 
+def rank_devices(w: parallel.World, tensor_parallel: int) -> None:
+    """Under a launcher with several ranks per node, give this rank's vLLM engine its own GPUs: local rank r gets
+    devices [r * tp, (r + 1) * tp) of those visible, through CUDA_VISIBLE_DEVICES, which the engine's worker
+    processes (started after this) inherit. The ranks of a node must not need more GPUs than it has."""
+    if w.size == 1:
+        return
+    import torch
+
+    # the node's devices as first seen: a later engine in this process must not slice the slice again
+    visible = os.environ.get("SSB_NODE_DEVICES") or os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    os.environ["SSB_NODE_DEVICES"] = ",".join(devices)
+    mine = devices[w.local_rank * tensor_parallel : (w.local_rank + 1) * tensor_parallel]
+    if len(mine) < tensor_parallel:
+        raise ValueError(
+            f"rank {w.rank} (local rank {w.local_rank}) needs vllm_tensor_parallel={tensor_parallel} GPUs but the "
+            f"node shows {len(devices)}: launch fewer processes per node (nproc-per-node x vllm_tensor_parallel "
+            "<= GPUs per node)"
+        )
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+
+
 def loadable_model_dir(model_dir: str | Path, scratch: Path) -> Path:
     """model_dir as vLLM can load it: a model converted from GGUF may still carry `quantization_config:
     {quant_method: gguf}` in its config.json although its weights are plain safetensors, and vLLM would then look
@@ -120,6 +143,7 @@ class VllmGenerator:
         batch_size: int = 64,
         device: str = "cpu",
         kv_cache_gib: float = 0.0,
+        tensor_parallel: int = 1,
         progress: bool = True,
         cleanup: list[Path] | None = None,
         trust_remote_code: bool = False,
@@ -134,7 +158,7 @@ class VllmGenerator:
         self.config = json.loads((self.model_dir / "config.json").read_text())
         self.tokenizer, self.dtype, self.device = tokenizer, dtype, device
         self.batch_size, self.kv_cache_gib, self.progress = batch_size, kv_cache_gib, progress
-        self.trust_remote_code = trust_remote_code
+        self.trust_remote_code, self.tensor_parallel = trust_remote_code, tensor_parallel
         self.backend = f"vllm-{vllm.__version__}/{dtype}"
         self.reproducibility = (
             "per-request seeds from (seed, prompt ids); same seed, model, dtype, vLLM version and machine give "
@@ -163,6 +187,8 @@ class VllmGenerator:
                 self.config, dtype_bytes, sequences, tokens_per_sequence, available, max_len
             )
         cpu = not self.device.startswith("cuda")
+        if not cpu:
+            rank_devices(parallel.current(), self.tensor_parallel)
         print(
             f"[vllm] starting {self.backend} on {self.device}: KV cache {self.kv_cache_bytes / GIB:.2f} GiB, "
             f"up to {self.batch_size} sequences, max length {max_len}",
@@ -179,6 +205,7 @@ class VllmGenerator:
             enable_chunked_prefill=not cpu,  # CPU: per-request seeds fail with split prefills (docstring)
             enforce_eager=cpu,  # CPU: torch.compile warm-up ran > 5 min on 2 cores without finishing
             trust_remote_code=self.trust_remote_code,
+            tensor_parallel_size=self.tensor_parallel,
             seed=0,
         )
 

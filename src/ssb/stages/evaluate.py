@@ -27,12 +27,14 @@ import json
 import time
 from pathlib import Path
 
+from ssb import parallel
 from ssb.config import Config, DatasetSpec, validate
 from ssb.data import BENCHMARKS, Example, load_examples
 from ssb.files import JsonlWriter, atomic_write_json, file_digest, read_json_object, read_jsonl
 from ssb.memory import PeakRSS
 from ssb.models import generation_dtype_name
 from ssb.rundir import EVAL_CONFIG, SAMPLES, SUMMARY, RunDir, benchmark_tag, move_aside
+from ssb.shards import fold, rank_output
 from ssb.summary import EvalError, build_summary, detail_line, result_line
 
 BENCHMARK_CHOICES = ("gsm8k", "math500", "aime24", "amc23", "arith")
@@ -187,32 +189,55 @@ def evaluate(
     settings = eval_settings(cfg, model, name, spec, data_file, examples)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = _prepare_outputs(out, settings, {e.id for e in examples}, force)
+    main = parallel.current().is_main
+    say = print if main else (lambda *a, **k: None)  # one voice across the ranks
+    done, session = _prepared(out, settings, examples, force)
     if len(done) == len(examples) and (out / SUMMARY).exists():
         summary = _read_json(out / SUMMARY)
-        print(f"[eval] {out}: already done (--force reruns it)", flush=True)
-        print(result_line(summary), flush=True)
+        say(f"[eval] {out}: already done (--force reruns it)", flush=True)
+        say(result_line(summary), flush=True)
         return summary
     todo = [e for e in examples if e.id not in done]
+    rss = PeakRSS()  # this evaluation's peak resident memory (the report shows it)
     if todo:
         if done:
-            print(f"[eval] resuming: {len(done)} of {len(examples)} problems already done", flush=True)
+            say(f"[eval] resuming: {len(done)} of {len(examples)} problems already done", flush=True)
         if ec.temperature == 0 and ec.n > 1:
-            print(
-                f"[eval] note: temperature 0 is greedy, so the n={ec.n} samples per problem are identical", flush=True
-            )
+            say(f"[eval] note: temperature 0 is greedy, so the n={ec.n} samples per problem are identical", flush=True)
+        with rank_output(out / SAMPLES, order=[e.id for e in examples]) as mine, rss:
+            ids = parallel.share([e.id for e in todo])  # this rank's part (all of it in one process)
+            if ids:
+                _generate(cfg, model, [e for e in todo if e.id in ids], mine, session)
+    summary = None
+    if main:
+        by_id = {r["id"]: r for r in read_jsonl(out / SAMPLES)}
+        summary = build_summary([by_id[e.id] for e in examples], settings)
+        summary["config"] = {**settings, "batch_size": ec.batch_size, "device": cfg.device, "dtype": cfg.dtype}
+        if todo:
+            summary["peak_rss_bytes"] = rss.peak_bytes
+        atomic_write_json(out / SUMMARY, summary)
+        print(result_line(summary), flush=True)
+        print(detail_line(summary, out), flush=True)
+    return parallel.broadcast(summary)
+
+
+def _prepared(out: Path, settings: dict, examples: list[Example], force: bool) -> tuple[set[str], int]:
+    """(ids of the problems already done, this session's number), decided by rank 0 (`_prepare_outputs`, after
+    folding in the per-rank sample files a killed multi-process evaluation left) and shared with the others."""
+    decision = None
+    if parallel.current().is_main:
+        try:
+            fold(out / SAMPLES, order=[e.id for e in examples])
+            done = _prepare_outputs(out, settings, {e.id for e in examples}, force)
+        except BaseException as e:  # tell the other ranks instead of leaving them waiting
+            parallel.broadcast({"error": str(e)})
+            raise
         session = 1 + max((r.get("session", 0) for r in done.values()), default=-1)
-        with PeakRSS() as rss:  # this evaluation's peak resident memory (the report shows it)
-            _generate(cfg, model, todo, out / SAMPLES, session)
-    by_id = {r["id"]: r for r in read_jsonl(out / SAMPLES)}
-    summary = build_summary([by_id[e.id] for e in examples], settings)
-    summary["config"] = {**settings, "batch_size": ec.batch_size, "device": cfg.device, "dtype": cfg.dtype}
-    if todo:
-        summary["peak_rss_bytes"] = rss.peak_bytes
-    atomic_write_json(out / SUMMARY, summary)
-    print(result_line(summary), flush=True)
-    print(detail_line(summary, out), flush=True)
-    return summary
+        decision = {"done": sorted(done), "session": session}
+    decision = parallel.broadcast(decision)
+    if "error" in decision:
+        raise EvalError(f"rank 0 stopped: {decision['error']}")
+    return set(decision["done"]), decision["session"]
 
 
 def _generate(cfg: Config, model: str, todo: list[Example], samples_path: Path, session: int) -> None:

@@ -27,6 +27,7 @@ import json
 import time
 from pathlib import Path
 
+from ssb import parallel
 from ssb.config import Config
 from ssb.files import atomic_write_json, read_jsonl
 from ssb.rundir import RunDir, stage
@@ -44,7 +45,13 @@ from ssb.training import (
     trim_metrics,
 )
 
-METER_FILE = "ssb_grpo_meter.json"
+METER_FILE = "ssb_grpo_meter.json"  # rank 0's; rank r > 0 of a multi-process run: ssb_grpo_meter.rank-r.json
+
+
+def meter_file(checkpoint: Path) -> Path:
+    """Each rank counts the completions it generated, in its own file beside the checkpoint."""
+    rank = parallel.current().rank
+    return checkpoint / (METER_FILE if rank == 0 else METER_FILE.replace(".json", f".rank-{rank}.json"))
 
 
 def _or(value, default):
@@ -100,7 +107,7 @@ class Meter:
         }
 
     def restore(self, checkpoint: str) -> None:
-        path = Path(checkpoint) / METER_FILE
+        path = meter_file(Path(checkpoint))
         if path.exists():
             d = json.loads(path.read_text())
             self.generated_tokens, self.completions = d["generated_tokens"], d["completions"]
@@ -138,10 +145,9 @@ def _callback(meter: Meter, metrics_path: Path, name: str = "grpo"):
             meter.seconds, meter._t0 = meter.elapsed(), None
 
         def on_save(self, args, state, control, **kw):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
-                    atomic_write_json(ckpt / METER_FILE, meter.to_dict())
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                atomic_write_json(meter_file(ckpt), meter.to_dict())
 
     return GRPOLog()
 
@@ -333,7 +339,8 @@ def grpo(cfg: Config, run: RunDir, force: bool = False, name: str = "grpo") -> d
 
     from ssb.data import data_files
 
-    with stage(run, name, parts, data_files(cfg.data.train), [out], force=force, check=check) as st:
+    inputs = data_files(cfg.data.train)
+    with stage(run, name, parts, inputs, [out], force=force, check=check, every_rank=True) as st:
         if st is None:
             return (run.stage_entry(name) or {}).get("counts", {})
         if steps_note:
@@ -347,15 +354,20 @@ def grpo(cfg: Config, run: RunDir, force: bool = False, name: str = "grpo") -> d
             f"per step, lr {gc.learning_rate}, beta {gc.beta}, loss {gc.loss_type}, LoRA r={cfg.train.lora_r}"
         )
         resume = last_checkpoint(ckpts, st.resumed)
+        main = parallel.current().is_main
         if resume:
             st.say(f"[{name}] resuming from {resume}")
             meter.restore(resume)
-            trim_metrics(metrics, int(resume.rsplit("-", 1)[-1]))
-        elif metrics.exists():
+            if main:
+                trim_metrics(metrics, int(resume.rsplit("-", 1)[-1]))
+        elif metrics.exists() and main:
             metrics.unlink()
         with quiet_trainer_warnings():
             result = trainer.train(resume_from_checkpoint=resume)
         save_adapter(cfg, trainer, adapter)
+        ranks = parallel.all_gather(meter.to_dict())  # every rank generated its share of the completions
+        meter.generated_tokens = sum(m["generated_tokens"] for m in ranks)
+        meter.completions = sum(m["completions"] for m in ranks)
         rows = read_jsonl(metrics)
         rewards = [r["reward"] for r in rows if r.get("reward") is not None]
         st.counts.update(

@@ -23,8 +23,9 @@ import time
 
 import torch
 
+from ssb import parallel
 from ssb.config import Config
-from ssb.rundir import RunDir, stage
+from ssb.rundir import RunDir, rank_store, rank_stores, stage
 
 HYBRID_AUTO_HEAD = 64  # benchmarks/distill.py on SmolLM2: head 64 beat 124 at the hidden states (0.971 vs 0.964)
 
@@ -46,7 +47,7 @@ def logits(cfg: Config, run: RunDir, force: bool = False) -> dict:
             raise ValueError(f"{run.pairs}: no training pairs; the teach stage kept none")
 
     outputs = [run.logits_dir] if stored else []
-    with stage(run, "logits", parts, [run.pairs], outputs, force=force, check=check) as st:
+    with stage(run, "logits", parts, [run.pairs], outputs, force=force, check=check, every_rank=True) as st:
         if st is None:
             return run.stage_entry("logits")["counts"]
         if not stored:
@@ -61,7 +62,14 @@ def logits(cfg: Config, run: RunDir, force: bool = False) -> dict:
 def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print) -> dict:
     from ssb.distill.loss import OutputHead, check_head, final_hidden
     from ssb.distill.pairs import encode_pairs, pad_batch, read_pairs
-    from ssb.distill.store import TeacherStoreWriter, bytes_per_token, draw, example_generator, sparsify
+    from ssb.distill.store import (
+        TeacherStoreWriter,
+        bytes_per_token,
+        draw,
+        example_generator,
+        sparsify,
+        stored_ids,
+    )
     from ssb.models import load_from_config, model_fingerprint
 
     lc, T = cfg.logits, cfg.train.temperature
@@ -72,8 +80,7 @@ def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print)
     head = OutputHead.of(model)
     k, samples = store_widths(lc, head.vocab_size)
     hidden_size = head.weight.shape[1]
-    writer = TeacherStoreWriter(
-        run.logits_dir,
+    meta = dict(
         temperature=T,
         top_k=k,
         vocab_size=head.vocab_size,
@@ -84,17 +91,27 @@ def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print)
         samples=samples,
         seed=cfg.seed,
         shard_size=lc.shard_size,
-        resume=resume,
     )
-    todo = [r for r in records if r["id"] not in writer.done]
+    # Several processes: each stores its share (`parallel.share`) in a store of its own, RUN/logits/rank-R-of-N,
+    # and rank 0 takes their shards into RUN/logits at the end, and at the start any a killed launch left.
+    w = parallel.current()
+    main = TeacherStoreWriter(run.logits_dir, **meta, resume=resume) if w.is_main else None
+    if main is not None:
+        for leftover in rank_stores(run.logits_dir):
+            main.absorb(leftover)
+    parallel.barrier()
+    done = main.done if main is not None else stored_ids(run.logits_dir)
+    writer = main if w.size == 1 else TeacherStoreWriter(rank_store(run.logits_dir, w.rank, w.size), **meta)
+    mine = parallel.share([r["id"] for r in records if r["id"] not in done])
+    todo = [r for r in records if r["id"] in mine]
     for r in todo:
         if max(r["solution_ids"]) >= head.vocab_size:
             raise ValueError(
                 f"{run.pairs}:{r['_line']}: field 'solution_ids': id {max(r['solution_ids'])} is outside "
                 f"the model's vocabulary ({head.vocab_size})"
             )
-    if writer.done:
-        say(f"[logits] resuming: {len(writer.done)} examples already stored, {len(todo)} to go")
+    if done:
+        say(f"[logits] resuming: {len(done)} examples already stored, {len(todo)} to go")
     pairs = sorted(encode_pairs(todo, tok, student=False), key=lambda p: -p.teacher_len)  # longest first: OOM early
     device = next(model.parameters()).device
     if pairs:
@@ -133,14 +150,21 @@ def compute_teacher_logits(cfg: Config, run: RunDir, *, resume: bool, say=print)
                 f"[logits] {min(start + lc.batch_size, len(pairs))}/{len(pairs)} examples, "
                 f"{done_tokens / max(1e-9, time.time() - t0):.0f} tokens/s"
             )
-    counts = writer.close()
-    say(
-        f"[logits] stored {counts['examples']} examples, {counts['tokens']} tokens, "
-        f"{counts['bytes'] / 2**20:.1f} MiB ({counts['bytes_per_token']} bytes/token)"
-    )
-    reference = 0
-    if lc.store != "hidden" and lc.reference_pairs:
-        reference = _store_reference(cfg, run, model, tok, records, writer.index["fingerprint"], say)
+    if writer is not main:
+        writer.close()
+    parallel.barrier()
+    counts, reference = None, 0
+    if main is not None:
+        for share in rank_stores(run.logits_dir):
+            main.absorb(share)
+        counts = main.close()
+        say(
+            f"[logits] stored {counts['examples']} examples, {counts['tokens']} tokens, "
+            f"{counts['bytes'] / 2**20:.1f} MiB ({counts['bytes_per_token']} bytes/token)"
+        )
+        if lc.store != "hidden" and lc.reference_pairs:
+            reference = _store_reference(cfg, run, model, tok, records, main.index["fingerprint"], say)
+    counts, reference = parallel.broadcast((counts, reference))
     return {
         **counts,
         "store": lc.store,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from ssb import parallel
 from ssb.compute import budget_lines
 from ssb.config import Config, ConfigError
 from ssb.files import read_jsonl, write_jsonl
@@ -91,6 +92,8 @@ def run_all(cfg: Config, run: RunDir, force: bool = False) -> dict:
         out = run.eval_dir(tag, bench)
         results[f"eval_{tag}"] = evaluate(cfg, spec, None, out, force=force)
         dirs.append(out)
+    if not parallel.current().is_main:  # the table and findings come from rank 0 alone
+        return results
     print(f"\n=== held-out {bench}: {', '.join(t for t, _ in models)} ===", flush=True)
     print(compare(dirs), flush=True)
     for line in budget_lines(run, cfg.train.epochs):  # the compute each arm spent (ssb.compute)
@@ -112,8 +115,9 @@ def baselines(cfg: Config, run: RunDir, force: bool, models: list) -> dict:
         print("\n=== baseline: SFT on the same pairs ===", flush=True)
         sft_run = run.sft_run.mkdir()
         pairs = read_jsonl(run.pairs)
-        if read_jsonl(sft_run.pairs) != pairs:
+        if parallel.current().is_main and read_jsonl(sft_run.pairs) != pairs:
             write_jsonl(sft_run.pairs, pairs)
+        parallel.barrier()
         out["sft"] = load("train")(sft_config(cfg), sft_run, force=force)
         models.append(("sft", str(sft_run.adapter_dir)))
     if "grpo" in cfg.baselines:

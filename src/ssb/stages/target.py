@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from ssb import parallel
 from ssb.config import Config
 from ssb.files import JsonlWriter, read_jsonl
 from ssb.rundir import RunDir
@@ -69,7 +70,10 @@ def draw_batches(cfg: Config, run: RunDir, teach: Callable[[Config, RunDir], dic
         rollout(bcfg, brun)
         if curate(bcfg, brun).get("kept"):
             teach(bcfg, brun)
-        have = append_pairs(run, brun, target)
+        if parallel.current().is_main:
+            append_pairs(run, brun, target)
+        parallel.barrier()
+        have = len(read_jsonl(run.pairs))
         n += 1
     counts = {
         "target_pairs": target,

@@ -18,12 +18,15 @@ warning naming it, and counted.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+from ssb import parallel
 from ssb.config import Config
 from ssb.files import JsonlWriter, read_jsonl
 from ssb.models import generation_dtype_name
 from ssb.records import check_attempt, check_curated, check_id_only, read_checked
 from ssb.rundir import RunDir, stage
+from ssb.shards import rank_output
 
 
 def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
@@ -44,7 +47,7 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
             raise FileNotFoundError(f"{run.curated}: missing; run `ssb curate` first")
         return read_checked(run.curated, check_curated, repair=False)
 
-    with stage(run, "teach", parts, [run.curated], outputs, force=force, check=check) as st:
+    with stage(run, "teach", parts, [run.curated], outputs, force=force, check=check, every_rank=True) as st:
         if st is None:
             return run.stage_entry("teach")["counts"]
         skipped = teach_questions(cfg, run, st.checked, st)
@@ -80,15 +83,31 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
 def teach_questions(cfg: Config, run: RunDir, curated: list[dict], st) -> set[str]:
     """Up to teach.attempts tries for each curated question without a kept pair, appending to the run's
     teach_attempts.jsonl and pairs.jsonl; resumes from what those files hold. Returns the ids left out because
-    their hinted prompt does not fit the model's context."""
+    their hinted prompt does not fit the model's context. Under several processes each rank takes its share of
+    the questions (`parallel.share`), all attempts of a question on the same rank, into its own shard files."""
+    ids = [c["id"] for c in curated]
+    attempt_order = [(i, a) for i in ids for a in range(cfg.teach.attempts)]
+    with (
+        rank_output(run.pairs, order=ids) as pairs_out,
+        rank_output(run.teach_attempts, key=attempt_key, order=attempt_order) as log_out,
+    ):
+        return _teach_share(cfg, run, curated, pairs_out, log_out, st)
+
+
+def attempt_key(rec: dict) -> tuple:
+    return (rec.get("id"), rec.get("attempt"))
+
+
+def _teach_share(cfg: Config, run: RunDir, curated: list[dict], pairs_out: Path, log_out: Path, st) -> set[str]:
     from ssb.engine import SamplingParams
     from ssb.engine.backends import make_generator
     from ssb.stages.inputs import too_long
     from ssb.verify import Verifier
 
     tc = cfg.teach
-    pairs_done = read_checked(run.pairs, check_id_only)
-    attempts = read_checked(run.teach_attempts, check_attempt)
+    mine = parallel.share([c["id"] for c in curated])  # once for all rounds: a question's attempts stay together
+    pairs_done = [p for p in read_checked(run.pairs, check_id_only) if p["id"] in mine]
+    attempts = [a for a in read_checked(run.teach_attempts, check_attempt) if a["id"] in mine]
     kept_ids = {p["id"] for p in pairs_done}
     tries: dict[str, int] = {}
     for a in attempts:
@@ -103,8 +122,9 @@ def teach_questions(cfg: Config, run: RunDir, curated: list[dict], st) -> set[st
             f"[teach] warning: left out {len(skipped)} question(s) whose hinted prompt + teach.max_new_tokens="
             f"{tc.max_new_tokens} exceeds the model's context of {limit} tokens: {shown}"
         )
+    curated = [c for c in curated if c["id"] in mine]
     engine = None
-    with Verifier() as verifier, JsonlWriter(run.teach_attempts) as log, JsonlWriter(run.pairs) as pairs:
+    with Verifier() as verifier, JsonlWriter(log_out) as log, JsonlWriter(pairs_out) as pairs:
         logged = {(a["id"], a["attempt"]) for a in attempts}
         for p in pairs_done:  # a kill between the pair and its log line: log it now
             if (p["id"], p.get("attempt", 0)) not in logged:

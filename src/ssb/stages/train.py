@@ -14,13 +14,12 @@ the base), RUN/merged/ with train.merge. The LoRA, Trainer arguments and adapter
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 
 from ssb.config import Config
-from ssb.rundir import RunDir, Stage, stage
+from ssb.rundir import RunDir, stage
 from ssb.stages.logits import needs_stored_logits
 from ssb.training import (
     last_checkpoint,
@@ -32,37 +31,6 @@ from ssb.training import (
     trainer_arguments,
     trim_metrics,
 )
-
-
-@contextlib.contextmanager
-def _stage_all_ranks(run: RunDir, name: str, parts: tuple, inputs: list, outputs: list, force: bool, check=None):
-    """`stage` on the main process; the other processes follow its decision (skip / resume) without touching files."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.num_processes == 1:
-        with stage(run, name, parts, inputs, outputs, force, check) as st:
-            yield st
-        return
-    from accelerate.utils import broadcast_object_list
-
-    if state.is_main_process:
-        with contextlib.ExitStack() as stack:
-            try:
-                st = stack.enter_context(stage(run, name, parts, inputs, outputs, force, check))
-            except BaseException as e:  # bad input: tell the other processes instead of leaving them waiting
-                broadcast_object_list([{"error": f"{type(e).__name__}: {e}"}], from_process=0)
-                raise
-            broadcast_object_list([{"skip": st is None, "resumed": bool(st and st.resumed)}], from_process=0)
-            yield st
-        state.wait_for_everyone()
-    else:
-        decision = [None]
-        broadcast_object_list(decision, from_process=0)
-        if "error" in decision[0]:
-            raise ValueError(f"the main process stopped before training: {decision[0]['error']}")
-        yield None if decision[0]["skip"] else Stage(name=name, counts={}, resumed=decision[0]["resumed"])
-        state.wait_for_everyone()
 
 
 def train(cfg: Config, run: RunDir, force: bool = False) -> dict:
@@ -78,7 +46,7 @@ def train(cfg: Config, run: RunDir, force: bool = False) -> dict:
             raise ValueError(f"{run.pairs}: no training pairs; the teach stage kept none")
 
     parts = (cfg.model, tc, cfg.logits, cfg.seed)
-    with _stage_all_ranks(run, "train", parts, inputs, outputs, force, check) as st:
+    with stage(run, "train", parts, inputs, outputs, force, check, every_rank=True) as st:  # DDP: every rank
         if st is None:
             return (run.stage_entry("train") or {}).get("counts", {})
         trainer, info = build_trainer(cfg, run, say=st.say)
