@@ -21,7 +21,7 @@ QUESTIONS = 6
 EXPERIMENTS = Path(__file__).parents[1] / "configs" / "experiments"
 
 
-def _experiment(tmp_path, model, arms: str, seeds: str = "[0, 1]") -> object:
+def _experiment(tmp_path, model, arms: str, seeds: str = "[0, 1]", extra: str = "") -> object:
     data = tmp_path / "q.jsonl"
     data.write_text(
         "".join(
@@ -40,7 +40,7 @@ train: {{epochs: 1, batch_size: 2, lora_r: 4, lora_alpha: 8, save_steps: 2}}
 eval: {{data: {{source: {data}}}, max_new_tokens: 12}}
 """)
     exp = tmp_path / "exp.yaml"
-    exp.write_text(f"name: tiny\nconfig: {base.name}\nseeds: {seeds}\nbootstrap_iters: 500\narms:\n{arms}")
+    exp.write_text(f"name: tiny\nconfig: {base.name}\nseeds: {seeds}\nbootstrap_iters: 500\n{extra}arms:\n{arms}")
     return load_spec(exp)
 
 
@@ -54,7 +54,7 @@ ARMS = """  base: {kind: base}
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, answering_model_dir):
     tmp = tmp_path_factory.mktemp("exp")
-    spec = _experiment(tmp, answering_model_dir, ARMS)
+    spec = _experiment(tmp, answering_model_dir, ARMS, extra="difficulty_samples: 3\n")
     out = tmp / "out"
     res = run_experiment(spec, out, spec.seeds)
     return spec, out, res
@@ -103,6 +103,35 @@ def test_arms_by_seeds_share_what_is_valid(finished):
         "seeds: [0, 1]" in (out / "experiment.yaml").read_text().replace("\n- ", " ").replace("seeds:\n", "seeds: ")
         or (out / "experiment.yaml").exists()
     )
+
+
+def test_gain_split_by_the_base_models_difficulty(finished):
+    """The base model sampled 3 times per problem (once for both seeds) bins the problems; each arm's difference
+    against base within a bin is the plain mean difference over that bin's problems and the seeds."""
+    from ssb.experiment.results import difficulty_bins
+
+    spec, out, res = finished
+    samples = out / "shared" / "difficulty" / "q" / "samples.jsonl"
+    records = read_jsonl(samples)
+    assert len(records) == QUESTIONS and all(len(r["samples"]) == 3 for r in records)
+    settings = json.loads((samples.parent / "eval_config.json").read_text())
+    assert settings["temperature"] == 0.8 and settings["n"] == 3  # sampled as the rollouts are
+    diff = res["eval"]["q"]["difficulty"]
+    bins = difficulty_bins(samples)
+    assert diff["problems"] == {b: sum(v == b for v in bins.values()) for b in ("never", "sometimes", "always")}
+    base = {r["id"]: r["correct"] for r in read_jsonl(out / "shared" / "base" / "eval" / "q" / "samples.jsonl")}
+    for row in diff["rows"]:
+        ids = [i for i, b in bins.items() if b == row["bin"]]
+        by_seed = []
+        for seed in (0, 1):
+            path = out / f"seed-{seed}" / row["arm"] / "eval" / row["arm"] / "q" / "samples.jsonl"
+            arm = {r["id"]: r["correct"] for r in read_jsonl(path)}
+            by_seed.append(sum(arm[i] - base[i] for i in ids) / len(ids))
+        assert row["problems"] == len(ids)
+        assert row["diff"] == pytest.approx(sum(by_seed) / 2)
+        assert row["low"] <= row["diff"] <= row["high"]
+    assert {r["arm"] for r in diff["rows"]} == {"ssb", "sft", "k2"}
+    assert "Gain over base by the base model's difficulty" in (out / "results.md").read_text()
 
 
 def test_k_subsample_equals_a_direct_k_run(finished, tmp_path):

@@ -1,6 +1,7 @@
 """The distillation trainer on a tiny model: offline, online and SFT runs, normalisation under gradient
 accumulation, resume after a kill, refusal of mismatched logits, and two-process DDP."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ssb.config import ConfigError, load_config, save_config
+from ssb.config import ConfigError, config_hash, load_config, save_config
+from ssb.files import read_jsonl
 from ssb.rundir import RunDir
 from ssb.testing import write_arith_pairs
 
@@ -130,6 +132,25 @@ def test_sft_baseline_needs_no_teacher_logits(tmp_path, tiny):
     rows = _metrics(run)
     assert all(r["kd"] is None and r["loss"] == pytest.approx(r["ce"]) for r in rows)
     assert rows[-1]["ce"] < 0.7 * rows[0]["ce"]
+
+
+def test_max_pairs_trains_on_the_first_pairs_and_keeps_old_hashes(tmp_path, tiny):
+    """train.max_pairs takes the first N pairs in file order; unset, it leaves the stage's config hash as it was
+    before the option existed (a resumed run does not retrain)."""
+    from ssb.stages.train import build_trainer, train
+
+    sets = {"train.kd_weight": 0, "train.ce_weight": 1, "train.epochs": 1, "train.max_pairs": 4}
+    run, cfg = _setup(tmp_path / "run", tiny, **sets)
+    trainer, info = build_trainer(cfg, run)
+    ids = [p["id"] for p in read_jsonl(run.pairs)]
+    assert info["pairs"] == 4 and sorted(trainer.train_dataset[i].id for i in range(4)) == sorted(ids[:4])
+    assert train(cfg, run)["pairs"] == 4
+    plain, cfg_plain = _setup(tmp_path / "plain", tiny, **{k: v for k, v in sets.items() if k != "train.max_pairs"})
+    train(cfg_plain, plain)
+    entry = plain.stage_entry("train")
+    legacy = {k: v for k, v in dataclasses.asdict(cfg_plain.train).items() if k != "max_pairs"}
+    assert entry["config_hash"] == config_hash(cfg_plain.model, legacy, cfg_plain.logits, cfg_plain.seed)
+    assert entry["config_hash"] != run.stage_entry("train")["config_hash"]
 
 
 def _first_batch_loss(cfg, run):

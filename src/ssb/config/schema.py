@@ -172,6 +172,11 @@ class TrainConfig:
     kd_weight: float = opt(1.0, "Weight of KL(teacher || student) (paper: 1)")
     ce_weight: float = opt(0.0, "Weight of cross-entropy on the solution tokens (paper: 0; SFT baseline: 1, kd 0)")
     max_length: int = opt(1024, "Longest student sequence (prompt + solution) in tokens; longer pairs are dropped")
+    max_pairs: int | None = opt(
+        None,
+        "Train on the first this many pairs of pairs.jsonl (in curation order) only; null = all. Arms that differ "
+        "only in it share rollouts, teacher solutions and logits: a gain-vs-pairs curve from one teach run",
+    )
     logging_steps: int = opt(1, "Log every this many optimizer steps")
     save_steps: int = opt(50, "Checkpoint every this many optimizer steps (resume restarts from the last)")
     save_total_limit: int | None = opt(2, "Keep only the newest this many checkpoints in RUN/train (null: all)")
@@ -343,6 +348,7 @@ _RULES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "rollout.k": ("must be >= 1", lambda v: v >= 1),
     "teach.attempts": ("must be >= 1", lambda v: v >= 1),
     "teach.target_pairs": ("must be >= 1 or null", lambda v: v is None or v >= 1),
+    "train.max_pairs": ("must be >= 1 or null", lambda v: v is None or v >= 1),
     "teach.max_batches": ("must be >= 1", lambda v: v >= 1),
     "logits.top_k": ("must be >= 0 (0 = auto)", lambda v: v >= 0),
     "logits.samples": ("must be >= 0 (0 = auto)", lambda v: v >= 0),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ssb.experiment.spec import ExperimentSpec, arm_runs, eval_dir
+from ssb.experiment.spec import ExperimentSpec, arm_runs, difficulty_dir, eval_dir
 from ssb.files import atomic_write_json, atomic_write_text, read_jsonl
 from ssb.metrics import Scores, crossed_bootstrap, paired_crossed_bootstrap
 from ssb.rundir import SAMPLES, SUMMARY
@@ -67,6 +67,42 @@ def funnel(out: Path, spec: ExperimentSpec, seeds: list[int]) -> dict[str, dict[
     return rows
 
 
+DIFFICULTY = ("never", "sometimes", "always")
+
+
+def difficulty_bins(samples: Path) -> dict[str, str]:
+    """Problem id -> how often the base model's samples solved it: never (0 of n), sometimes, always (n of n)."""
+    bins = {}
+    for r in read_jsonl(samples):
+        c, n = r["correct"], len(r["samples"])
+        bins[r["id"]] = "never" if c == 0 else ("always" if c == n else "sometimes")
+    return bins
+
+
+def _restrict(sc: Scores, ids: set[str]) -> Scores:
+    return Scores({s: {i: v for i, v in d.items() if i in ids} for s, d in sc.by_seed.items()}, sc.cluster)
+
+
+def by_difficulty(scores: dict[str, Scores], ref: str, bins: dict[str, str], iters: int) -> list[dict]:
+    """Each arm's paired difference against `ref` within each difficulty bin: does the gain come from problems
+    the base model sometimes solves (the kind curation keeps) or also from those it never or always solves?"""
+    rows = []
+    for b in DIFFICULTY:
+        ids = {i for i, v in bins.items() if v == b}
+        if not ids or ref not in scores:
+            continue
+        base = _restrict(scores[ref], ids)
+        for arm, sc in scores.items():
+            if arm == ref:
+                continue
+            try:
+                d = paired_crossed_bootstrap(_restrict(sc, ids), base, iters=iters)
+            except ValueError:  # no problem of the bin scored by both
+                continue
+            rows.append({"arm": arm, "bin": b, "ref_pass@1": base.mean(), **d})
+    return rows
+
+
 def _reference(spec: ExperimentSpec, kind: str) -> str | None:
     """The arm named like `kind`, else the first arm of that kind."""
     if kind in spec.arms:
@@ -112,6 +148,15 @@ def collect(spec: ExperimentSpec, out: Path, seeds: list[int], iters: int) -> di
                     continue
                 paired.append({"a": arm, "b": ref, **d})
         result["eval"][ev.name] = {"source": ev.data.source, "level": ev.data.level, "arms": arms, "paired": paired}
+        diff_samples = difficulty_dir(out, ev.name) / SUMMARY
+        base = _reference(spec, "base")
+        if spec.difficulty_samples and diff_samples.exists() and base:
+            bins = difficulty_bins(diff_samples.with_name(SAMPLES))
+            result["eval"][ev.name]["difficulty"] = {
+                "samples": spec.difficulty_samples,
+                "problems": {b: sum(v == b for v in bins.values()) for b in DIFFICULTY},
+                "rows": by_difficulty(scores, base, bins, iters),
+            }
     result["funnel"] = funnel(out, spec, seeds)
     return result
 
@@ -169,6 +214,7 @@ def render(res: dict, spec: ExperimentSpec) -> str:
                 f"read 'not distinguishable' here, and such a reading bounds the difference to its interval rather "
                 f"than showing there is none.",
             ]
+        lines += _difficulty_lines(ev.get("difficulty"))
     fun = res.get("funnel") or {}
     if fun:
         lines += [
@@ -193,6 +239,28 @@ def render(res: dict, spec: ExperimentSpec) -> str:
     if figs:
         lines += ["", "## Figures", ""] + [f"![{p}]({p})" for p in figs]
     return "\n".join(lines) + "\n"
+
+
+def _difficulty_lines(diff: dict | None) -> list[str]:
+    if not diff or not diff["rows"]:
+        return []
+    n, counts = diff["samples"], diff["problems"]
+    lines = [
+        "",
+        f"Gain over base by the base model's difficulty of each problem ({n} samples per problem at the rollout "
+        f"temperature: never solved {counts['never']}, sometimes {counts['sometimes']}, always {counts['always']} "
+        "problems). Curation trains only on questions of the 'sometimes' kind; a gain confined to that bin, or a "
+        "loss on the others, is what its discard would cost.",
+        "",
+        "| arm | base solves it | problems | base pass@1 | Δ pass@1 vs base | 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in diff["rows"]:
+        lines.append(
+            f"| {r['arm']} | {r['bin']} | {r['problems']} | {_pts(r['ref_pass@1'])}% | {_signed(r['diff'])} | "
+            f"[{_signed(r['low'])}, {_signed(r['high'])}] |"
+        )
+    return lines
 
 
 def write_results(spec: ExperimentSpec, out: Path, seeds: list[int], iters: int | None = None) -> dict:

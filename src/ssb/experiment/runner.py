@@ -7,6 +7,7 @@ Layout under the experiment directory OUT (default runs/experiments/<name>):
                                    arm's resolved config, its eval/<arm>/<eval set>/ the arm's evaluations
     OUT/shared/<arm>/eval/<set>/   a base arm's evaluation when eval is greedy (temperature 0): it does not
                                    depend on the seed, so it runs once for all seeds
+    OUT/shared/difficulty/<set>/   with difficulty_samples: the base model sampled n times per problem
     OUT/stage-index/               which run directory finished which stage under which config and input hashes
     OUT/results.md, results.json, *.png   (`ssb.experiment.results`), rewritten after every seed
 
@@ -33,7 +34,16 @@ from pathlib import Path
 
 from ssb.config import Config, config_hash, save_config
 from ssb.experiment.results import write_results
-from ssb.experiment.spec import ArmRun, ExperimentSpec, arm_runs, dump_spec, eval_dir, greedy
+from ssb.experiment.spec import (
+    ArmRun,
+    ExperimentSpec,
+    arm_runs,
+    difficulty_config,
+    difficulty_dir,
+    dump_spec,
+    eval_dir,
+    greedy,
+)
 from ssb.files import atomic_write_text, file_digest, read_jsonl, write_jsonl
 from ssb.rundir import record_done, stage_hashes
 from ssb.stages import PIPELINE, load
@@ -76,6 +86,11 @@ def describe_plan(spec: ExperimentSpec, out: Path, seeds: list[int]) -> str:
             if same:
                 lines.append(f"  {a.arm}: {', '.join(same)} copied from {b.arm} (same config upstream)")
                 break
+    if spec.difficulty_samples:
+        lines.append(
+            f"  difficulty: the base model sampled {spec.difficulty_samples} times per problem of each eval set "
+            "(once for all seeds); gains over base are split by it"
+        )
     lines.append("  seeds run one after another; results are rewritten after each seed")
     return "\n".join(lines)
 
@@ -181,6 +196,10 @@ def run_seed(spec: ExperimentSpec, out: Path, seed: int) -> None:
                 ecfg = dataclasses.replace(ecfg, seed=0)  # unused by greedy decoding; fixed so all seeds share it
             _banner(f"seed {seed} / eval {ar.arm} on {ev.name}")
             evaluate(ecfg, model, None, eval_dir(out, ar, ev.name))
+        if spec.difficulty_samples:  # once for all seeds: done after the first, skipped after the others
+            dcfg = difficulty_config(spec, ev.data)
+            _banner(f"difficulty of {ev.name}: the base model, {spec.difficulty_samples} samples per problem")
+            evaluate(dcfg, dcfg.model, None, difficulty_dir(out, ev.name))
 
 
 def run_experiment(spec: ExperimentSpec, out: Path, seeds: list[int], *, results_iters: int | None = None) -> dict:

@@ -58,6 +58,12 @@ class ExperimentSpec:
     eval: list[EvalSetSpec] = opt([], "Eval sets (default: the base config's eval.data)")
     arms: dict[str, ArmSpec] = opt({}, "Arm name -> {kind, set}; at least one arm")
     bootstrap_iters: int = opt(10000, "Bootstrap resamples for every interval")
+    difficulty_samples: int = opt(
+        0,
+        "Samples per held-out problem (the base model at rollout.temperature / top_k / top_p) that estimate how "
+        "hard each problem is for it; 0 = off, else >= 2. The results then split each arm's gain over base by "
+        "that difficulty: never solved, sometimes (what curation calls mixed) and always solved",
+    )
     source: str = field(default="", metadata={"help": "The file this spec was read from (filled in on loading)"})
 
 
@@ -97,6 +103,9 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     iters = raw.get("bootstrap_iters", 10000)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 100:
         raise _err(path, f"key 'bootstrap_iters': expected an integer >= 100, got {iters!r}")
+    difficulty = raw.get("difficulty_samples", 0)
+    if not isinstance(difficulty, int) or isinstance(difficulty, bool) or difficulty < 0 or difficulty == 1:
+        raise _err(path, f"key 'difficulty_samples': expected 0 (off) or an integer >= 2, got {difficulty!r}")
     arms_raw = raw.get("arms")
     if not isinstance(arms_raw, dict) or not arms_raw:
         raise _err(path, "key 'arms': expected a mapping of arm name -> {kind, set}, with at least one arm")
@@ -123,6 +132,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         eval=[],
         arms=arms,
         bootstrap_iters=iters,
+        difficulty_samples=difficulty,
         source=str(path),
     )
     evals = raw.get("eval")
@@ -232,6 +242,22 @@ def arm_runs(spec: ExperimentSpec, out: Path, seed: int) -> list[ArmRun]:
 
 def greedy(cfg: Config) -> bool:
     return cfg.eval.temperature == 0
+
+
+def difficulty_dir(out: Path, eval_name: str) -> Path:
+    """The base model's sampled evaluation that estimates each problem's difficulty (`difficulty_samples`)."""
+    return out / "shared" / "difficulty" / eval_name
+
+
+def difficulty_config(spec: ExperimentSpec, data: DatasetSpec) -> Config:
+    """The base model sampled `difficulty_samples` times per problem, as the rollouts sample (seed 0: once for
+    all seeds)."""
+    cfg = base_config(spec, seed=0)
+    rc = cfg.rollout
+    ev = dataclasses.replace(
+        cfg.eval, data=data, n=spec.difficulty_samples, temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p
+    )
+    return dataclasses.replace(cfg, eval=ev)
 
 
 def eval_dir(out: Path, ar: ArmRun, eval_name: str) -> Path:

@@ -14,6 +14,7 @@ the base), RUN/merged/ with train.merge. The LoRA, Trainer arguments and adapter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -45,7 +46,10 @@ def train(cfg: Config, run: RunDir, force: bool = False) -> dict:
         if not read_pairs(run.pairs):
             raise ValueError(f"{run.pairs}: no training pairs; the teach stage kept none")
 
-    parts = (cfg.model, tc, cfg.logits, cfg.seed)
+    train_cfg = dataclasses.asdict(tc)
+    if tc.max_pairs is None:  # off: the hash of runs from before the option stays the same
+        del train_cfg["max_pairs"]
+    parts = (cfg.model, train_cfg, cfg.logits, cfg.seed)
     with stage(run, "train", parts, inputs, outputs, force, check, every_rank=True) as st:  # DDP: every rank
         if st is None:
             return (run.stage_entry("train") or {}).get("counts", {})
@@ -94,6 +98,10 @@ def build_trainer(cfg: Config, run: RunDir, say=print):
     model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     head = OutputHead.of(model)
     records = read_pairs(run.pairs, vocab_size=head.vocab_size)
+    if tc.max_pairs is not None:
+        if len(records) < tc.max_pairs:
+            say(f"[train] train.max_pairs={tc.max_pairs} but {run.pairs} holds {len(records)} pairs: training on all")
+        records = records[: tc.max_pairs]
     pairs = encode_pairs(records, tok, teacher=mode == "online")
     kept = [p for p in pairs if p.student_len <= tc.max_length]
     if not kept:
