@@ -149,14 +149,14 @@ def _config(tmp_path: Path, model_dir, n: int, temperature: float, **extra: str)
             for i in range(n)
         )
     )
-    cfg = tmp_path / "tiny.yaml"
+    cfg = tmp_path / extra.get("name", "tiny.yaml")
     lines = [
         f"model: {model_dir}",
         f"data: {{train: {{source: {data}}}}}",
         f"rollout: {{k: 4, max_new_tokens: 16, batch_size: {extra.get('batch', 16)}, temperature: {temperature}}}",
         "teach: {max_new_tokens: 16, batch_size: 8, attempts: 2}",
         "logits: {top_k: 8, batch_size: 4, store: topk, reference_pairs: 2}",
-        "train: {epochs: 1, batch_size: 2, lora_r: 4, lora_alpha: 8, save_steps: 2}",
+        f"train: {{epochs: 1, batch_size: {extra.get('train_batch', 2)}, lora_r: 4, lora_alpha: 8, save_steps: 2}}",
         f"eval: {{data: {{source: {data}}}, max_new_tokens: 16}}",
         f"baselines: {extra.get('baselines', '[sft]')}",
         "generation_backend: engine",
@@ -188,10 +188,12 @@ def test_two_process_run_gives_the_one_process_records(tmp_path, answering_model
     index), none twice, and at temperature 1 the same texts (each sample's random stream is keyed on seed, prompt
     and sample index, not on the rank or batch); the same teacher logits, and the same greedy eval summaries."""
     cfg = _config(tmp_path, answering_model_dir, n=12, temperature=1.0)
+    # DDP trains on each rank's batch: 2 ranks x 1 is the one process's batch of 2 (the same adapter)
+    cfg_two = _config(tmp_path, answering_model_dir, n=12, temperature=1.0, train_batch="1", name="two.yaml")
     one, two = RunDir(tmp_path / "one"), RunDir(tmp_path / "two")
     assert main(["run", "--config", str(cfg), "--run-dir", str(one.root)]) == 0
     capsys.readouterr()
-    out = _finish(_launch("run", cfg, two, 2))
+    out = _finish(_launch("run", cfg_two, two, 2))
     assert "what this run found" in out and out.count("=== held-out q:") == 1  # rank 0 alone reports
     for name in ("rollout", "teach", "logits", "train", "curate"):
         assert two.stage_entry(name)["status"] == "done"
@@ -216,12 +218,14 @@ def test_two_process_run_gives_the_one_process_records(tmp_path, answering_model
             assert torch.equal(s1[p["id"]].ids, s2[p["id"]].ids)
             assert torch.allclose(s1[p["id"]].logprobs.float(), s2[p["id"]].logprobs.float(), atol=1e-2)
         assert stored_ids(two.logits_dir / "reference") == stored_ids(one.logits_dir / "reference")
-        base1 = json.loads((one.eval_dir("base", "q") / "summary.json").read_text())
-        base2 = json.loads((two.eval_dir("base", "q") / "summary.json").read_text())
-        assert base1["pass@1"] == base2["pass@1"]
-        assert _records(one.eval_dir("base", "q") / "samples.jsonl", "samples") == _records(
-            two.eval_dir("base", "q") / "samples.jsonl", "samples"
-        )
+        for tag in ("base", "ssb", "sft"):  # greedy: the same texts and the same summary
+            s1 = json.loads((one.eval_dir(tag, "q") / "summary.json").read_text())
+            s2 = json.loads((two.eval_dir(tag, "q") / "summary.json").read_text())
+            assert {k: s1[k] for k in ("pass@1", "problems", "mean_tokens")} == {
+                k: s2[k] for k in ("pass@1", "problems", "mean_tokens")
+            }, tag
+            samples = [_records(r.eval_dir(tag, "q") / "samples.jsonl", "samples") for r in (one, two)]
+            assert samples[0] == samples[1], tag
     for tag in ("base", "ssb", "sft"):
         samples = read_jsonl(two.eval_dir(tag, "q") / "samples.jsonl")
         assert sorted(s["id"] for s in samples) == sorted(f"q{i}" for i in range(12))
