@@ -176,3 +176,28 @@ def test_gguf_flagged_model_loads_through_a_view(tmp_path, model_dir):
     finally:
         gen.close()
     assert json.loads((flagged / "config.json").read_text())["quantization_config"] == {"quant_method": "gguf"}
+
+
+def test_two_ranks_each_run_their_own_vllm_engine(tmp_path, model_dir):
+    """`torchrun --nproc-per-node 2 -m ssb rollout` with the vLLM backend: each rank starts its own engine on its
+    share of the questions, and the merged records equal one process with ssb's engine at temperature 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "q.jsonl"
+    write_jsonl(data, QUESTIONS)
+    one, two = RunDir(tmp_path / "one"), RunDir(tmp_path / "two")
+    assert main(["rollout", "--run-dir", str(one.root), *_sets(model_dir, data, "engine")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ssb"]
+    cmd += ["rollout", "--run-dir", str(two.root), *_sets(model_dir, data, "vllm")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entry = two.stage_entry("rollout")
+    assert entry["world_size"] == 2 and entry["generation"]["backend"].startswith("vllm-")
+    a, b = read_jsonl(one.rollouts), read_jsonl(two.rollouts)
+    assert [r["id"] for r in a] == [r["id"] for r in b] == [q["id"] for q in QUESTIONS]
+    assert _generated(a, "rollouts") == _generated(b, "rollouts")
+    assert {r["backend"] for r in b} == {entry["generation"]["backend"]}
