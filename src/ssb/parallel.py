@@ -1,7 +1,7 @@
 """Data parallelism across processes: who this process is, how the processes meet, and which records it owns.
 
 ssb runs under the launchers users already have. `torchrun --nproc-per-node N -m ssb run ...` and
-`accelerate launch --num-processes N -m ssb run ...` set RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR/PORT);
+`accelerate launch --num_processes N -m ssb run ...` set RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR/PORT);
 a SLURM job step (`srun`) sets SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, which are read when RANK is absent
 (the job script exports MASTER_ADDR and MASTER_PORT; docs/parallel.md). One process is world size 1 and
 everything below is a no-op, so single-process runs never touch torch.distributed.
