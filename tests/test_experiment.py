@@ -98,6 +98,9 @@ def test_arms_by_seeds_share_what_is_valid(finished):
     pairs = {(p["a"], p["b"]) for p in ev["paired"]}
     assert {("ssb", "base"), ("sft", "base"), ("k2", "base"), ("sft", "ssb"), ("k2", "ssb")} <= pairs
     assert (out / "results.md").read_text().count("| ssb |") >= 1 and (out / "pass1.png").exists()
+    summary = json.loads((out / "shared" / "base" / "eval" / "q" / "summary.json").read_text())
+    assert ev["arms"]["base"]["looping_share"] == summary["looping_share"]  # reasoning checks per arm
+    assert "| wrong step | right answer, wrong step |" in (out / "results.md").read_text()
     assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1]
     assert (
         "seeds: [0, 1]" in (out / "experiment.yaml").read_text().replace("\n- ", " ").replace("seeds:\n", "seeds: ")

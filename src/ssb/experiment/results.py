@@ -68,6 +68,16 @@ def funnel(out: Path, spec: ExperimentSpec, seeds: list[int]) -> dict[str, dict[
 
 
 DIFFICULTY = ("never", "sometimes", "always")
+QUALITY = ("wrong_step_share", "correct_with_wrong_step_share", "looping_share")
+
+
+def _mean_of(summaries: dict[int, dict], key: str) -> float | None:
+    values = [s.get(key) for s in summaries.values()]
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{_pts(x)}%"
 
 
 def difficulty_bins(samples: Path) -> dict[str, str]:
@@ -134,6 +144,8 @@ def collect(spec: ExperimentSpec, out: Path, seeds: list[int], iters: int) -> di
                 "per_seed": {s: summaries[s]["pass@1"] for s in sorted(summaries)},
                 "mean_tokens": sum(s["mean_tokens"] for s in summaries.values()) / n,
                 "truncated_share": sum(s["truncated_share"] for s in summaries.values()) / n,
+                # reasoning beyond the final answer (ssb.verify.steps), averaged over seeds; None in older summaries
+                **{k: _mean_of(summaries, k) for k in QUALITY},
             }
         paired = []
         for ref in refs:
@@ -179,17 +191,20 @@ def render(res: dict, spec: ExperimentSpec) -> str:
         lines.append(f"{some['problems']} problems in {some['clusters']} clusters.")
         lines += [
             "",
-            "| arm | kind | seeds | pass@1 mean [95% CI] | per seed | mean tokens | truncated |",
-            "|---|---|---|---|---|---|---|",
+            "| arm | kind | seeds | pass@1 mean [95% CI] | per seed | mean tokens | truncated | looping | "
+            "wrong step | right answer, wrong step |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for arm, a in ev["arms"].items():
             if not a.get("seeds_done"):
-                lines.append(f"| {arm} | {a['kind']} | 0 | (not finished) | | | |")
+                lines.append(f"| {arm} | {a['kind']} | 0 | (not finished) | | | | | | |")
                 continue
             per = ", ".join(f"{s}: {_pts(v)}" for s, v in a["per_seed"].items())
             lines.append(
                 f"| {arm} | {a['kind']} | {len(a['seeds_done'])} | {_pts(a['pass@1'])}% [{_pts(a['low'])}, "
-                f"{_pts(a['high'])}] | {per} | {a['mean_tokens']:.0f} | {_pts(a['truncated_share'])}% |"
+                f"{_pts(a['high'])}] | {per} | {a['mean_tokens']:.0f} | {_pts(a['truncated_share'])}% | "
+                f"{_share(a.get('looping_share'))} | {_share(a.get('wrong_step_share'))} | "
+                f"{_share(a.get('correct_with_wrong_step_share'))} |"
             )
         if ev["paired"]:
             lines += [
