@@ -45,6 +45,8 @@ def test_yaml_file_and_overrides(tmp_path):
         ("rollout.top_p=1.5", "rollout.top_p"),
         ("nosuchsection.x=1", "nosuchsection"),
         ("data.train.level=4", "data.train.level"),
+        ("train.max_pairs=0", "train.max_pairs"),
+        ("vllm_tensor_parallel=0", "vllm_tensor_parallel"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

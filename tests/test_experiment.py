@@ -218,6 +218,10 @@ def test_spec_errors_name_the_key(tmp_path):
     bad.write_text("preset: quick\nseed: [0]\narms: {ssb: {}}\n")
     with pytest.raises(ConfigError, match=r"unknown key 'seed'"):
         load_spec(bad)
+    for value in ("1", "-2", "many"):  # one sample cannot tell 'sometimes' apart
+        bad.write_text(f"preset: quick\ndifficulty_samples: {value}\narms: {{ssb: {{}}}}\n")
+        with pytest.raises(ConfigError, match=r"bad.yaml: key 'difficulty_samples'"):
+            load_spec(bad)
 
 
 # ---------------------------------------------------------------------------------------------- the interval

@@ -88,6 +88,14 @@ def test_fold_merges_shards_once_in_input_order(tmp_path):
     assert fold(path, order=["a", "b", "c", "d"]) == 0 and path.read_bytes() == before
 
 
+def test_fold_keeps_a_record_without_a_key_for_the_stage_check_to_name(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    write_jsonl(path, [{"id": "b"}, {"text": "no id"}])
+    write_jsonl(rank_shard(path, 1, 2), [{"id": "a"}])
+    fold(path, order=["a", "b"])
+    assert read_jsonl(path) == [{"id": "a"}, {"id": "b"}, {"text": "no id"}]
+
+
 def _hidden_writer(root, **kw):
     return TeacherStoreWriter(
         root, temperature=2.0, top_k=0, vocab_size=10, fingerprint="f", kind="hidden", hidden_size=3, **kw

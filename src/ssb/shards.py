@@ -44,13 +44,14 @@ def fold(path: Path, key: Callable[[dict], Hashable] = by_id, order: list | None
         # a line torn by a kill is reported and dropped: that record is redone
         for rec in original if source == path else read_jsonl(source):
             k = key(rec) if isinstance(rec, dict) else None
-            if k is None or k in seen:
+            if k is not None and k in seen:  # a keyless line is kept for the stage's own check to name
                 continue
             seen.add(k)
             records.append(rec)
     if order is not None:
         rank = {k: i for i, k in enumerate(order)}
-        records.sort(key=lambda r: rank.get(key(r), len(rank)))  # stable: unknown keys keep their order
+        # stable: unknown keys keep their order
+        records.sort(key=lambda r: rank.get(key(r) if isinstance(r, dict) else None, len(rank)))
     if records != original or shards:
         write_jsonl(path, records)  # atomic: a kill leaves the old file and the shards; the next fold redoes this
     for shard in shards:
