@@ -62,3 +62,53 @@ def test_stage_skip_resume_and_invalidation(tmp_path):
     assert run.stage_entry("s")["status"] == "failed"
     assert _run_stage(run, {"k": 2}, inp, out) == "resumed"  # same config after a failure: continue
     assert out.read_text() == "xx"
+
+
+_SECOND_PROCESS = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_rundir import _run_stage
+from ssb.rundir import RunDir
+tmp = Path({tmp!r})
+print("second:", _run_stage(RunDir(tmp / "run"), {{"k": 1}}, tmp / "in.txt", tmp / "run" / "out.txt"))
+"""
+
+
+def test_a_second_process_waits_for_the_stage_then_skips_it(tmp_path):
+    """Two processes on one run directory (two `ssb experiment --seeds` sharing the base evaluation): the second
+    waits on the run directory's lock while the first works, then finds the stage done and skips it; nothing is
+    appended twice."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from ssb.files import directory_lock
+
+    run = RunDir(tmp_path / "run")
+    inp = tmp_path / "in.txt"
+    inp.write_text("a")
+    out = run.root / "out.txt"
+    code = _SECOND_PROCESS.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    log = tmp_path / "second.err"
+    with directory_lock(run.mkdir().root, "first"):
+        with directory_lock(run.root, "first, nested"):  # re-entrant: a nested stage in the same process
+            with open(log, "w") as err:
+                second = subprocess.Popen(
+                    [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=err, text=True
+                )
+            deadline = time.time() + 120
+            while "waiting for it" not in log.read_text() and second.poll() is None and time.time() < deadline:
+                time.sleep(0.1)
+            assert second.poll() is None, log.read_text()  # blocked on the lock, not finished
+        assert _run_stage(run, {"k": 1}, inp, out) == "ran"  # the first process's stage (lock re-entered)
+    stdout, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, log.read_text()
+    assert f"[s] another ssb process is working in {run.root}; waiting" in log.read_text()
+    assert stdout.strip().endswith(
+        "already done with the same config and inputs; skipping (--force reruns it)\nsecond: skipped"
+    )
+    assert out.read_text() == "x"

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,44 @@ def file_digest(path: str | Path) -> str:
     else:
         h.update(b"<missing>")
     return h.hexdigest()[:16]
+
+
+_HELD_LOCKS: dict[str, int] = {}  # directory -> nesting depth: re-entrant within one process
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | Path, waiting: str) -> Iterator[None]:
+    """Hold an advisory lock on an existing `directory` for the block; another process waits for it.
+
+    The lock is taken on the directory itself (flock on its descriptor), so no lock file is left behind
+    and a crashed holder releases it with its descriptors. Re-entrant within a process: a nested block on
+    the same directory goes straight in, since flock locks belong to an open descriptor and a second one
+    opened by the same process would wait for itself. `waiting` is printed once when another process holds
+    the lock. Without `fcntl` (Windows) the block runs unlocked."""
+    key = os.path.abspath(directory)
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[key] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{waiting}; waiting for it to finish", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _HELD_LOCKS[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD_LOCKS[key]
+    finally:
+        os.close(fd)  # closing releases the lock
