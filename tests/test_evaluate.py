@@ -315,3 +315,44 @@ def test_summary_reports_wrong_steps_and_looping_and_reads_old_summaries(tmp_pat
     assert "25.0% looping; 25.0% with a wrong arithmetic step (25.0% right answer yet a wrong step)" in line
     old = {k: v for k, v in s.items() if "step" not in k and "looping" not in k}  # a summary from before
     assert "looping" not in ev.detail_line(old, tmp_path) and "truncated" in ev.detail_line(old, tmp_path)
+
+
+_SECOND_EVAL = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_evaluate import _cfg
+from ssb.stages.evaluate import evaluate
+evaluate(_cfg(), {model!r}, None, {out!r}, data_file={bench!r})
+"""
+
+
+def test_a_second_process_waits_for_an_evaluation_into_the_same_directory(tiny, bench, tmp_path):
+    """Two processes evaluating into one directory (seeds of an experiment sharing the base model's greedy eval):
+    the second waits on the directory's lock, then finds every problem done and generates nothing."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from ssb.files import directory_lock
+
+    out = tmp_path / "eval"
+    evaluate(_cfg(), str(tiny), None, out, data_file=str(bench))
+    before = (out / "samples.jsonl").read_text()
+    code = _SECOND_EVAL.format(tests=str(Path(__file__).parent), model=str(tiny), out=str(out), bench=str(bench))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    log = tmp_path / "second.err"
+    with directory_lock(out, "first"):
+        with open(log, "w") as err:
+            second = subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=err, text=True
+            )
+        deadline = time.time() + 120
+        while "waiting for it" not in log.read_text() and second.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert second.poll() is None, log.read_text()  # blocked on the lock
+    stdout, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, log.read_text()
+    assert f"[eval] another ssb process is evaluating into {out}; waiting" in log.read_text()
+    assert "already done" in stdout
+    assert (out / "samples.jsonl").read_text() == before

@@ -25,12 +25,13 @@ import dataclasses
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from ssb import parallel
 from ssb.config import Config, DatasetSpec, validate
 from ssb.data import BENCHMARKS, Example, load_examples
-from ssb.files import JsonlWriter, atomic_write_json, file_digest, read_json_object, read_jsonl
+from ssb.files import JsonlWriter, atomic_write_json, directory_lock, file_digest, read_json_object, read_jsonl
 from ssb.memory import PeakRSS
 from ssb.models import generation_dtype_name
 from ssb.rundir import EVAL_CONFIG, SAMPLES, SUMMARY, RunDir, benchmark_tag, move_aside
@@ -191,34 +192,41 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     main = parallel.current().is_main
     say = print if main else (lambda *a, **k: None)  # one voice across the ranks
-    done, session = _prepared(out, settings, examples, force)
-    if len(done) == len(examples) and (out / SUMMARY).exists():
-        summary = _read_json(out / SUMMARY)
-        say(f"[eval] {out}: already done (--force reruns it)", flush=True)
-        say(result_line(summary), flush=True)
-        return summary
-    todo = [e for e in examples if e.id not in done]
-    rss = PeakRSS()  # this evaluation's peak resident memory (the report shows it)
-    if todo:
-        if done:
-            say(f"[eval] resuming: {len(done)} of {len(examples)} problems already done", flush=True)
-        if ec.temperature == 0 and ec.n > 1:
-            say(f"[eval] note: temperature 0 is greedy, so the n={ec.n} samples per problem are identical", flush=True)
-        with rank_output(out / SAMPLES, order=[e.id for e in examples]) as mine, rss:
-            ids = parallel.share([e.id for e in todo])  # this rank's part (all of it in one process)
-            if ids:
-                _generate(cfg, model, [e for e in todo if e.id in ids], mine, session)
-    summary = None
-    if main:
-        by_id = {r["id"]: r for r in read_jsonl(out / SAMPLES)}
-        summary = build_summary([by_id[e.id] for e in examples], settings)
-        summary["config"] = {**settings, "batch_size": ec.batch_size, "device": cfg.device, "dtype": cfg.dtype}
+    # another ssb process evaluating into the same directory (seeds of one experiment sharing the base model's
+    # evaluation) finishes first; then this one finds the problems done. Rank 0 decides for the ranks of a launch.
+    lock = directory_lock(out, f"[eval] another ssb process is evaluating into {out}") if main else nullcontext()
+    with lock:
+        done, session = _prepared(out, settings, examples, force)
+        if len(done) == len(examples) and (out / SUMMARY).exists():
+            summary = _read_json(out / SUMMARY)
+            say(f"[eval] {out}: already done (--force reruns it)", flush=True)
+            say(result_line(summary), flush=True)
+            return summary
+        todo = [e for e in examples if e.id not in done]
+        rss = PeakRSS()  # this evaluation's peak resident memory (the report shows it)
         if todo:
-            summary["peak_rss_bytes"] = rss.peak_bytes
-        atomic_write_json(out / SUMMARY, summary)
-        print(result_line(summary), flush=True)
-        print(detail_line(summary, out), flush=True)
-    return parallel.broadcast(summary)
+            if done:
+                say(f"[eval] resuming: {len(done)} of {len(examples)} problems already done", flush=True)
+            if ec.temperature == 0 and ec.n > 1:
+                say(
+                    f"[eval] note: temperature 0 is greedy, so the n={ec.n} samples per problem are identical",
+                    flush=True,
+                )
+            with rank_output(out / SAMPLES, order=[e.id for e in examples]) as mine, rss:
+                ids = parallel.share([e.id for e in todo])  # this rank's part (all of it in one process)
+                if ids:
+                    _generate(cfg, model, [e for e in todo if e.id in ids], mine, session)
+        summary = None
+        if main:
+            by_id = {r["id"]: r for r in read_jsonl(out / SAMPLES)}
+            summary = build_summary([by_id[e.id] for e in examples], settings)
+            summary["config"] = {**settings, "batch_size": ec.batch_size, "device": cfg.device, "dtype": cfg.dtype}
+            if todo:
+                summary["peak_rss_bytes"] = rss.peak_bytes
+            atomic_write_json(out / SUMMARY, summary)
+            print(result_line(summary), flush=True)
+            print(detail_line(summary, out), flush=True)
+        return parallel.broadcast(summary)
 
 
 def _prepared(out: Path, settings: dict, examples: list[Example], force: bool) -> tuple[set[str], int]:
