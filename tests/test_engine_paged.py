@@ -83,17 +83,22 @@ def hf_greedy(model, tok, messages, stop_ids):
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_paged_cache_matches_static_cache_and_hf_generate(layout, tok, monkeypatch):
-    """Segments of 4 positions (each sequence spans up to 10 pools, slots reused as sequences finish) give the same
-    greedy tokens as one segment holding every position (the static layout) and as HF generate."""
+    """Segments of 4 positions, generated and prompt (each sequence spans up to 10 generation pools and its prompt
+    up to 9 prompt pools, slots reused as sequences finish) give the same greedy tokens as one segment holding
+    every position (the static layout) and as HF generate; sampled tokens (3 samples sharing a prompt) agree too."""
     model = tiny_model(layout, tok)
-    monkeypatch.setattr(cache_module, "SEGMENT", 4)
+    greedy = SamplingParams(temperature=0, max_new_tokens=MAX_NEW)
+    sampled = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=MAX_NEW, seed=3)
     engine = Engine(model, tok, batch_size=3, progress=False)
-    paged = [c[0].token_ids for c in engine.generate(PROMPTS, 1, SamplingParams(temperature=0, max_new_tokens=MAX_NEW))]
+    monkeypatch.setattr(cache_module, "SEGMENT", 4)
+    monkeypatch.setattr(cache_module, "PROMPT_SEGMENT", 4)
+    paged = [c[0].token_ids for c in engine.generate(PROMPTS, 1, greedy)]
+    paged_samples = [[c.token_ids for c in cs] for cs in engine.generate(PROMPTS, 3, sampled)]
     monkeypatch.setattr(cache_module, "SEGMENT", MAX_NEW)
-    static = [
-        c[0].token_ids for c in engine.generate(PROMPTS, 1, SamplingParams(temperature=0, max_new_tokens=MAX_NEW))
-    ]
+    monkeypatch.setattr(cache_module, "PROMPT_SEGMENT", 512)
+    static = [c[0].token_ids for c in engine.generate(PROMPTS, 1, greedy)]
     assert paged == static
+    assert paged_samples == [[c.token_ids for c in cs] for cs in engine.generate(PROMPTS, 3, sampled)]
     for messages, got in zip(PROMPTS, paged):
         assert got == hf_greedy(model, tok, messages, engine.stop_ids)
     assert len({t for seq in paged for t in seq}) > 10  # non-degenerate text
@@ -116,6 +121,26 @@ def test_kv_accounting_follows_the_tokens(tok, monkeypatch):
     longest_prompt = max(len(ids) for ids in tokenize_prompts(tok, questions))
     static = token_bytes * 4 * (MAX_NEW * 1.25 + longest_prompt)
     assert s["kv_bytes_allocated"] < static
+
+
+def test_kv_accounting_with_prompts_of_very_different_lengths(tok, monkeypatch):
+    """Teach's case: prompts of 20 to about 380 tokens. The paged prompt cache holds each prompt's own length (rounded
+    up to a segment), so allocated KV stays within 1.5x of the peak in use; one prompt slot as long as the longest
+    prompt for every prompt (the layout before prompt segments) allocates more than twice what is used."""
+    model = tiny_model("llama", tok)
+    monkeypatch.setattr(cache_module, "SEGMENT", 8)
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=1)
+    questions = [[{"role": "user", "content": "hi " * (1 if i % 4 else 120)}] for i in range(16)]
+    lengths = [len(ids) for ids in tokenize_prompts(tok, questions)]
+    assert min(lengths) <= 20 and max(lengths) > 300
+    ratios = {}
+    for prompt_segment in (16, 512):
+        monkeypatch.setattr(cache_module, "PROMPT_SEGMENT", prompt_segment)
+        engine = Engine(model, tok, batch_size=8, progress=False)
+        engine.generate(questions, 1, params)
+        s = engine.last_stats
+        ratios[prompt_segment] = s["kv_bytes_allocated"] / s["kv_bytes_used"]
+    assert ratios[16] <= 1.5 < 2 < ratios[512], ratios
 
 
 def test_budget_limits_rows_and_rejects_a_budget_below_one_sequence(tok):

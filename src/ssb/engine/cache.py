@@ -4,22 +4,25 @@ The engine runs the Hugging Face model's own modules (embedding, norms, q/k/v/o 
 embedding, lm_head; so peft LoRA layers and per-architecture details such as Qwen2's q/k/v biases or Qwen3's q/k
 norms are honoured) in its own layer loop, against two caches:
 
-* a prompt cache with one slot per prompt in flight: [layers, slots, kv_heads, longest prompt, head_dim]; the
-  prompt is prefilled once and shared by all its samples. Its slot axis grows as prompts are admitted;
+* a paged prompt cache: a prompt's positions are cut into segments of PROMPT_SEGMENT positions, held in pools
+  like the generation cache's (below), one slot per prompt in flight in each segment it reaches; the prompt is
+  prefilled once and shared by all its samples, and its slots are given back when its last sample finishes. So
+  a call whose prompts range from 200 to 1,200 tokens (teach's hinted prompts) holds each prompt's own length
+  rounded up to a segment, not the longest prompt's length in every slot;
 * a paged generation cache: the generated positions are cut into segments of SEGMENT positions, and segment j
   is a pool [layers, slots_j, kv_heads, SEGMENT, head_dim] holding that segment for the sequences that have
   reached it. A sequence takes a slot in segment j when it generates its (j * SEGMENT)-th token and gives all its
   slots back when it finishes; a pool is allocated when the first sequence reaches it, grows (x1.25) when it is
-  full, and is freed when it empties. So memory follows the tokens in flight: a sequence 40 tokens long holds one
-  segment, not max_new_tokens positions (measured on the benchmark workload: allocated / used KV bytes, see
-  `kv_stats` and benchmarks/README.md).
+  full, and is freed when it empties (`ssb.engine.pools`). So memory follows the tokens in flight: a sequence 40
+  tokens long holds one segment, not max_new_tokens positions (measured on the benchmark workload: allocated /
+  used KV bytes, see `kv_stats` and benchmarks/README.md).
 
 Why segments rather than vLLM-style per-sequence block tables: on CPU the decode attention is bound by reading
 the cache, and a block table needs a gather (a copy of every key and value read) before each matmul. Here each
 segment pool is attended to in place by the queries of its sequences (one batched matmul per segment, over
-contiguous keys), and the partial softmaxes (one per segment, one for the shared prompt: the "cascade" form) are
-merged exactly through their log-sum-exps. A finished sequence's KV is never copied: its slots are reused.
-Segments also replace the old age-ordered row chunks: each part is padded only to its own fill (<= SEGMENT).
+contiguous keys), and the partial softmaxes (one per generated segment, one per prompt segment attended by all
+the prompt's samples at once: the "cascade" form) are merged exactly through their log-sum-exps. A finished
+sequence's KV is never copied: its slots are reused. Each part is padded only to its own fill (<= a segment).
 
 Memory budget (`Engine(kv_budget_bytes=...)`, config key `generation_memory_mib`): the scheduler admits at most
 as many sequences as could all reach max_new_tokens within the budget (`worst_case_bytes_per_sequence`), so the
@@ -35,7 +38,12 @@ from __future__ import annotations
 
 import torch
 
+from ssb.engine.pools import KVMeter, SegmentPools
+
 SEGMENT = 64  # generated positions per cache segment (memory granularity and attention padding bound)
+# prompt positions per prompt-cache segment: longer than SEGMENT because a prompt is attended to by all its
+# samples at once, and fewer parts mean fewer small matmuls per layer; at most half of it is padding per prompt
+PROMPT_SEGMENT = 128
 
 # Decoder-only architectures whose layer is exactly: h += o_proj(attn(norm(h))); h += mlp(norm(h)).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -100,10 +108,10 @@ def kv_token_bytes(lm, kv_dtype) -> int:
 
 
 class SlotModel:
-    """Prefill/decode of a supported causal LM against the prompt cache and the paged generation cache.
+    """Prefill/decode of a supported causal LM against the paged prompt cache and the paged generation cache.
 
     Sequences are named by row ids in [0, max_rows) and prompts by prompt slots in [0, max_slots), both chosen by
-    the scheduler; `set_limits` fixes those bounds (they cap how far the caches can grow). Nothing is allocated
+    the scheduler; `set_limits` fixes those bounds (they cap how far the pools can grow). Nothing is allocated
     until the first prefill.
     """
 
@@ -134,82 +142,37 @@ class SlotModel:
         self.max_rows = self.max_slots = 1
         self.segment = min(SEGMENT, max_new)  # a short generation needs no longer segment
         self.segments = -(-max_new // self.segment)
-        # generation cache: per segment a K and a V pool (None until a sequence reaches it); slot -> owning row
-        self.seg_k: list[torch.Tensor | None] = [None] * self.segments
-        self.seg_v: list[torch.Tensor | None] = [None] * self.segments
-        self.seg_owner: list[list[int]] = [[] for _ in range(self.segments)]  # -1: a free slot
-        self.seg_live = [0] * self.segments
-        self.row_slots: dict[int, list[int]] = {}  # row -> its slot in segments 0, 1, ...
-        self.pk: torch.Tensor | None = None  # [layers, slots, kv_heads, max_prompt, head_dim]
-        self.pv: torch.Tensor | None = None
-        self.allocated = self.peak_allocated = self.peak_used = 0
+        self.prompt_segment = min(PROMPT_SEGMENT, max_prompt)
+        self.meter = KVMeter()  # both caches' pools: allocated bytes and their peak
+        shape = (len(self.layers), self.kv_heads, self.head_dim)
+        # generation cache: owners are rows; prompt cache: owners are prompt slots
+        self.gen = SegmentPools(self.segments, self.segment, shape, self.kv_dtype, self.device, self.meter)
+        prompt_segments = -(-max_prompt // self.prompt_segment)
+        self.prompt = SegmentPools(prompt_segments, self.prompt_segment, shape, self.kv_dtype, self.device, self.meter)
+        self.peak_used = 0
 
     def worst_case_bytes_per_sequence(self) -> int:
-        """KV bytes one sequence can need: all its generated segments, a prompt slot of its own, and its share of
-        the transient copy while a pool grows (old and new pool both exist during the copy)."""
-        growth = max(self.segment, self.max_prompt)
-        return self.token_bytes * (self.segments * self.segment + self.max_prompt + growth)
+        """KV bytes one sequence can need: all its generated segments, all segments of a prompt of its own, and its
+        share of the transient copy while a pool grows (old and new pool both exist during the copy)."""
+        growth = max(self.segment, self.prompt_segment)
+        prompt = self.prompt.segments * self.prompt_segment
+        return self.token_bytes * (self.segments * self.segment + prompt + growth)
 
     def set_limits(self, max_rows: int, max_slots: int) -> None:
         self.max_rows, self.max_slots = max_rows, max_slots
+        self.gen.limit, self.prompt.limit = max_rows, max_slots
 
     def kv_stats(self) -> dict:
         """Peak bytes allocated for KV (pools, including growth copies) and peak bytes holding live tokens' KV."""
-        return {"kv_bytes_allocated": self.peak_allocated, "kv_bytes_used": self.peak_used}
-
-    # ------------------------------------------------------------------------------------------ allocation
-
-    def _regrow(self, k, v, capacity: int, length: int):
-        """New zero-filled K and V pools of `capacity` slots holding the old pools' slots (masked cache entries are
-        still multiplied by 0 in attention and must not be NaN, hence zeros)."""
-        shape = (len(self.layers), capacity, self.kv_heads, length, self.head_dim)
-        new_k, new_v = (torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(2))
-        new_bytes = 2 * new_k.numel() * new_k.element_size()
-        self.peak_allocated = max(self.peak_allocated, self.allocated + new_bytes)  # both exist during the copy
-        self.allocated += new_bytes
-        if k is not None:
-            new_k[:, : k.shape[1]] = k
-            new_v[:, : v.shape[1]] = v
-            self.allocated -= 2 * k.numel() * k.element_size()
-        return new_k, new_v
-
-    @staticmethod
-    def _capacity(current: int, need: int, limit: int) -> int:
-        """Grow by a quarter (so a pool is copied O(log n) times, and is at most 25% larger than its peak use), at
-        least to `need`, at most to `limit`."""
-        return min(limit, max(need, current + current // 4, 8))
-
-    def _ensure_prompt_slots(self, need: int) -> None:
-        capacity = 0 if self.pk is None else self.pk.shape[1]
-        if need > capacity:
-            capacity = self._capacity(capacity, need, self.max_slots)
-            self.pk, self.pv = self._regrow(self.pk, self.pv, capacity, self.max_prompt)
-
-    def _reserve_segment(self, j: int, need: int) -> None:
-        capacity = len(self.seg_owner[j])
-        if need > capacity:
-            capacity = self._capacity(capacity, need, self.max_rows)
-            self.seg_k[j], self.seg_v[j] = self._regrow(self.seg_k[j], self.seg_v[j], capacity, self.segment)
-            self.seg_owner[j].extend([-1] * (capacity - len(self.seg_owner[j])))
-
-    def _take_segment_slot(self, j: int, row: int) -> None:
-        """Give `row` a slot in segment j (it is about to write its first position there)."""
-        self._reserve_segment(j, self.seg_live[j] + 1)
-        owner = self.seg_owner[j]
-        slot = owner.index(-1)
-        owner[slot] = row
-        self.seg_live[j] += 1
-        self.row_slots.setdefault(row, []).append(slot)
+        return {"kv_bytes_allocated": self.meter.peak_allocated, "kv_bytes_used": self.peak_used}
 
     def release(self, row: int) -> None:
-        """A finished sequence gives its segment slots back; a pool nobody uses any more is freed."""
-        for j, slot in enumerate(self.row_slots.pop(row, [])):
-            self.seg_owner[j][slot] = -1
-            self.seg_live[j] -= 1
-            if self.seg_live[j] == 0:
-                self.allocated -= 2 * self.seg_k[j].numel() * self.seg_k[j].element_size()
-                self.seg_k[j] = self.seg_v[j] = None
-                self.seg_owner[j] = []
+        """A finished sequence gives its generation-cache slots back."""
+        self.gen.release(row)
+
+    def release_prompt(self, slot: int) -> None:
+        """A prompt whose samples all finished gives its prompt-cache slots back."""
+        self.prompt.release(slot)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -234,23 +197,33 @@ class SlotModel:
         return self.norm(h)
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Run the prompts (right-padded into one batch) and store prompt i's KV in prompt slot slots[i].
+        """Run the prompts (right-padded into one batch) and store prompt i's KV under prompt slot slots[i], one
+        prompt-cache segment per PROMPT_SEGMENT positions it has.
 
         Returns the next-token logits at each prompt's last position: [P, V].
         """
-        self._ensure_prompt_slots(max(slots) + 1)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        p, t = len(prompts), int(lengths.max())
+        lengths = [len(seq) for seq in prompts]
+        p, t, ps = len(prompts), max(lengths), self.prompt_segment
         ids = torch.zeros(p, t, dtype=torch.long, device=self.device)
         for i, seq in enumerate(prompts):
             ids[i, : len(seq)] = torch.tensor(seq, device=self.device)
-        dst = torch.tensor(slots, device=self.device)
+        for slot in slots:
+            self.prompt.release(slot)  # a reused slot starts empty
+        # per segment: the prompts reaching it (batch indices), their pool slots, and the positions to copy
+        writes = []
+        for j in range(-(-t // ps)):
+            batch = [k for k, n in enumerate(lengths) if n > j * ps]
+            pool_slots = [self.prompt.take(j, slots[k]) for k in batch]
+            to_t = (torch.tensor(x, device=self.device) for x in (batch, pool_slots))
+            writes.append((j, *to_t, min(ps, t - j * ps)))
         group = self.heads // self.kv_heads
 
         def attend(i, a, q, k, v):  # q: [P, T, H, hd], k/v: [P, T, KV, hd]
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [P, KV, T, hd]
-            self.pk[i, dst, :, :t] = k
-            self.pv[i, dst, :, :t] = v
+            for j, batch_t, slot_t, width in writes:
+                lo = j * ps  # positions past a prompt's end are padding: masked in decode
+                self.prompt.k[j][i, slot_t, :, :width] = k[batch_t, :, lo : lo + width]
+                self.prompt.v[j][i, slot_t, :, :width] = v[batch_t, :, lo : lo + width]
             # causal attention; padding only follows a prompt, so its real positions never see it
             o = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2),
@@ -263,7 +236,8 @@ class SlotModel:
 
         positions = torch.arange(t, device=self.device)[None].expand(p, t)
         h = self._forward(ids, positions, attend)
-        return self.head(h[torch.arange(p, device=self.device), lengths - 1])
+        last = torch.tensor(lengths, device=self.device) - 1
+        return self.head(h[torch.arange(p, device=self.device), last])
 
     def decode(
         self,
@@ -289,9 +263,9 @@ class SlotModel:
             if step % self.segment == 0:
                 entering.setdefault(step // self.segment, []).append(row)
         for j, new_rows in entering.items():
-            self._reserve_segment(j, self.seg_live[j] + len(new_rows))  # one growth for all of them
+            self.gen.reserve(j, self.gen.live[j] + len(new_rows))  # one growth for all of them
             for row in new_rows:
-                self._take_segment_slot(j, row)
+                self.gen.take(j, row)
         index_of = {row: k for k, row in enumerate(rows)}
         used = sum(steps) + r + int(prompt_lens.sum())
         self.peak_used = max(self.peak_used, used * self.token_bytes)
@@ -299,42 +273,48 @@ class SlotModel:
         writes: dict[int, tuple[list[int], list[int], list[int]]] = {}
         for k, (row, step) in enumerate(zip(rows, steps)):
             slot_list, offsets, batch = writes.setdefault(step // self.segment, ([], [], []))
-            slot_list.append(self.row_slots[row][step // self.segment])
+            slot_list.append(self.gen.slots_of[row][step // self.segment])
             offsets.append(step % self.segment)
             batch.append(k)
         writes_t = [(j, *(torch.tensor(x, device=dev) for x in w)) for j, w in writes.items()]
         # the attention parts: per segment, its slots [0, hi) as batch indices (R = none) and their mask
         neg = torch.finfo(self.kv_dtype).min  # finite: fully masked (free) slots stay NaN-free
         step_of = torch.tensor(steps + [-1], device=dev)  # index R: none
-        longest = max(steps)
         parts = []
-        for j in range(longest // self.segment + 1):
-            owner = self.seg_owner[j]
-            hi = max(k for k, o in enumerate(owner) if o >= 0) + 1
-            idx = torch.tensor([index_of[o] if o >= 0 else r for o in owner[:hi]], device=dev)
-            fill = min(self.segment, longest - j * self.segment + 1)
+        for j in range(max(steps) // self.segment + 1):
+            hi = self.gen.used(j)
+            idx = torch.tensor([index_of[o] if o >= 0 else r for o in self.gen.owner[j][:hi]], device=dev)
+            fill = min(self.segment, max(steps) - j * self.segment + 1)
             beyond = torch.arange(fill, device=dev) > (step_of[idx] - j * self.segment)[:, None]
             mask = torch.zeros(hi, 1, 1, fill, device=dev).masked_fill_(beyond[:, None, None], neg)
             parts.append((j, hi, idx, fill, mask))
-        lp = int(prompt_lens.max())
-        ar_p = torch.arange(lp, device=dev)
-        mask_p = torch.zeros(s, 1, 1, lp, device=dev).masked_fill_((ar_p >= prompt_lens[:, None])[:, None, None], neg)
+        # the shared prompt's parts: per prompt segment, its slots as prompt-slot indices (S = none) and their mask
+        ps, lp = self.prompt_segment, int(prompt_lens.max())
+        len_of = torch.cat([prompt_lens, prompt_lens.new_zeros(1)])  # index S: none
+        prompt_parts = []
+        for j in range(-(-lp // ps)):
+            hi = self.prompt.used(j)
+            idx = torch.tensor([o if 0 <= o < s else s for o in self.prompt.owner[j][:hi]], device=dev)
+            fill = min(ps, lp - j * ps)
+            beyond = torch.arange(fill, device=dev) >= (len_of[idx] - j * ps)[:, None]
+            mask = torch.zeros(hi, 1, 1, fill, device=dev).masked_fill_(beyond[:, None, None], neg)
+            prompt_parts.append((j, hi, idx, fill, mask))
         gather = members.view(-1)
 
         def attend(i, a, q, k, v):  # q: [R, 1, H, hd], k/v: [R, 1, KV, hd]
             for j, slot_t, offset_t, batch_t in writes_t:
-                self.seg_k[j][i, slot_t, :, offset_t] = k[batch_t, 0]
-                self.seg_v[j][i, slot_t, :, offset_t] = v[batch_t, 0]
+                self.gen.k[j][i, slot_t, :, offset_t] = k[batch_t, 0]
+                self.gen.v[j][i, slot_t, :, offset_t] = v[batch_t, 0]
             q = torch.cat([q.view(r, kvh, g, hd), q.new_zeros(1, kvh, g, hd)])  # the query heads of each kv head
             # every part's output and log-sum-exp per sequence (index R collects the padding): [R+1, parts, ...]
             o_all = q.new_zeros(r + 1, len(parts) + 1, kvh, g, hd)
             lse_all = q.new_full((r + 1, len(parts) + 1, kvh, g, 1), float("-inf"))
             for p, (j, hi, idx, fill, mask) in enumerate(parts):
-                kj, vj = self.seg_k[j][i, :hi, :, :fill], self.seg_v[j][i, :hi, :, :fill]
+                kj, vj = self.gen.k[j][i, :hi, :, :fill], self.gen.v[j][i, :hi, :, :fill]
                 o_all[idx, p], lse_all[idx, p] = _attention(q[idx], kj, vj, mask, a.scaling)
             # shared prompt: all samples' queries of a prompt slot against its keys at once: [S, KV, n*G, .]
             qp = q[gather].view(s, n, kvh, g, hd).transpose(1, 2).reshape(s, kvh, n * g, hd)
-            op, lse_p = _attention(qp, self.pk[i, :s, :, :lp], self.pv[i, :s, :, :lp], mask_p, a.scaling)
+            op, lse_p = _merged(qp, self.prompt.k, self.prompt.v, i, prompt_parts, a.scaling)
 
             def to_rows(x):  # [S, KV, n*G, c] -> [R, KV, G, c]
                 return x.view(s, kvh, n, g, -1).transpose(1, 2).reshape(s * n, kvh, g, -1)[member_of]
@@ -350,7 +330,29 @@ class SlotModel:
         return self.head(h[:, 0])
 
     def move_prompts(self, src: list[int], dst: list[int]) -> None:
-        """Copy prompt-cache slots src -> dst."""
-        s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
-        self.pk[:, d] = self.pk[:, s]
-        self.pv[:, d] = self.pv[:, s]
+        """Prompt slots src are renamed dst (free slots); their KV stays in place."""
+        for a, b in zip(src, dst):
+            self.prompt.relabel(a, b)
+
+
+def _merged(q, pool_k, pool_v, layer: int, parts, scale):
+    """Attention of q [S, KV, Q, hd] (one row per prompt slot) over the prompt-cache segments in `parts` (per
+    segment: j, used pool slots hi, their prompt-slot index idx [hi] (S = none), fill, mask [hi, 1, 1, fill]),
+    merged exactly through the log-sum-exps. Returns o [S, KV, Q, hd] and lse [S, KV, Q, 1] (float32)."""
+    s = q.shape[0]
+    if len(parts) == 1:  # one segment (every prompt up to PROMPT_SEGMENT tokens): no merge needed
+        j, hi, idx, fill, mask = parts[0]
+        o_part, lse_part = _attention(
+            q[idx.clamp(max=s - 1)], pool_k[j][layer, :hi, :, :fill], pool_v[j][layer, :hi, :, :fill], mask, scale
+        )
+        o, lse = q.new_zeros(s + 1, *o_part.shape[1:]), q.new_full((s + 1, *lse_part.shape[1:]), float("-inf"))
+        o[idx], lse[idx] = o_part, lse_part
+        return o[:s], lse[:s]
+    qz = torch.cat([q, q.new_zeros(1, *q.shape[1:])])  # index S: none
+    o_all = q.new_zeros(s + 1, len(parts), *q.shape[1:])
+    lse_all = q.new_full((s + 1, len(parts), *q.shape[1:-1], 1), float("-inf"))
+    for p, (j, hi, idx, fill, mask) in enumerate(parts):
+        kj, vj = pool_k[j][layer, :hi, :, :fill], pool_v[j][layer, :hi, :, :fill]
+        o_all[idx, p], lse_all[idx, p] = _attention(qz[idx], kj, vj, mask, scale)
+    lse = torch.logsumexp(lse_all[:s], 1, keepdim=True)
+    return (o_all[:s] * torch.exp(lse_all[:s] - lse)).sum(1), lse[:, 0]

@@ -225,6 +225,7 @@ class Scheduler:
         self.slot_rows[slot].remove(row)
         if not self.slot_rows[slot]:
             self.slot_rows[slot] = None
+            self.cache.release_prompt(slot)
         if all(c is not None for c in comps):
             del self.collected[prompt]
             self.progress.prompt_done()

@@ -1,0 +1,102 @@
+"""Segment pools: the KV storage behind the engine's paged caches (`ssb.engine.cache`).
+
+A sequence of positions (a prompt's, or the tokens a sequence generates) is cut into segments of `length`
+positions. Segment j is a pool [layers, slots, kv_heads, length, head_dim] of K and one of V, holding segment j
+for every owner (a generating row, or a prompt slot) that has reached it. An owner takes a slot in pool j when it
+first writes there and gives all its slots back when it finishes; a pool is allocated when its first owner
+arrives, grows by a quarter when full (copied: O(log n) copies, at most 25% larger than its peak use), and is
+freed when it empties. So the memory follows the positions in flight, not the longest sequence any owner could
+have, and a finished owner's slots are reused without copying anyone's KV.
+
+Both pools of a cache share one `KVMeter`, which tracks the bytes allocated and their peak, including the moment
+during a growth when the old and the new pool both exist.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVMeter:
+    """Bytes of KV pools allocated now and at the peak."""
+
+    def __init__(self) -> None:
+        self.allocated = self.peak_allocated = 0
+
+    def grown(self, new_bytes: int, old_bytes: int) -> None:
+        self.peak_allocated = max(self.peak_allocated, self.allocated + new_bytes)  # both exist during the copy
+        self.allocated += new_bytes - old_bytes
+
+    def freed(self, nbytes: int) -> None:
+        self.allocated -= nbytes
+
+
+class SegmentPools:
+    """`segments` pools of `length` positions each; owners are non-negative ints (row ids or prompt slots).
+
+    k[j], v[j]: [layers, capacity_j, kv_heads, length, head_dim] or None; owner[j][s]: the owner of slot s of pool
+    j (-1: free); slots_of[o]: owner o's slot in pools 0, 1, ... in order (an owner holds a prefix of the
+    segments). `limit`: most slots a pool may hold (the number of owners that can exist at once)."""
+
+    def __init__(self, segments: int, length: int, shape: tuple[int, int, int], dtype, device, meter: KVMeter):
+        self.segments, self.length = segments, length
+        self.layers, self.kv_heads, self.head_dim = shape
+        self.dtype, self.device, self.meter = dtype, device, meter
+        self.limit = 1
+        self.k: list[torch.Tensor | None] = [None] * segments
+        self.v: list[torch.Tensor | None] = [None] * segments
+        self.owner: list[list[int]] = [[] for _ in range(segments)]
+        self.live = [0] * segments
+        self.slots_of: dict[int, list[int]] = {}
+
+    def _bytes(self, j: int) -> int:
+        return 0 if self.k[j] is None else 2 * self.k[j].numel() * self.k[j].element_size()
+
+    def reserve(self, j: int, need: int) -> None:
+        """Room for `need` owners in pool j: grow by a quarter (at least to `need`, at most to `limit`). Small
+        pools grow one slot at a time; their copies are cheap."""
+        capacity = len(self.owner[j])
+        if need <= capacity:
+            return
+        capacity = min(self.limit, max(need, capacity + capacity // 4))  # no floor: deep segments hold few
+        shape = (self.layers, capacity, self.kv_heads, self.length, self.head_dim)
+        # zeros, not empty: a free or partly written slot is still multiplied by 0 in attention and must not be NaN
+        new_k, new_v = (torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+        old = self._bytes(j)
+        self.meter.grown(2 * new_k.numel() * new_k.element_size(), old)
+        if self.k[j] is not None:
+            new_k[:, : self.k[j].shape[1]] = self.k[j]
+            new_v[:, : self.v[j].shape[1]] = self.v[j]
+        self.k[j], self.v[j] = new_k, new_v
+        self.owner[j].extend([-1] * (capacity - len(self.owner[j])))
+
+    def take(self, j: int, owner: int) -> int:
+        """A slot in pool j for `owner`, which is about to write its first position there; returns the slot."""
+        self.reserve(j, self.live[j] + 1)
+        slot = self.owner[j].index(-1)
+        self.owner[j][slot] = owner
+        self.live[j] += 1
+        self.slots_of.setdefault(owner, []).append(slot)
+        return slot
+
+    def release(self, owner: int) -> None:
+        """`owner` gives its slots back; a pool nobody uses any more is freed."""
+        for j, slot in enumerate(self.slots_of.pop(owner, [])):
+            self.owner[j][slot] = -1
+            self.live[j] -= 1
+            if self.live[j] == 0:
+                self.meter.freed(self._bytes(j))
+                self.k[j] = self.v[j] = None
+                self.owner[j] = []
+
+    def relabel(self, old: int, new: int) -> None:
+        """Owner `old` is now called `new` (its KV stays where it is)."""
+        slots = self.slots_of.pop(old, [])
+        for j, slot in enumerate(slots):
+            self.owner[j][slot] = new
+        if slots:
+            self.slots_of[new] = slots
+
+    def used(self, j: int) -> int:
+        """One past the highest occupied slot of pool j (the slots attention reads)."""
+        return max((s for s, o in enumerate(self.owner[j]) if o >= 0), default=-1) + 1
