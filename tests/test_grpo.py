@@ -83,6 +83,7 @@ def test_grpo_two_steps_writes_adapter_and_metrics(tmp_path, tiny_model_dir):
     assert rows[-1]["generated_tokens"] == counts["generated_tokens"]
     entry = run.stage_entry("grpo")
     assert entry["status"] == "done" and entry["counts"]["generated_tokens"] == counts["generated_tokens"]
+    assert entry["generation"]["backend"].startswith("torch-paged-kv/")  # which generator sampled, as in rollout
 
     base = json.loads((out / "adapter" / "ssb_base.json").read_text())
     assert base == {"model": str(tiny_model_dir), "trust_remote_code": False}
@@ -146,7 +147,7 @@ def test_grpo_learns_from_varying_rewards_and_resumes(tmp_path, tiny_model_dir, 
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_engine_rollout_samples_each_group_from_one_prompt(tiny_model_dir):
+def test_policy_rollout_samples_each_group_from_one_prompt(tiny_model_dir):
     """The rollout_func TRL calls: one completion per (repeated) prompt, prompt ids = the chat template's, fresh
     samples at the next optimizer step."""
     from types import SimpleNamespace
@@ -163,7 +164,7 @@ def test_engine_rollout_samples_each_group_from_one_prompt(tiny_model_dir):
         state=SimpleNamespace(global_step=0),
     )
     a, b = ([{"role": "user", "content": q}] for q in ("What is 2 + 2?", "What is 3 + 5?"))
-    rollout = grpo_mod.engine_rollout(cfg)
+    rollout = grpo_mod.PolicyRollout(cfg)
     out = rollout([a, a, b, b], trainer)
     assert set(out) == {"prompt_ids", "completion_ids", "logprobs"} and len(out["completion_ids"]) == 4
     want = [

@@ -207,8 +207,9 @@ class GRPOConfig:
 
     generation: Literal["ssb", "trl"] = opt(
         "ssb",
-        "Who samples the completions: 'ssb' (our batched engine, through TRL's rollout_func; same sampling "
-        "settings) or 'trl' (TRL's own model.generate, or vLLM if you configure TRL for it)",
+        "Who samples the completions: 'ssb' (through TRL's rollout_func, with the backend generation_backend "
+        "picks: our batched engine, or vLLM serving the policy's LoRA adapter anew each step; same sampling "
+        "settings) or 'trl' (TRL's own model.generate)",
     )
     num_generations: int = opt(
         4, "Completions sampled per question: the group whose rewards are normalised (like rollout.k = 4); at least 2"

@@ -84,17 +84,11 @@ def choose_backend(
     return "engine", f"{reason}; using ssb's engine"
 
 
-def make_generator(
-    cfg: Config, model: str | None = None, *, batch_size: int, progress: bool = True, manifest=None, log=print
-):
-    """The generator for `model` (default cfg.model) under cfg.generation_backend, device and generation dtype.
-
-    manifest: optional (RunDir, stage name): the backend, why it was chosen and the reproducibility it gives are
-    recorded in that stage's manifest entry under `generation`. log: where the engine's progress lines go."""
-    from ssb.models import adapter_info, generation_dtype, load_from_config, resolve, resolve_device
+def backend_for(cfg: Config, model: str | None = None) -> tuple[str, str]:
+    """('engine' | 'vllm', why) for `model` (default cfg.model) under cfg.generation_backend and cfg.device."""
+    from ssb.models import adapter_info, resolve, resolve_device
 
     spec = model or cfg.model
-    device = resolve_device(cfg.device)
     info = adapter_info(Path(spec)) if Path(spec).exists() else None
     base_dir = Path(resolve(info["base"] if info else spec))
     build = installed_vllm_build() if cfg.generation_backend != "engine" else None
@@ -104,7 +98,31 @@ def make_generator(
         archs = list(AutoConfig.from_pretrained(str(base_dir)).architectures or [])
     else:
         archs = model_architectures(base_dir)
-    backend, why = choose_backend(cfg.generation_backend, device=device, architectures=archs, build=build)
+    return choose_backend(cfg.generation_backend, device=resolve_device(cfg.device), architectures=archs, build=build)
+
+
+def make_generator(
+    cfg: Config,
+    model: str | None = None,
+    *,
+    batch_size: int,
+    progress: bool = True,
+    manifest=None,
+    log=print,
+    lora_rank: int = 0,
+):
+    """The generator for `model` (default cfg.model) under cfg.generation_backend, device and generation dtype.
+
+    manifest: optional (RunDir, stage name): the backend, why it was chosen and the reproducibility it gives are
+    recorded in that stage's manifest entry under `generation`. log: where the engine's progress lines go.
+    lora_rank: with vLLM, serve LoRA adapters up to that rank per call (`VllmGenerator`; GRPO's policy)."""
+    from ssb.models import adapter_info, generation_dtype, load_from_config, resolve, resolve_device
+
+    spec = model or cfg.model
+    device = resolve_device(cfg.device)
+    info = adapter_info(Path(spec)) if Path(spec).exists() else None
+    base_dir = Path(resolve(info["base"] if info else spec))
+    backend, why = backend_for(cfg, model)
     print(f"[generation] {backend}: {why}", flush=True)
     if backend == "engine":
         from ssb.engine.engine import Engine
@@ -136,6 +154,7 @@ def make_generator(
             progress=progress,
             cleanup=cleanup,
             trust_remote_code=cfg.trust_remote_code,
+            lora_rank=lora_rank,
         )
     if manifest is not None and parallel.current().is_main:  # one writer of the manifest
         run, stage_name = manifest

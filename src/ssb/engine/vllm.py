@@ -132,6 +132,8 @@ class VllmGenerator:
     tokenises and decodes; vLLM sees token ids only). dtype: "float32", "bfloat16" or "float16".
     batch_size: most sequences vLLM runs at once (max_num_seqs). device: "cpu" or "cuda...".
     kv_cache_gib: 0 = the budget from `kv_cache_bytes`. cleanup: directories removed by `close()`.
+    lora_rank: > 0 serves PEFT LoRA adapters up to that rank on top of model_dir, one per `generate` call
+    (`adapter=`): GRPO's policy changes every step, and loading its small adapter beats restarting the engine.
     """
 
     def __init__(
@@ -147,6 +149,7 @@ class VllmGenerator:
         progress: bool = True,
         cleanup: list[Path] | None = None,
         trust_remote_code: bool = False,
+        lora_rank: int = 0,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -169,6 +172,8 @@ class VllmGenerator:
             raise ValueError("tokenizer and model define no eos token: generation could never stop early")
         self.llm = None
         self.kv_cache_bytes = 0
+        self.lora_rank = lora_rank
+        self._lora_ids: dict[str, int] = {}
 
     def _start(self, tokens_per_sequence: int, sequences: int) -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # else one core is kept for the scheduler
@@ -207,12 +212,20 @@ class VllmGenerator:
             trust_remote_code=self.trust_remote_code,
             tensor_parallel_size=self.tensor_parallel,
             seed=0,
+            **lora_settings(self.lora_rank),
         )
 
     def generate(
-        self, prompts, n: int, params: SamplingParams, callback: Callable[[int, list[Completion]], None] | None = None
+        self,
+        prompts,
+        n: int,
+        params: SamplingParams,
+        callback: Callable[[int, list[Completion]], None] | None = None,
+        adapter: str | Path | None = None,
     ) -> list[list[Completion]]:
-        """n completions per prompt, in order; `callback(i, completions)` fires when prompt i's n are done."""
+        """n completions per prompt, in order; `callback(i, completions)` fires when prompt i's n are done.
+        adapter: a PEFT LoRA adapter directory to generate with (needs `lora_rank`); each new path is loaded
+        once, under an id of its own, so a rewritten adapter must get a new path."""
         from vllm import SamplingParams as VllmParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -221,6 +234,7 @@ class VllmGenerator:
         if not ids:
             return results
         n_run = 1 if params.temperature == 0 else n  # greedy samples are identical, as in the engine
+        lora = self._lora_request(adapter)
         if self.llm is None:  # sized by the first call (teach's later rounds have fewer prompts)
             self._start(max(map(len, ids)) + params.max_new_tokens, len(ids) * n_run)
         engine = self.llm.llm_engine
@@ -237,7 +251,7 @@ class VllmGenerator:
                 detokenize=False,
                 output_kind=RequestOutputKind.FINAL_ONLY,
             )
-            engine.add_request(f"ssb-{i}", {"prompt_token_ids": p}, sp)
+            engine.add_request(f"ssb-{i}", {"prompt_token_ids": p}, sp, lora_request=lora)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -265,6 +279,20 @@ class VllmGenerator:
                 bar.close()
         return results
 
+    def _lora_request(self, adapter: str | Path | None):
+        if adapter is None:
+            return None
+        if self.lora_rank <= 0:
+            raise ValueError("VllmGenerator: generating with an adapter needs lora_rank > 0 at construction")
+        rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 0)
+        if rank > self.lora_rank:
+            raise ValueError(f"adapter {adapter} has LoRA rank {rank}, above this engine's lora_rank {self.lora_rank}")
+        from vllm.lora.request import LoRARequest
+
+        key = str(Path(adapter).resolve())
+        lora_id = self._lora_ids.setdefault(key, len(self._lora_ids) + 1)  # vLLM ids start at 1
+        return LoRARequest(f"ssb-adapter-{lora_id}", lora_id, key)
+
     def _completion(self, token_ids: list[int]) -> Completion:
         """A Completion as the engine builds it (ssb.engine.scheduler: text without the stop token)."""
         stop = bool(token_ids) and token_ids[-1] in self.stop_ids
@@ -288,6 +316,20 @@ class VllmGenerator:
             self.close()
         except Exception:  # interpreter shutdown: modules may already be gone
             pass
+
+
+# the ranks vLLM accepts for max_lora_rank (vllm.config.lora.MaxLoRARanks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_settings(rank: int) -> dict:
+    """LLM(...) keyword arguments for serving one LoRA adapter at a time of rank <= `rank` (none for 0)."""
+    if rank <= 0:
+        return {}
+    allowed = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not allowed:
+        raise ValueError(f"LoRA rank {rank} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]})")
+    return {"enable_lora": True, "max_lora_rank": allowed[0], "max_loras": 1, "max_cpu_loras": 2}
 
 
 class _GenerationConfigView:
