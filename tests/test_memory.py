@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
+import pytest
 import torch
 
 from ssb.memory import PeakRSS, current_rss_bytes
@@ -28,3 +30,21 @@ def test_stage_records_its_peak_rss(tmp_path):
         st.counts["n"] = 1
     entry = run.stage_entry("demo")
     assert entry["status"] == "done" and entry["peak_rss_bytes"] > 10 * 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_release_free_memory_returns_freed_heap_to_the_os():
+    """Blocks below glibc's mmap threshold stay resident after they are freed (a stage's peak would carry into the
+    next stage of `ssb run`); release_free_memory gives them back."""
+    from ssb.memory import current_rss_bytes, release_free_memory
+
+    release_free_memory()
+    base = current_rss_bytes()
+    blocks = [bytearray(64 * 1024) for _ in range(3000)]  # ~200 MB in heap-sized blocks
+    for b in blocks:
+        b[::4096] = b"x" * len(b[::4096])  # touch every page
+    held = current_rss_bytes()
+    assert held - base > 150 * 2**20
+    del blocks
+    release_free_memory()
+    assert current_rss_bytes() - base < 50 * 2**20

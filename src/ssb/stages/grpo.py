@@ -315,6 +315,7 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter, name: str = "grpo", qu
         meter.add(completion_ids)
         return verifier_reward(completions, gold, policy)
 
+    narrow_logprob_tiles(device)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=correctness,
@@ -328,6 +329,22 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter, name: str = "grpo", qu
     place_tensorboard_logs(trainer, run.rl_dir(name) / "tb")
     trainer.remove_callback(PrinterCallback)  # our callback prints one line per step; TRL's raw dict is noise
     return trainer, tok, len(questions)
+
+
+# Vocabulary columns per tile of TRL's fused log-prob head on devices without Triton. TRL 1.16 projects tiles of
+# [tokens, 32768] in fp32 and, without Triton (CPU), scores every position of the batch, prompts included; in the
+# backward one tile and its temporaries held about 1 GiB, the whole stage's peak (quick preset, measured with a
+# sampling profiler). Narrower tiles give the same log-probs for a quarter of that.
+CPU_LOGPROB_TILE = 8192
+
+
+def narrow_logprob_tiles(device: str) -> None:
+    """Use CPU_LOGPROB_TILE-wide vocabulary tiles in TRL's fused log-prob head off CUDA (a module constant of
+    trl.trainer.utils, read at each call; left alone where this TRL version does not have it)."""
+    import trl.trainer.utils as trl_utils
+
+    if not device.startswith("cuda") and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, CPU_LOGPROB_TILE)
 
 
 def dr_grpo_config(cfg: Config) -> Config:
