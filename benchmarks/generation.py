@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from bench_common import data_file, model_dir, save_result  # noqa: E402
-from ssb.engine.engine import Engine, SamplingParams  # noqa: E402
+from ssb.engine.engine import Engine, SamplingParams, tokenize_prompts  # noqa: E402
 
 SYSTEM = "You are a helpful math tutor. Solve the problem step by step and give the final answer as \\boxed{}."
 GSM8K = data_file("gsm8k_test.jsonl")  # $SSB_DATA_DIR or ../shared/data
@@ -183,11 +183,24 @@ def run_contender(name: str, args, n_q: int, max_new: int, ref_prompts: int) -> 
     print(json.dumps(result))
 
 
+def without_contenders(argv: list[str]) -> list[str]:
+    """argv without --contenders and its value (either `--contenders a,b` or `--contenders=a,b`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--contenders":
+            skip = True
+        elif not a.startswith("--contenders="):
+            out.append(a)
+    return out
+
+
 def contenders(args, names: list[str]) -> dict:
     """Each contender in its own subprocess of this script; name -> its JSON result."""
     out = {}
     for name in names:
-        cmd = [sys.executable, __file__, "--contender", name] + [a for a in sys.argv[1:] if not a.startswith("--cont")]
+        cmd = [sys.executable, __file__, "--contender", name] + without_contenders(sys.argv[1:])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         out[name] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"error": proc.stderr[-2000:]}
@@ -243,7 +256,11 @@ def vllm_worker(spec_path: str) -> None:
     tok = AutoTokenizer.from_pretrained(spec["model"])
     t = time.perf_counter()
     gen = VllmGenerator(spec["model"], tok, dtype=spec["dtype"], batch_size=spec["batch_size"], progress=False)
-    gen.generate(spec["prompts"][:1], 1, SamplingParams(temperature=0, max_new_tokens=1))  # starts the engine
+    # start the engine with the KV cache the timed call gets in a stage (sized by its first call: all prompts x
+    # k sequences of longest prompt + max_new_tokens), then one short request so first-call overheads are excluded
+    longest = max(len(ids) for ids in tokenize_prompts(tok, spec["prompts"]))
+    gen._start(longest + spec["params"]["max_new_tokens"], len(spec["prompts"]) * spec["k"])
+    gen.generate(spec["prompts"][:1], 1, SamplingParams(temperature=0, max_new_tokens=1))
     startup = time.perf_counter() - t
     t = time.perf_counter()
     comps = [c for r in gen.generate(spec["prompts"], spec["k"], SamplingParams(**spec["params"])) for c in r]
@@ -309,6 +326,14 @@ def main() -> None:
         ap.error(f"unknown contender(s) {unknown}; choose from {sorted(CONTENDERS)}")
     if args.no_in_process:
         result = {"contenders": contenders(args, names)}
+        if args.vllm_python != "none":  # the same prompts, sampling settings and dtype as the engine contender
+            from ssb.models import resolve_generation_dtype
+
+            prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in questions(n_q)]
+            params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=max_new, seed=0)
+            dtype = str(resolve_generation_dtype(args.dtype, "float32", "cpu")).removeprefix("torch.")
+            vllm = bench_vllm(prompts, args.k, params, model_dir(args.model), dtype, args.batch_size, args.vllm_python)
+            result["contenders"]["vllm"] = vllm
         save_result("generation", result)
         print(json.dumps(result))
         return

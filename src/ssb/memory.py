@@ -35,7 +35,8 @@ def release_free_memory() -> None:
 
     `ssb run` runs every stage in one process. glibc keeps freed heap blocks (below its mmap threshold, which
     grows to 32 MB as large tensors come and go) for reuse, so without this a stage's peak stays resident into
-    the next ones and a later stage's own peak sits on top of it. Called when a stage or evaluation ends."""
+    the next ones and a later stage's own peak sits on top of it. Called when a stage or evaluation starts (the
+    previous stage's objects are gone by then) and when it ends."""
     import gc
 
     gc.collect()
@@ -62,6 +63,7 @@ class PeakRSS:
             self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
 
     def __enter__(self) -> PeakRSS:
+        release_free_memory()  # what the previous stage left (its objects are gone now) is not this block's
         self._start_lifetime = lifetime_peak_rss_bytes()
         self.peak_bytes = current_rss_bytes()
         self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
