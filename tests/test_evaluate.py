@@ -329,28 +329,18 @@ evaluate(_cfg(), {model!r}, None, {out!r}, data_file={bench!r})
 def test_a_second_process_waits_for_an_evaluation_into_the_same_directory(tiny, bench, tmp_path):
     """Two processes evaluating into one directory (seeds of an experiment sharing the base model's greedy eval):
     the second waits on the directory's lock, then finds every problem done and generates nothing."""
-    import subprocess
-    import sys
-    import time
     from pathlib import Path
 
     from ssb.files import directory_lock
+    from ssb.testing import start_blocked
 
     out = tmp_path / "eval"
     evaluate(_cfg(), str(tiny), None, out, data_file=str(bench))
     before = (out / "samples.jsonl").read_text()
     code = _SECOND_EVAL.format(tests=str(Path(__file__).parent), model=str(tiny), out=str(out), bench=str(bench))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     log = tmp_path / "second.err"
     with directory_lock(out, "first"):
-        with open(log, "w") as err:
-            second = subprocess.Popen(
-                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=err, text=True
-            )
-        deadline = time.time() + 120
-        while "waiting for it" not in log.read_text() and second.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        assert second.poll() is None, log.read_text()  # blocked on the lock
+        second = start_blocked(code, log)
     stdout, _ = second.communicate(timeout=120)
     assert second.returncode == 0, log.read_text()
     assert f"[eval] another ssb process is evaluating into {out}; waiting" in log.read_text()

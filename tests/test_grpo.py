@@ -150,19 +150,12 @@ def test_grpo_learns_from_varying_rewards_and_resumes(tmp_path, tiny_model_dir, 
 def test_policy_rollout_samples_each_group_from_one_prompt(tiny_model_dir):
     """The rollout_func TRL calls: one completion per (repeated) prompt, prompt ids = the chat template's, fresh
     samples at the next optimizer step."""
-    from types import SimpleNamespace
-
     from ssb.models import load_model, load_tokenizer
+    from ssb.testing import fake_grpo_trainer
 
     cfg = _cfg(tiny_model_dir, "grpo.max_completion_length=6")
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-    trainer = SimpleNamespace(
-        num_generations=2,
-        model=model,
-        processing_class=tok,
-        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
-        state=SimpleNamespace(global_step=0),
-    )
+    trainer = fake_grpo_trainer(model, tok, num_generations=2)
     a, b = ([{"role": "user", "content": q}] for q in ("What is 2 + 2?", "What is 3 + 5?"))
     rollout = grpo_mod.PolicyRollout(cfg)
     out = rollout([a, a, b, b], trainer)

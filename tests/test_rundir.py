@@ -79,31 +79,20 @@ def test_a_second_process_waits_for_the_stage_then_skips_it(tmp_path):
     """Two processes on one run directory (two `ssb experiment --seeds` sharing the base evaluation): the second
     waits on the run directory's lock while the first works, then finds the stage done and skips it; nothing is
     appended twice."""
-    import os
-    import subprocess
-    import sys
-    import time
     from pathlib import Path
 
     from ssb.files import directory_lock
+    from ssb.testing import start_blocked
 
     run = RunDir(tmp_path / "run")
     inp = tmp_path / "in.txt"
     inp.write_text("a")
     out = run.root / "out.txt"
     code = _SECOND_PROCESS.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     log = tmp_path / "second.err"
     with directory_lock(run.mkdir().root, "first"):
         with directory_lock(run.root, "first, nested"):  # re-entrant: a nested stage in the same process
-            with open(log, "w") as err:
-                second = subprocess.Popen(
-                    [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=err, text=True
-                )
-            deadline = time.time() + 120
-            while "waiting for it" not in log.read_text() and second.poll() is None and time.time() < deadline:
-                time.sleep(0.1)
-            assert second.poll() is None, log.read_text()  # blocked on the lock, not finished
+            second = start_blocked(code, log)
         assert _run_stage(run, {"k": 1}, inp, out) == "ran"  # the first process's stage (lock re-entered)
     stdout, _ = second.communicate(timeout=120)
     assert second.returncode == 0, log.read_text()

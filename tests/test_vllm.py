@@ -230,22 +230,15 @@ def test_grpo_policy_completions_through_vllm_follow_the_adapter_each_step(model
     """GRPO's rollout_func with generation_backend vllm: vLLM serves the policy's current LoRA adapter, saved at
     each step, and its greedy completions equal those of ssb's engine over the live PEFT model, before and after
     the adapter's weights change (a new step)."""
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
     from ssb.config import load_config
     from ssb.stages.grpo import PolicyRollout
+    from ssb.testing import fake_grpo_trainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     policy = _policy(model_dir, seed=0)
-    trainer = SimpleNamespace(
-        num_generations=2,
-        model=policy,
-        processing_class=tok,
-        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
-        state=SimpleNamespace(global_step=0),
-    )
+    trainer = fake_grpo_trainer(policy, tok, num_generations=2)
     sets = ["device=cpu", "generation_dtype=float32", "vllm_kv_cache_gib=0.25", "grpo.temperature=0"]
     sets += ["grpo.max_completion_length=16", "train.lora_r=8", f"model={model_dir}"]
     through_vllm = PolicyRollout(load_config(overrides=[*sets, "generation_backend=vllm"]), batch_size=8)

@@ -322,24 +322,16 @@ def stage(
 
 
 @contextlib.contextmanager
-def _stage_here(
-    run: RunDir,
-    name: str,
-    config_parts: tuple,
-    inputs: list[Path],
-    outputs: list[Path],
-    force: bool = False,
-    check: Callable[[], Any] | None = None,
-) -> Iterator[Stage | None]:
-    """`_stage_locked` while holding a lock on the run directory (`directory_lock`): a second ssb process
-    reaching a stage of the same run directory (two `ssb experiment --seeds` processes sharing the base model's
-    evaluation, or a command started twice) waits, then decides from the manifest the first one left, so it
-    skips what was finished instead of appending the same records a second time."""
+def _stage_here(run: RunDir, name: str, *spec) -> Iterator[Stage | None]:
+    """`_stage_locked(run, name, *spec)` while holding a lock on the run directory (`directory_lock`): a second
+    ssb process reaching a stage of the same run directory (two `ssb experiment --seeds` processes sharing the
+    base model's evaluation, or a command started twice) waits, then decides from the manifest the first one
+    left, so it skips what was finished instead of appending the same records a second time."""
     created = not run.root.exists()
     run.mkdir()
     try:
         with directory_lock(run.root, f"[{name}] another ssb process is working in {run.root}"):
-            with _stage_locked(run, name, config_parts, inputs, outputs, force, check) as st:
+            with _stage_locked(run, name, *spec) as st:
                 yield st
     except BaseException:
         if created and not any(run.root.iterdir()):  # bad input on a fresh run directory: leave nothing behind

@@ -105,3 +105,35 @@ def write_arith_pairs(path, tokenizer, n: int, system: str = "You are a helpful 
                 "solution_ids": tokenizer(sol, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
             }
             f.write(json.dumps(record) + "\n")
+
+
+def start_blocked(code: str, log: Path, timeout: float = 120.0):
+    """Start `python -c code` (with this process's sys.path) and return it once its stderr, written to `log`,
+    says it is waiting for a lock another process holds ("waiting for it"); fails if it finished instead."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    deadline = time.time() + timeout
+    while "waiting for it" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    if proc.poll() is not None or "waiting for it" not in log.read_text():
+        raise AssertionError(f"the second process did not wait for the lock:\n{log.read_text()}")
+    return proc
+
+
+def fake_grpo_trainer(model, tokenizer, num_generations: int = 2):
+    """The attributes of TRL's GRPOTrainer that a rollout_func reads (ssb.stages.grpo.PolicyRollout)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        num_generations=num_generations,
+        model=model,
+        processing_class=tokenizer,
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        state=SimpleNamespace(global_step=0),
+    )
