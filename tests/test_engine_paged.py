@@ -123,10 +123,29 @@ def test_kv_accounting_follows_the_tokens(tok, monkeypatch):
     assert s["kv_bytes_allocated"] < static
 
 
+def test_pools_that_grow_by_copying_give_the_same_tokens(tok, monkeypatch):
+    """The pools of devices that commit what they allocate (CUDA) grow by copying; run that path here: the same
+    greedy tokens as the CPU pools, and allocated KV (growth copies included) within 1.5x of the peak in use."""
+    import ssb.engine.pools as pools_module
+
+    model = tiny_model("llama", tok)
+    monkeypatch.setattr(cache_module, "SEGMENT", 4)
+    monkeypatch.setattr(cache_module, "PROMPT_SEGMENT", 4)
+    greedy = SamplingParams(temperature=0, max_new_tokens=MAX_NEW)
+    engine = Engine(model, tok, batch_size=3, progress=False)
+    lazy = [c[0].token_ids for c in engine.generate(PROMPTS, 1, greedy)]
+    monkeypatch.setattr(pools_module, "LAZY_ON_CPU", False)
+    assert [c[0].token_ids for c in engine.generate(PROMPTS, 1, greedy)] == lazy
+    questions = [[{"role": "user", "content": f"Question {i}: how many apples are left?"}] for i in range(10)]
+    engine.generate(questions, 2, SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW, seed=1))
+    s = engine.last_stats
+    assert 0 < s["kv_bytes_used"] <= s["kv_bytes_allocated"] <= 1.5 * s["kv_bytes_used"]
+
+
 def test_kv_accounting_with_prompts_of_very_different_lengths(tok, monkeypatch):
     """Teach's case: prompts of 20 to about 380 tokens. The paged prompt cache holds each prompt's own length (rounded
     up to a segment), so allocated KV stays within 1.5x of the peak in use; one prompt slot as long as the longest
-    prompt for every prompt (the layout before prompt segments) allocates more than twice what is used."""
+    prompt for every prompt (the layout before prompt segments) allocates more than 1.5x what is used."""
     model = tiny_model("llama", tok)
     monkeypatch.setattr(cache_module, "SEGMENT", 8)
     params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=1)
@@ -140,7 +159,7 @@ def test_kv_accounting_with_prompts_of_very_different_lengths(tok, monkeypatch):
         engine.generate(questions, 1, params)
         s = engine.last_stats
         ratios[prompt_segment] = s["kv_bytes_allocated"] / s["kv_bytes_used"]
-    assert ratios[16] <= 1.5 < 2 < ratios[512], ratios
+    assert ratios[16] <= 1.25 and ratios[512] > 1.5, ratios
 
 
 def test_budget_limits_rows_and_rejects_a_budget_below_one_sequence(tok):

@@ -3,18 +3,26 @@
 A sequence of positions (a prompt's, or the tokens a sequence generates) is cut into segments of `length`
 positions. Segment j is a pool [layers, slots, kv_heads, length, head_dim] of K and one of V, holding segment j
 for every owner (a generating row, or a prompt slot) that has reached it. An owner takes a slot in pool j when it
-first writes there and gives all its slots back when it finishes; a pool is allocated when its first owner
-arrives, grows by a quarter when full (copied: O(log n) copies, at most 25% larger than its peak use), and is
-freed when it empties. So the memory follows the positions in flight, not the longest sequence any owner could
-have, and a finished owner's slots are reused without copying anyone's KV.
+first writes there and gives all its slots back when it finishes (the lowest free slot is taken first); a pool
+exists from its first owner's arrival until it empties. So the memory follows the positions in flight, not the
+longest sequence any owner could have, and a finished owner's slots are reused without copying anyone's KV.
 
-Both pools of a cache share one `KVMeter`, which tracks the bytes allocated and their peak, including the moment
-during a growth when the old and the new pool both exist.
+How a pool gets its memory depends on the device. On CPU it is reserved at once for every owner that can exist
+(`limit`) with `torch.empty`, which the OS backs with pages only where they are written; a slot is zeroed when
+it is first taken, so the resident size is the pool's high-water mark of slots, reached without a copy. (The
+first version grew pools by a quarter, copying them: a growing pool briefly existed twice, and the quick
+preset's rollouts allocated 1.5-1.7x the KV in use.) On other devices, which commit what they allocate, a pool
+grows by a quarter when full (copied: O(log n) copies, at most 25% larger than its peak use).
+
+Both pools of a cache share one `KVMeter`: the bytes allocated (CPU: touched) and their peak, including the
+moment during a growth when the old and the new pool both exist.
 """
 
 from __future__ import annotations
 
 import torch
+
+LAZY_ON_CPU = True  # reserve-and-touch pools on CPU (the module docstring); tests turn it off to run the copy path
 
 
 class KVMeter:
@@ -48,13 +56,33 @@ class SegmentPools:
         self.owner: list[list[int]] = [[] for _ in range(segments)]
         self.live = [0] * segments
         self.slots_of: dict[int, list[int]] = {}
+        # CPU: a pool is reserved at `limit` slots with torch.empty, which the OS backs with memory only where it
+        # is written, and slots are zeroed when first taken (`touched`: the high-water mark), so resident memory
+        # follows the slots used, with no copy and no old-plus-new moment when a pool grows. Other devices
+        # commit what they allocate: there pools grow by copying (`_grow`).
+        self.lazy = LAZY_ON_CPU and torch.device(device).type == "cpu"
+        self.touched = [0] * segments
 
     def _bytes(self, j: int) -> int:
-        return 0 if self.k[j] is None else 2 * self.k[j].numel() * self.k[j].element_size()
+        if self.k[j] is None:
+            return 0
+        slots = self.touched[j] if self.lazy else self.k[j].shape[1]
+        return 2 * slots * self.k[j][:, :1].numel() * self.k[j].element_size()
 
     def reserve(self, j: int, need: int) -> None:
-        """Room for `need` owners in pool j: grow by a quarter (at least to `need`, at most to `limit`). Small
-        pools grow one slot at a time; their copies are cheap."""
+        """Room for `need` owners in pool j (at most `limit`)."""
+        if self.lazy:
+            if self.k[j] is None:
+                shape = (self.layers, self.limit, self.kv_heads, self.length, self.head_dim)
+                self.k[j], self.v[j] = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+                self.owner[j] = [-1] * self.limit
+                self.touched[j] = 0
+            return
+        self._grow(j, need)
+
+    def _grow(self, j: int, need: int) -> None:
+        """Grow pool j by a quarter (at least to `need`, at most to `limit`), copying it. Small pools grow one slot
+        at a time; their copies are cheap."""
         capacity = len(self.owner[j])
         if need <= capacity:
             return
@@ -74,6 +102,12 @@ class SegmentPools:
         """A slot in pool j for `owner`, which is about to write its first position there; returns the slot."""
         self.reserve(j, self.live[j] + 1)
         slot = self.owner[j].index(-1)
+        if self.lazy and slot >= self.touched[j]:  # first use of this slot: zero it (masked entries must not be NaN)
+            before = self._bytes(j)
+            self.k[j][:, self.touched[j] : slot + 1] = 0
+            self.v[j][:, self.touched[j] : slot + 1] = 0
+            self.touched[j] = slot + 1
+            self.meter.grown(self._bytes(j) - before, 0)
         self.owner[j][slot] = owner
         self.live[j] += 1
         self.slots_of.setdefault(owner, []).append(slot)
@@ -88,6 +122,7 @@ class SegmentPools:
                 self.meter.freed(self._bytes(j))
                 self.k[j] = self.v[j] = None
                 self.owner[j] = []
+                self.touched[j] = 0
 
     def relabel(self, old: int, new: int) -> None:
         """Owner `old` is now called `new` (its KV stays where it is)."""
