@@ -12,8 +12,8 @@ norms are honoured) in its own layer loop, against two caches:
 * a paged generation cache: the generated positions are cut into segments of SEGMENT positions, and segment j
   is a pool [layers, slots_j, kv_heads, SEGMENT, head_dim] holding that segment for the sequences that have
   reached it. A sequence takes a slot in segment j when it generates its (j * SEGMENT)-th token and gives all its
-  slots back when it finishes; a pool is allocated when the first sequence reaches it, grows (x1.25) when it is
-  full, and is freed when it empties (`ssb.engine.pools`). So memory follows the tokens in flight: a sequence 40
+  slots back when it finishes; a pool exists from the first sequence's arrival until it empties, and holds
+  resident memory only for the slots used (`ssb.engine.pools`). So memory follows the tokens in flight: a sequence 40
   tokens long holds one segment, not max_new_tokens positions (measured on the benchmark workload: allocated /
   used KV bytes, see `kv_stats` and benchmarks/README.md).
 
