@@ -150,6 +150,7 @@ def test_grpo_learns_from_varying_rewards_and_resumes(tmp_path, tiny_model_dir, 
 def test_policy_rollout_samples_each_group_from_one_prompt(tiny_model_dir):
     """The rollout_func TRL calls: one completion per (repeated) prompt, prompt ids = the chat template's, fresh
     samples at the next optimizer step."""
+    from ssb.engine.policy import PolicyRollout
     from ssb.models import load_model, load_tokenizer
     from ssb.testing import fake_grpo_trainer
 
@@ -157,7 +158,7 @@ def test_policy_rollout_samples_each_group_from_one_prompt(tiny_model_dir):
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     trainer = fake_grpo_trainer(model, tok, num_generations=2)
     a, b = ([{"role": "user", "content": q}] for q in ("What is 2 + 2?", "What is 3 + 5?"))
-    rollout = grpo_mod.PolicyRollout(cfg)
+    rollout = PolicyRollout(cfg)
     out = rollout([a, a, b, b], trainer)
     assert set(out) == {"prompt_ids", "completion_ids", "logprobs"} and len(out["completion_ids"]) == 4
     want = [

@@ -233,7 +233,7 @@ def test_grpo_policy_completions_through_vllm_follow_the_adapter_each_step(model
     from transformers import AutoTokenizer
 
     from ssb.config import load_config
-    from ssb.stages.grpo import PolicyRollout
+    from ssb.engine.policy import PolicyRollout
     from ssb.testing import fake_grpo_trainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
