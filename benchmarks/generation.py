@@ -70,6 +70,12 @@ def questions(count: int) -> list[str]:
     return out
 
 
+def workload(n_q: int, max_new: int) -> tuple[list, SamplingParams]:
+    """The benchmark's chat prompts (system prompt + question) and sampling settings, shared by every contender."""
+    prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in questions(n_q)]
+    return prompts, SamplingParams(temperature=0.8, top_k=50, max_new_tokens=max_new, seed=0)
+
+
 def matmul_flops(seconds: float = 3.0, n: int = 2048, dtype=torch.float32) -> float:
     """Sustained FLOP/s of an n x n matmul in `dtype` on this CPU, best of repeated timings."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -173,8 +179,7 @@ def run_contender(name: str, args, n_q: int, max_new: int, ref_prompts: int) -> 
     fn, one_at_a_time = CONTENDERS[name]
     dtype = torch.float32 if one_at_a_time else resolve_generation_dtype(args.dtype, "float32", "cpu")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
-    prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in questions(n_q)]
-    params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=max_new, seed=0)
+    prompts, params = workload(n_q, max_new)
     if one_at_a_time:
         prompts = prompts[:ref_prompts]
     with torch.no_grad():
@@ -259,7 +264,7 @@ def vllm_worker(spec_path: str) -> None:
     # start the engine with the KV cache the timed call gets in a stage (sized by its first call: all prompts x
     # k sequences of longest prompt + max_new_tokens), then one short request so first-call overheads are excluded
     longest = max(len(ids) for ids in tokenize_prompts(tok, spec["prompts"]))
-    gen._start(longest + spec["params"]["max_new_tokens"], len(spec["prompts"]) * spec["k"])
+    gen.start(longest + spec["params"]["max_new_tokens"], len(spec["prompts"]) * spec["k"])
     gen.generate(spec["prompts"][:1], 1, SamplingParams(temperature=0, max_new_tokens=1))
     startup = time.perf_counter() - t
     t = time.perf_counter()
@@ -329,8 +334,7 @@ def main() -> None:
         if args.vllm_python != "none":  # the same prompts, sampling settings and dtype as the engine contender
             from ssb.models import resolve_generation_dtype
 
-            prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in questions(n_q)]
-            params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=max_new, seed=0)
+            prompts, params = workload(n_q, max_new)
             dtype = str(resolve_generation_dtype(args.dtype, "float32", "cpu")).removeprefix("torch.")
             vllm = bench_vllm(prompts, args.k, params, model_dir(args.model), dtype, args.batch_size, args.vllm_python)
             result["contenders"]["vllm"] = vllm
@@ -343,8 +347,7 @@ def main() -> None:
     model_path = model_dir(args.model)
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in questions(n_q)]
-    params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=max_new, seed=0)
+    prompts, params = workload(n_q, max_new)
 
     from ssb.models import resolve_generation_dtype
 

@@ -134,4 +134,6 @@ class SegmentPools:
 
     def used(self, j: int) -> int:
         """One past the highest occupied slot of pool j (the slots attention reads)."""
-        return max((s for s, o in enumerate(self.owner[j]) if o >= 0), default=-1) + 1
+        owner = self.owner[j]
+        top = self.touched[j] if self.lazy else len(owner)  # CPU pools: no slot past the high-water mark is used
+        return next((s + 1 for s in range(top - 1, -1, -1) if owner[s] >= 0), 0)  # from the top: once per step

@@ -175,7 +175,9 @@ class VllmGenerator:
         self.lora_rank = lora_rank
         self._lora_ids: dict[str, int] = {}
 
-    def _start(self, tokens_per_sequence: int, sequences: int) -> None:
+    def start(self, tokens_per_sequence: int, sequences: int) -> None:
+        """Start vLLM's engine with a KV cache for `sequences` of `tokens_per_sequence` (`generate` does this at its
+        first call, sized by that call)."""
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # else one core is kept for the scheduler
         from vllm import LLM
 
@@ -236,7 +238,7 @@ class VllmGenerator:
         n_run = 1 if params.temperature == 0 else n  # greedy samples are identical, as in the engine
         lora = self._lora_request(adapter)
         if self.llm is None:  # sized by the first call (teach's later rounds have fewer prompts)
-            self._start(max(map(len, ids)) + params.max_new_tokens, len(ids) * n_run)
+            self.start(max(map(len, ids)) + params.max_new_tokens, len(ids) * n_run)
         engine = self.llm.llm_engine
         for i, p in enumerate(ids):
             sp = VllmParams(
