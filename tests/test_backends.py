@@ -119,3 +119,16 @@ def test_gguf_quantization_config_is_hidden_from_vllm_without_touching_the_model
     plain.mkdir()
     (plain / "config.json").write_text(json.dumps({"architectures": LLAMA}))
     assert loadable_model_dir(plain, tmp_path / "scratch2") == plain
+
+
+def test_lora_settings_pick_the_smallest_rank_vllm_serves():
+    """GRPO through vLLM serves adapters up to train.lora_r: the smallest of vLLM's allowed max_lora_rank values
+    that holds it; none for rank 0; a rank above vLLM's largest is a clear error."""
+    from ssb.engine.vllm import lora_settings
+
+    assert lora_settings(0) == {}
+    assert lora_settings(32)["max_lora_rank"] == 32 and lora_settings(32)["enable_lora"] is True
+    assert lora_settings(4)["max_lora_rank"] == 8
+    assert lora_settings(33)["max_lora_rank"] == 64
+    with pytest.raises(ValueError, match="LoRA rank 600 is above the largest vLLM serves"):
+        lora_settings(600)

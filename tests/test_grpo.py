@@ -84,6 +84,9 @@ def test_grpo_two_steps_writes_adapter_and_metrics(tmp_path, tiny_model_dir):
     entry = run.stage_entry("grpo")
     assert entry["status"] == "done" and entry["counts"]["generated_tokens"] == counts["generated_tokens"]
     assert entry["generation"]["backend"].startswith("torch-paged-kv/")  # which generator sampled, as in rollout
+    import trl.trainer.utils as trl_utils
+
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == 8192  # narrow log-prob tiles on CPU (GRPO's memory peak)
 
     base = json.loads((out / "adapter" / "ssb_base.json").read_text())
     assert base == {"model": str(tiny_model_dir), "trust_remote_code": False}
