@@ -234,8 +234,8 @@ def build_trainer(cfg: Config, run: RunDir, meter: Meter, name: str = "grpo", qu
 
 # Vocabulary columns per tile of TRL's fused log-prob head on devices without Triton. TRL 1.16 projects tiles of
 # [tokens, 32768] in fp32 and, without Triton (CPU), scores every position of the batch, prompts included; in the
-# backward one tile and its temporaries held about 1 GiB, the whole stage's peak (quick preset, measured with a
-# sampling profiler). Narrower tiles give the same log-probs for a quarter of that.
+# backward one tile and its temporaries made the whole stage's peak (quick preset; located with a sampling
+# profiler). Narrower tiles give the same log-probs with a quarter of that memory per tile.
 CPU_LOGPROB_TILE = 8192
 
 
