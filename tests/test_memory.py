@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 
+from ssb.lifecycle import stage
 from ssb.memory import PeakRSS, current_rss_bytes
-from ssb.rundir import RunDir, stage
+from ssb.rundir import RunDir
 
 
 def test_peak_rss_sees_a_short_lived_allocation_and_a_later_block_does_not_inherit_it():

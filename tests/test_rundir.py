@@ -3,7 +3,8 @@ import json
 import pytest
 
 from ssb.files import JsonlWriter, atomic_write_json, read_jsonl
-from ssb.rundir import RunDir, stage
+from ssb.lifecycle import stage
+from ssb.rundir import RunDir
 
 
 def test_torn_last_line_is_dropped_and_repaired(tmp_path):

@@ -19,7 +19,8 @@ import pytest
 from ssb.cli import main
 from ssb.config import ConfigError, load_config, save_config
 from ssb.files import read_jsonl, write_jsonl
-from ssb.rundir import RunDir, stage
+from ssb.lifecycle import stage
+from ssb.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 

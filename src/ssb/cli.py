@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ssb import parallel
 from ssb.config import Config, ConfigError, describe, load_config, preset_names, preset_path, read_yaml, save_config
+from ssb.lifecycle import before_work
 from ssb.models import ModelError
-from ssb.rundir import RunDir, before_work
+from ssb.rundir import RunDir
 from ssb.stages import VERBS, load
 
 DEFAULT_PRESET = "quick"

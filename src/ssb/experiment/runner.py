@@ -45,7 +45,7 @@ from ssb.experiment.spec import (
     greedy,
 )
 from ssb.files import atomic_write_text, file_digest, read_jsonl, write_jsonl
-from ssb.rundir import record_done, stage_hashes
+from ssb.lifecycle import record_done, stage_hashes
 from ssb.stages import PIPELINE, load
 
 TRAINED = ("ssb", "sft")

@@ -13,9 +13,10 @@ from collections import Counter
 
 from ssb.config import Config
 from ssb.files import write_jsonl
+from ssb.lifecycle import stage
 from ssb.prompts import load_template, student_messages, teacher_messages
 from ssb.records import check_rollout, read_checked
-from ssb.rundir import RunDir, stage
+from ssb.rundir import RunDir
 
 
 def answer_key(answer: str) -> str:

@@ -31,7 +31,8 @@ from ssb import parallel
 from ssb.config import Config
 from ssb.engine.policy import PolicyRollout
 from ssb.files import atomic_write_json, read_jsonl
-from ssb.rundir import RunDir, stage
+from ssb.lifecycle import stage
+from ssb.rundir import RunDir
 from ssb.training import (
     last_checkpoint,
     log_boundaries_callback,

@@ -25,7 +25,8 @@ import torch
 
 from ssb import parallel
 from ssb.config import Config
-from ssb.rundir import RunDir, rank_store, rank_stores, stage
+from ssb.lifecycle import stage
+from ssb.rundir import RunDir, rank_store, rank_stores
 
 HYBRID_AUTO_HEAD = 64  # benchmarks/distill.py on SmolLM2: head 64 beat 124 at the hidden states (0.971 vs 0.964)
 

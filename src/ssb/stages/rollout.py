@@ -13,10 +13,11 @@ from ssb import parallel
 from ssb.config import Config
 from ssb.data import data_files, question_records
 from ssb.files import JsonlWriter, write_jsonl
+from ssb.lifecycle import stage
 from ssb.models import generation_dtype_name
 from ssb.prompts import student_messages
 from ssb.records import check_rollout_counted, read_checked
-from ssb.rundir import RunDir, stage
+from ssb.rundir import RunDir
 from ssb.shards import rank_output
 
 

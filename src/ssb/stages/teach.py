@@ -23,9 +23,10 @@ from pathlib import Path
 from ssb import parallel
 from ssb.config import Config
 from ssb.files import JsonlWriter, read_jsonl
+from ssb.lifecycle import stage
 from ssb.models import generation_dtype_name
 from ssb.records import check_attempt, check_curated, check_id_only, read_checked
-from ssb.rundir import RunDir, stage
+from ssb.rundir import RunDir
 from ssb.shards import rank_output
 
 

@@ -20,7 +20,8 @@ import os
 import shutil
 
 from ssb.config import Config
-from ssb.rundir import RunDir, stage
+from ssb.lifecycle import stage
+from ssb.rundir import RunDir
 from ssb.stages.logits import needs_stored_logits
 from ssb.training import (
     last_checkpoint,
