@@ -4,6 +4,8 @@ fallback for other architectures."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import (
@@ -228,3 +230,61 @@ def test_unsupported_architecture_falls_back_to_hf_generate(tok, capsys):
     sampled = engine.generate(PROMPTS[:2], 3, SamplingParams(temperature=1.0, top_k=20, max_new_tokens=8, seed=2))
     assert [len(c) for c in sampled] == [3, 3] and all(0 < x.num_tokens <= 8 for c in sampled for x in c)
     assert engine.last_stats["tokens"] == sum(x.num_tokens for c in sampled for x in c)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are given back with Linux's madvise")
+def test_compaction_moves_live_slots_down_and_gives_the_pages_back():
+    """64 owners fill a CPU pool, the 48 in the lowest slots finish: compaction moves the other 16 into slots 0-15
+    with their KV, the pool's touched slots and the meter drop to 16, and the process's resident memory falls by
+    about the freed slots' bytes."""
+    from ssb.engine.pools import KVMeter, SegmentPools
+    from ssb.memory import current_rss_bytes, release_free_memory
+
+    layers, heads, length, head_dim = 8, 2, 64, 128
+    slot_bytes = 2 * layers * heads * length * head_dim * 4  # K and V, every layer
+    meter = KVMeter()
+    pools = SegmentPools(1, length, (layers, heads, head_dim), torch.float32, "cpu", meter)
+    pools.limit = 64
+    for owner in range(64):
+        slot = pools.take(0, owner)
+        pools.k[0][:, slot] = owner
+        pools.v[0][:, slot] = -owner
+    assert meter.allocated == 64 * slot_bytes
+    for owner in range(48):
+        pools.release(owner)
+    release_free_memory()
+    before = current_rss_bytes()
+    pools.compact()
+    release_free_memory()  # the copy's temporary goes back to the OS too: RSS then shows the pool's pages
+    freed = before - current_rss_bytes()
+    assert pools.touched[0] == 16 and meter.allocated == 16 * slot_bytes
+    assert sorted(pools.slots_of) == list(range(48, 64))
+    for owner, (slot,) in pools.slots_of.items():
+        assert slot < 16 and pools.owner[0][slot] == owner
+        assert bool((pools.k[0][:, slot] == owner).all()) and bool((pools.v[0][:, slot] == -owner).all())
+    assert freed > 0.9 * 48 * slot_bytes, (freed, 48 * slot_bytes)
+    slot = pools.take(0, 99)  # a slot above the compacted top is zeroed again when taken
+    assert slot == 16 and not pools.k[0][:, slot].any() and pools.touched[0] == 17
+
+
+def test_compaction_keeps_the_tokens(tok, monkeypatch):
+    """Generation with pools compacted whenever a slot is free gives the tokens of generation without compaction
+    (segments of 4 positions, 3 samples per prompt finishing at different steps)."""
+    import ssb.engine.pools as pools_module
+
+    model = tiny_model("llama", tok)
+    monkeypatch.setattr(cache_module, "SEGMENT", 4)
+    monkeypatch.setattr(cache_module, "PROMPT_SEGMENT", 4)
+    sampled = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=MAX_NEW, seed=1)  # 5 to 40 tokens
+    engine = Engine(model, tok, batch_size=6, progress=False)
+    compactions, give_back = [], pools_module._give_back_pages
+    monkeypatch.setattr(
+        pools_module, "_give_back_pages", lambda x, lo, hi: compactions.append(1) or give_back(x, lo, hi)
+    )
+    runs = {}
+    for share in (2.0, 0.0):  # 2: never compact; 0: compact at every chance (2 or more free slots)
+        monkeypatch.setattr(pools_module, "COMPACT_FREE_SHARE", share)
+        runs[share] = [[c.token_ids for c in cs] for cs in engine.generate(PROMPTS, 3, sampled)]
+        assert bool(compactions) == (share == 0.0)
+    assert runs[0.0] == runs[2.0]
+    assert len({len(t) for cs in runs[0.0] for t in cs}) > 3  # samples finish at different steps

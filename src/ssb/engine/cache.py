@@ -30,8 +30,9 @@ cache never exceeds it and no sequence ever has to be stopped or recomputed; the
 admission, not an allocation.
 
 Precision: the projections and MLP run in the model's dtype; on CPU, rotary embedding, the KV caches and
-attention are float32 even for a bf16 model (bf16 weights are for the AMX matrix units; a bf16 score matrix
-would round logits of ~20 to steps of 0.125). On CUDA they follow the model's dtype, as in Hugging Face models.
+attention are float32 even for a bf16 model (bf16 weights are for the CPU's bf16 matrix instructions; a bf16
+score matrix would round logits of ~20 to steps of 0.125). On CUDA they follow the model's dtype, as in Hugging
+Face models.
 """
 
 from __future__ import annotations
@@ -258,6 +259,8 @@ class SlotModel:
         """
         r, (s, n) = len(rows), members.shape
         kvh, g, hd, dev = self.kv_heads, self.heads // self.kv_heads, self.head_dim, self.device
+        self.gen.compact()  # between steps: the slots freed by the sequences that finished go back (pools.py)
+        self.prompt.compact()
         entering: dict[int, list[int]] = {}  # segment -> rows writing its first position now
         for row, step in zip(rows, steps):
             if step % self.segment == 0:

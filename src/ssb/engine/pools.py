@@ -11,8 +11,11 @@ How a pool gets its memory depends on the device. On CPU it is reserved at once 
 (`limit`) with `torch.empty`, which the OS backs with pages only where they are written; a slot is zeroed when
 it is first taken, so the resident size is the pool's high-water mark of slots, reached without a copy. (The
 first version grew pools by a quarter, copying them: a growing pool briefly existed twice, and the quick
-preset's rollouts allocated 1.5-1.7x the KV in use.) On other devices, which commit what they allocate, a pool
-grows by a quarter when full (copied: O(log n) copies, at most 25% larger than its peak use).
+preset's rollouts allocated 1.5-1.7x the KV in use.) Finished owners leave holes below the high-water mark, so
+`compact` (once per decode step) moves the owners above the live count down into the holes (a copy of the
+moved slots only) and gives the pages above back to the OS (`madvise(MADV_DONTNEED)`, Linux): the resident
+size then follows the slots in use as the work shrinks, not its peak. On other devices, which commit what they
+allocate, a pool grows by a quarter when full (copied: O(log n) copies, at most 25% larger than its peak use).
 
 Both pools of a cache share one `KVMeter`: the bytes allocated (CPU: touched) and their peak, including the
 moment during a growth when the old and the new pool both exist.
@@ -20,9 +23,35 @@ moment during a growth when the old and the new pool both exist.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
+
 import torch
 
 LAZY_ON_CPU = True  # reserve-and-touch pools on CPU (the module docstring); tests turn it off to run the copy path
+# compact a CPU pool when more than this share of its touched slots is free: each compaction copies only the
+# moved slots (1.5 MB per slot for SmolLM2-135M's 64-position segments), far less than a decode step reads
+COMPACT_FREE_SHARE = 1 / 8
+_MADV_DONTNEED = 4  # Linux: anonymous pages read back as zeros and stop counting as resident
+
+
+def _give_back_pages(x: torch.Tensor, lo: int, hi: int) -> bool:
+    """Return to the OS the whole pages inside slots [lo, hi) of every layer of x [layers, slots, ...] (contiguous
+    CPU tensor). False where the OS call is not available (then nothing is returned)."""
+    if not sys.platform.startswith("linux") or hi <= lo:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    slot_bytes = x[0, 0].numel() * x.element_size()
+    base = x.data_ptr()
+    for layer in range(x.shape[0]):
+        start = base + (layer * x.shape[1] + lo) * slot_bytes
+        end = base + (layer * x.shape[1] + hi) * slot_bytes
+        start, end = -(-start // page) * page, end // page * page  # whole pages inside the range only
+        if end > start and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED):
+            return False
+    return True
 
 
 class KVMeter:
@@ -123,6 +152,31 @@ class SegmentPools:
                 self.k[j] = self.v[j] = None
                 self.owner[j] = []
                 self.touched[j] = 0
+
+    def compact(self) -> None:
+        """CPU pools: where more than COMPACT_FREE_SHARE of a pool's touched slots are free, move the owners above
+        the live count into the free slots below it and give the pages above back (module docstring). Call
+        between steps: it changes owners' slots."""
+        if not self.lazy:
+            return
+        for j in range(self.segments):
+            live, top = self.live[j], self.touched[j]
+            if self.k[j] is None or top - live < max(2, COMPACT_FREE_SHARE * top):
+                continue
+            owner = self.owner[j]
+            holes = [s for s in range(live) if owner[s] < 0]
+            movers = [s for s in range(live, top) if owner[s] >= 0]  # as many as holes
+            if movers:
+                src, dst = torch.tensor(movers), torch.tensor(holes)
+                self.k[j][:, dst] = self.k[j][:, src]
+                self.v[j][:, dst] = self.v[j][:, src]
+                for a, b in zip(movers, holes):
+                    owner[b], owner[a] = owner[a], -1
+                    self.slots_of[owner[b]][j] = b
+            if _give_back_pages(self.k[j], live, top) and _give_back_pages(self.v[j], live, top):
+                before = self._bytes(j)
+                self.touched[j] = live  # slots above are zeroed again when next taken (`take`)
+                self.meter.freed(before - self._bytes(j))
 
     def relabel(self, old: int, new: int) -> None:
         """Owner `old` is now called `new` (its KV stays where it is)."""
