@@ -25,7 +25,7 @@
    count (all cores) unless --threads says otherwise, as `ssb train` runs; --threads 1 gives steadier timings on
    a busy machine.
    Precision follows the trainer's `train.mixed_precision: auto` on this CPU (bf16 autocast where it has AMX
-   units, else fp32) for both variants; --mixed-precision none|bf16 overrides.
+   or fast AVX512-BF16, else fp32) for both variants; --mixed-precision none|bf16 overrides.
    --quick uses the first 2 of the 30 layers (same vocabulary and head) and S = 512 so it fits in about 3
    minutes; the full run uses the whole model and S = 1024 (about 25 minutes on 2 busy cores).
 

@@ -4,13 +4,13 @@ Workload (the rollout stage): GSM8K-style questions with a math-tutor system pro
 temperature 0.8, top-k 50. Full mode: 64 questions x K=4 x 256 new tokens; --quick: 16 x 4 x 64.
 The reference (HF `generate`, batch 1, same sampling settings) runs in the same process on a subset of the
 prompts; its tokens/s is comparable because per-token cost of batch-1 decoding does not depend on which prompt.
-The engine runs in the generating stages' default dtype (`generation_dtype: auto`: bf16 on a CPU with AMX
-units, else fp32; `--dtype` overrides); the reference runs the fp32 model, as the issue's one-at-a-time
-baseline does. When the engine is not fp32, the engine's fp32 speed is
-measured too (`engine_fp32_tok_per_s`), so the gain from batching and the gain from bf16 are both visible.
-The roofline is the measured matmul FLOP/s (in the engine's dtype) divided by 2 x (non-embedding + lm_head)
-parameters. Also checks on a few prompts that the fp32 engine's greedy output equals greedy `generate` token
-for token.
+The engine runs in the generating stages' default dtype (`generation_dtype: auto`: bf16 on a CPU whose bf16
+matmuls beat fp32 (AMX; AVX512-BF16 where measured faster), else fp32; `--dtype` overrides); the reference runs
+the fp32 model, as the issue's one-at-a-time baseline does. When the engine is not fp32, the engine's fp32 speed
+is measured too (`engine_fp32_tok_per_s`), so the gain from batching and the gain from bf16 are both visible.
+The roofline is the measured matmul FLOP/s (in the engine's dtype; the fp32 rate is reported beside it) divided
+by 2 x (non-embedding + lm_head) parameters. Also checks on a few prompts that the fp32 engine's greedy output
+equals greedy `generate` token for token.
 
 `contenders` (in the final JSON line): each generator run alone in a subprocess of this script (so its peak
 RSS is its own: ru_maxrss of that process, weights included) on the same prompts and sampling settings:
@@ -384,6 +384,7 @@ def main() -> None:
         "fraction_of_roofline": round(engine_tps / (flops / (2 * n_params)), 3),
         "engine_fp32_tok_per_s": round(fp32_tps, 1),
         "matmul_gflop_per_s": round(flops / 1e9, 1),
+        "matmul_fp32_gflop_per_s": round((flops if dtype == torch.float32 else matmul_flops()) / 1e9, 1),
         "flop_params": n_params,
         "engine_tokens": engine_tokens,
         "engine_seconds": round(engine_s, 2),

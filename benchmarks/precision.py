@@ -2,13 +2,12 @@
 
     python benchmarks/precision.py [--model DIR] [--questions 8] [--tokens 96]
 
-Texts: the first GSM8K test questions (generated arithmetic problems without ../shared) in the rollout prompt,
-each followed by the fp32 model's own greedy answer. Over every answer position, against the fp32 model's
-distribution: the model cast to bf16 (what the generating stages decode with on AMX CPUs), the fp32 model under
-bf16 autocast (what training runs under), and the generation engine's bf16 prefill at 4 cut points per text
-(its own attention path, fp32 attention on CPU). Reports mean KL(fp32 || variant) in nats per token and the
-share of positions whose most likely token agrees. Prints one final JSON line; writes
-benchmarks/results/precision.json.
+Texts: the first GSM8K test questions (generated arithmetic problems without ../shared) in the rollout prompt, each
+followed by the fp32 model's own greedy answer. Over every answer position, against the fp32 model's distribution:
+the model cast to bf16 (what the generating stages decode with on CPUs whose bf16 matmuls beat fp32), the fp32 model
+under bf16 autocast (what training runs under), and the generation engine's bf16 prefill at 4 cut points per text
+(its own attention path, fp32 attention on CPU). Reports mean KL(fp32 || variant) in nats per token and the share of
+positions whose most likely token agrees. Prints one final JSON line; writes benchmarks/results/precision.json.
 """
 
 from __future__ import annotations

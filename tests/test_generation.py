@@ -231,17 +231,43 @@ def test_generation_dtype_resolution(monkeypatch, tmp_path):
     from ssb.config import load_config
     from ssb.models import load_from_config, resolve_generation_dtype
 
-    monkeypatch.setattr(models, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
     assert resolve_generation_dtype("auto", "auto", "cpu") == torch.bfloat16
     assert resolve_generation_dtype("model", "auto", "cpu") == torch.float32
     assert resolve_generation_dtype("float32", "bfloat16", "cpu") == torch.float32
-    monkeypatch.setattr(models, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
     assert resolve_generation_dtype("auto", "auto", "cpu") == torch.float32
     assert resolve_generation_dtype("auto", "bfloat16", "cpu") == torch.bfloat16  # falls back to `dtype`
     path = make_tiny_model(tmp_path / "tiny")
     cfg = load_config(None, ["model=" + str(path), "device=cpu", "generation_dtype=bfloat16"])
     assert next(load_from_config(cfg, generation=True)[0].parameters()).dtype == torch.bfloat16
     assert next(load_from_config(cfg)[0].parameters()).dtype == torch.float32  # training and logits: `dtype`
+
+
+def test_fast_bf16_rule_measures_avx512_bf16_cpus(monkeypatch):
+    from ssb import models
+
+    def cpu(amx: bool, avx512_bf16: bool, speedup: float):
+        models.cpu_has_fast_bf16.cache_clear()
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        measured = []
+        monkeypatch.setattr(models, "bf16_matmul_speedup", lambda: measured.append(1) or speedup)
+        return models.cpu_has_fast_bf16(), len(measured)
+
+    try:
+        assert cpu(amx=True, avx512_bf16=True, speedup=0.5) == (True, 0)  # AMX: bf16 without measuring
+        assert cpu(amx=False, avx512_bf16=True, speedup=4.0) == (True, 1)  # as measured on AMD Zen 4
+        assert cpu(amx=False, avx512_bf16=True, speedup=0.7) == (False, 1)  # bf16 instructions, slow kernels
+        assert cpu(amx=False, avx512_bf16=False, speedup=9.0) == (False, 0)  # emulated bf16
+    finally:
+        models.cpu_has_fast_bf16.cache_clear()
+
+
+def test_bf16_matmul_speedup_is_a_positive_ratio():
+    from ssb.models import bf16_matmul_speedup
+
+    assert bf16_matmul_speedup(rows=8, d_in=16, d_out=16, repeats=2) > 0
 
 
 def test_bad_prompts_are_rejected(tiny):

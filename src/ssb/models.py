@@ -12,6 +12,7 @@ A model spec is one of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -179,15 +180,46 @@ def resolve_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def cpu_has_amx() -> bool:
-    """True on CPUs with AMX bf16 tile units (Intel Sapphire Rapids and later), where bf16 matmuls run at
-    several times the fp32 rate (benchmarks/README.md, "Generation")."""
+# a CPU with AVX512-BF16 but no AMX decodes in bf16 only if its bf16 matmul measures at least this much faster
+# than fp32: AMD Zen 4 ran bf16 about 4x faster; an AMX machine capped to AVX512-BF16 (ONEDNN_MAX_CPU_ISA) ran it
+# 0.7x as fast (benchmarks/README.md, "Generation")
+BF16_MIN_SPEEDUP = 1.3
+
+
+def bf16_matmul_speedup(rows: int = 256, d_in: int = 576, d_out: int = 1536, repeats: int = 8) -> float:
+    """fp32 time / bf16 time of one decode-sized linear layer on this CPU (SmolLM2-135M's MLP at batch 256),
+    best of `repeats` each, interleaved so that a noisy neighbour slows both alike. About 0.1 s."""
+    import time
+
     import torch
 
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without the probe: assume no AMX
-        return False
+    x, w = torch.randn(rows, d_in), torch.randn(d_out, d_in)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):  # first pass: warm-up
+        xd, wd = x.to(dtype), w.to(dtype)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.nn.functional.linear(xd, wd)
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True where this CPU's bf16 matmuls beat fp32: with AMX tiles (Intel Sapphire Rapids and later) always;
+    with AVX512-BF16 only (e.g. AMD Zen 4/5, Intel Cooper Lake) where `bf16_matmul_speedup` measures at least
+    BF16_MIN_SPEEDUP, since the instructions alone did not guarantee it (BF16_MIN_SPEEDUP); without either,
+    torch emulates bf16, slower than fp32. Measured once per process."""
+    import torch
+
+    def probe(name: str) -> bool:  # a torch without the probe: not there
+        return bool(getattr(torch.cpu, name, lambda: False)())
+
+    if probe("_is_amx_tile_supported"):
+        return True
+    return probe("_is_avx512_bf16_supported") and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 
 def resolve_generation_dtype(generation_dtype: str, dtype: str, device: str):
@@ -198,7 +230,7 @@ def resolve_generation_dtype(generation_dtype: str, dtype: str, device: str):
         return resolve_dtype(dtype, device)
     if generation_dtype == "auto":
         cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        if cuda_bf16 or (device == "cpu" and cpu_has_amx()):
+        if cuda_bf16 or (device == "cpu" and cpu_has_fast_bf16()):
             return torch.bfloat16
         return resolve_dtype(dtype, device)
     return resolve_dtype(generation_dtype, device)
@@ -212,7 +244,7 @@ def resolve_mixed_precision(setting: str, device: str) -> str:
     if setting == "auto":
         if cuda:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if device == "cpu" and cpu_has_amx() else "none"
+        return "bf16" if device == "cpu" and cpu_has_fast_bf16() else "none"
     if setting == "fp16" and not cuda:
         raise ConfigError(
             f"config key 'train.mixed_precision': fp16 needs a CUDA device, got device '{device}' (use bf16 or none)"

@@ -195,7 +195,8 @@ class TrainConfig:
     mixed_precision: Literal["auto", "none", "bf16", "fp16"] = opt(
         "auto",
         "Autocast for training (SSB, SFT and GRPO; weights and optimizer stay in `dtype`). auto: bf16 on "
-        "CUDA with bf16 and on CPUs with AMX bf16 units, fp16 on older CUDA GPUs, else none. fp16 needs CUDA",
+        "CUDA with bf16 and on CPUs whose bf16 matmuls beat fp32 (`ssb.models.cpu_has_fast_bf16`), fp16 on older CUDA "
+        "GPUs, else none. fp16 needs CUDA",
     )
 
 
@@ -290,7 +291,8 @@ class Config:
     generation_dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = opt(
         "auto",
         "Weights for the generating stages (rollout, teach, eval): a copy of the model in this dtype. "
-        "auto: bf16 on CUDA and on CPUs with AMX bf16 units (several times fp32's matmul rate there), else "
+        "auto: bf16 on CUDA and on CPUs whose bf16 matmuls beat fp32 (AMX; AVX512-BF16 where a probe measures "
+        "it faster, `ssb.models.cpu_has_fast_bf16`), else "
         "`dtype`; model: always `dtype`. The dtype is recorded in each record's `backend` field",
     )
     generation_memory_mib: int | None = opt(

@@ -124,7 +124,7 @@ class Engine:
     """Continuous-batching generator over static KV caches; see the module docstring.
 
     model: a Hugging Face causal LM of a supported type (llama, mistral, qwen2, qwen3), or a peft model wrapping
-    one, in any dtype (bf16 weights pay off on CPUs with AMX units; attention stays fp32 on CPU, see
+    one, in any dtype (bf16 weights pay off on CPUs with fast bf16 matmuls; attention stays fp32 on CPU, see
     ssb.engine.cache). batch_size: most sequences decoded at once (fewer when the KV budget cannot hold that
     many at max_new_tokens). device: move the model there first (default: leave it where it is). progress: show
     a tqdm bar over tokens. kv_budget_mib: most KV-cache memory generation may allocate (None: a quarter of the
