@@ -7,7 +7,9 @@ prompts; its tokens/s is comparable because per-token cost of batch-1 decoding d
 The engine runs in the generating stages' default dtype (`generation_dtype: auto`: bf16 on a CPU whose bf16
 matmuls beat fp32 (AMX; AVX512-BF16 where measured faster), else fp32; `--dtype` overrides); the reference runs
 the fp32 model, as the issue's one-at-a-time baseline does. When the engine is not fp32, the engine's fp32 speed
-is measured too (`engine_fp32_tok_per_s`), so the gain from batching and the gain from bf16 are both visible.
+is measured too (`engine_fp32_tok_per_s`), so the gain from batching and the gain from bf16 are both visible, and
+so is the engine with bf16 weights but a float32 KV cache (`engine_fp32_kv_tok_per_s`, the CPU default before
+2026-12-05).
 The roofline is the measured matmul FLOP/s (in the engine's dtype; the fp32 rate is reported beside it) divided
 by 2 x (non-embedding + lm_head) parameters. Also checks on a few prompts that the fp32 engine's greedy output
 equals greedy `generate` token for token.
@@ -130,6 +132,12 @@ def greedy_check(model, tok, engine, prompts, max_new: int) -> list[bool]:
         )
         same.append(out[0, enc["input_ids"].shape[1] :].tolist() == comps[0].token_ids)
     return same
+
+
+def timed_tok_per_s(engine, prompts, k, params) -> float:
+    t = time.perf_counter()
+    tokens = sum(c.num_tokens for r in engine.generate(prompts, k, params) for c in r)
+    return tokens / (time.perf_counter() - t)
 
 
 def peak_rss_bytes() -> int:
@@ -365,12 +373,13 @@ def main() -> None:
     engine_s = time.perf_counter() - t0
     comps = [c for r in results for c in r]
     engine_tokens = sum(c.num_tokens for c in comps)
-    fp32_engine, fp32_tps = engine, engine_tokens / engine_s
+    fp32_engine, fp32_tps, fp32_kv_tps = engine, engine_tokens / engine_s, None
     if gen_model is not model:
         fp32_engine = Engine(model, tok, batch_size=args.batch_size, progress=False)
-        t = time.perf_counter()
-        fp32_tokens = sum(c.num_tokens for r in fp32_engine.generate(prompts, args.k, params) for c in r)
-        fp32_tps = fp32_tokens / (time.perf_counter() - t)
+        fp32_tps = timed_tok_per_s(fp32_engine, prompts, args.k, params)
+        # the engine's default KV dtype against a float32 cache under the same weights, in this run
+        fp32_kv = Engine(gen_model, tok, batch_size=args.batch_size, progress=False, kv_dtype=torch.float32)
+        fp32_kv_tps = timed_tok_per_s(fp32_kv, prompts, args.k, params)
 
     ref_tokens, ref_s = reference(model, tok, prompts[:ref_prompts], 1, params)
     greedy_same = greedy_check(model, tok, fp32_engine, prompts[: 2 if args.quick else 3], 32 if args.quick else 64)
@@ -383,6 +392,7 @@ def main() -> None:
         "roofline_tok_per_s": round(flops / (2 * n_params), 1),
         "fraction_of_roofline": round(engine_tps / (flops / (2 * n_params)), 3),
         "engine_fp32_tok_per_s": round(fp32_tps, 1),
+        "engine_fp32_kv_tok_per_s": fp32_kv_tps and round(fp32_kv_tps, 1),
         "matmul_gflop_per_s": round(flops / 1e9, 1),
         "matmul_fp32_gflop_per_s": round((flops if dtype == torch.float32 else matmul_flops()) / 1e9, 1),
         "flop_params": n_params,

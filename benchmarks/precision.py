@@ -5,9 +5,11 @@
 Texts: the first GSM8K test questions (generated arithmetic problems without ../shared) in the rollout prompt, each
 followed by the fp32 model's own greedy answer. Over every answer position, against the fp32 model's distribution:
 the model cast to bf16 (what the generating stages decode with on CPUs whose bf16 matmuls beat fp32), the fp32 model
-under bf16 autocast (what training runs under), and the generation engine's bf16 prefill at 4 cut points per text
-(its own attention path, fp32 attention on CPU). Reports mean KL(fp32 || variant) in nats per token and the share of
-positions whose most likely token agrees. Prints one final JSON line; writes benchmarks/results/precision.json.
+under bf16 autocast (what training runs under), the generation engine's bf16 prefill at 4 cut points per text, and
+the engine's bf16 decode path teacher-forced along each answer (one step per token: paged caches, merged attention)
+with its bf16 KV cache and with a float32 one (`kv_dtype`). Reports mean KL(fp32 || variant) in
+nats per token and the share of positions whose most likely token agrees. Prints one final JSON line; writes
+benchmarks/results/precision.json.
 """
 
 from __future__ import annotations
@@ -39,6 +41,21 @@ def kl_and_agree(ref: torch.Tensor, other: torch.Tensor) -> tuple[list[float], l
     return kl.tolist(), (ref.argmax(-1) == other.argmax(-1)).tolist()
 
 
+def teacher_forced_decode(model, tok, prompt_messages, answer: list[int], kv_dtype) -> torch.Tensor:
+    """The engine's next-token logits over `answer` [n, V]: its prompt prefilled, then one decode step per answer
+    token fed (the path every generated token after the first takes: paged KV cache, merged attention)."""
+    text = tok.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=False)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    sm = SlotModel(model, len(prompt), len(answer), kv_dtype)
+    sm.set_limits(1, 1)
+    logits = [sm.prefill([prompt], [0])[0]]
+    one = torch.tensor([[0]])
+    for step, token in enumerate(answer[:-1]):
+        out = sm.decode([0], [token], [step], [len(prompt)], one, one.view(-1), torch.tensor([len(prompt)]))
+        logits.append(out[0])
+    return torch.stack(logits)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model directory or the embedded alias")
@@ -62,7 +79,7 @@ def main() -> None:
         "bf16_autocast": ([], []),
         "engine_bf16_prefill": ([], []),
     }
-    prefixes, prefix_ref = [], []
+    prefixes, prefix_ref, refs = [], [], []
     with torch.no_grad():
         for p, a in zip(prompts, answers):
             text = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
@@ -70,6 +87,7 @@ def main() -> None:
             ids = torch.tensor([prompt + a[0].token_ids])
             span = slice(len(prompt) - 1, ids.shape[1] - 1)  # positions predicting the answer tokens
             ref = m32(ids).logits[0, span]
+            refs.append(ref)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 auto = m32(ids).logits[0, span]
             for name, other in (("bf16_weights", m16(ids).logits[0, span]), ("bf16_autocast", auto)):
@@ -80,9 +98,15 @@ def main() -> None:
             for cut in sorted({n // 4, n // 2, 3 * n // 4, n - 1}):
                 prefixes.append(prompt + a[0].token_ids[:cut])
                 prefix_ref.append(ref[cut])
-        sm = SlotModel(m16, 1, len(prefixes), max(map(len, prefixes)), 1)
+        sm = SlotModel(m16, max(map(len, prefixes)), 1)
+        sm.set_limits(1, len(prefixes))
         kl, agree = kl_and_agree(torch.stack(prefix_ref), sm.prefill(prefixes, list(range(len(prefixes)))))
         stats["engine_bf16_prefill"] = (kl, agree)
+        for name, kv_dtype in (("engine_bf16_decode_fp32_kv", torch.float32), ("engine_bf16_decode", None)):
+            for p, a, ref in zip(prompts, answers, refs):
+                kl, agree = kl_and_agree(ref, teacher_forced_decode(m16, tok, p, a[0].token_ids, kv_dtype))
+                stats.setdefault(name, ([], []))[0].extend(kl)
+                stats[name][1].extend(agree)
     result = {
         name: {
             "mean_kl_nats": round(sum(k) / len(k), 6),

@@ -197,9 +197,10 @@ def test_lora_model_matches_hf_generate_and_training_mode_is_restored(tiny):
         peft_model.unload()
 
 
-def test_bf16_weights_keep_fp32_attention_and_track_the_fp32_model(tiny):
-    """A bf16 copy (the CPU generation default on AMX machines): caches stay fp32 on CPU, results do not depend
-    on the batch, the backend names the dtype, and nearly every greedy token is the fp32 model's argmax."""
+def test_bf16_weights_track_the_fp32_model(tiny):
+    """A bf16 copy (the CPU generation default where bf16 matmuls are fast): the KV caches follow the weights
+    unless told otherwise, results do not depend on the batch, the backend names the dtype, and nearly every
+    greedy token is the fp32 model's argmax."""
     import copy
 
     from ssb.engine.cache import SlotModel
@@ -209,7 +210,8 @@ def test_bf16_weights_keep_fp32_attention_and_track_the_fp32_model(tiny):
     eng = Engine(m16, tok, batch_size=16, progress=False)
     assert eng.backend == "torch-paged-kv/bfloat16"
     assert Engine(model, tok, progress=False).backend == "torch-paged-kv/float32"
-    assert SlotModel(m16, 8, 8).kv_dtype == torch.float32
+    assert SlotModel(m16, 8, 8).kv_dtype == torch.bfloat16
+    assert SlotModel(m16, 8, 8, kv_dtype=torch.float32).kv_dtype == torch.float32
     together = eng.generate(MESSAGES, 1, GREEDY)
     for m, comps in zip(MESSAGES, together):
         assert (

@@ -124,12 +124,12 @@ class Engine:
     """Continuous-batching generator over static KV caches; see the module docstring.
 
     model: a Hugging Face causal LM of a supported type (llama, mistral, qwen2, qwen3), or a peft model wrapping
-    one, in any dtype (bf16 weights pay off on CPUs with fast bf16 matmuls; attention stays fp32 on CPU, see
-    ssb.engine.cache). batch_size: most sequences decoded at once (fewer when the KV budget cannot hold that
-    many at max_new_tokens). device: move the model there first (default: leave it where it is). progress: show
-    a tqdm bar over tokens. kv_budget_mib: most KV-cache memory generation may allocate (None: a quarter of the
-    memory available now, `default_kv_budget_bytes`). log: called with a progress line every minute (e.g. a
-    stage's `say`).
+    one, in any dtype (bf16 weights pay off on CPUs with fast bf16 matmuls; see ssb.engine.cache on precision).
+    batch_size: most sequences decoded at once (fewer when the KV budget cannot hold that many at
+    max_new_tokens). device: move the model there first (default: leave it where it is). progress: show a tqdm
+    bar over tokens. kv_budget_mib: most KV-cache memory generation may allocate (None: a quarter of the memory
+    available now, `default_kv_budget_bytes`). log: called with a progress line every minute (e.g. a stage's
+    `say`). kv_dtype: the KV caches' dtype (None: the model's, ssb.engine.cache "Precision").
     """
 
     def __init__(
@@ -142,6 +142,7 @@ class Engine:
         progress: bool = True,
         kv_budget_mib: float | None = None,
         log: Callable[[str], None] | None = None,
+        kv_dtype: torch.dtype | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -163,7 +164,7 @@ class Engine:
         self.kv_budget_bytes = (
             int(kv_budget_mib * 2**20) if kv_budget_mib is not None else default_kv_budget_bytes(self.device)
         )
-        self.log = log
+        self.log, self.kv_dtype = log, kv_dtype
         self.last_stats: dict = {}
         self.stop_ids = stop_token_ids(tokenizer, self.lm)
         if not self.stop_ids:

@@ -43,7 +43,7 @@ class Scheduler:
 
     def __init__(self, engine, prompts: list[list[int]], samples: int, params: SamplingParams, on_done):
         self.engine, self.prompts, self.samples, self.params, self.on_done = engine, prompts, samples, params, on_done
-        self.cache = SlotModel(engine.model, max(map(len, prompts)), params.max_new_tokens)
+        self.cache = SlotModel(engine.model, max(map(len, prompts)), params.max_new_tokens, engine.kv_dtype)
         per_sequence = self.cache.worst_case_bytes_per_sequence()
         budget = engine.kv_budget_bytes
         if per_sequence > budget:
