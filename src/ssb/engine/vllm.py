@@ -179,6 +179,11 @@ class VllmGenerator:
         """Start vLLM's engine with a KV cache for `sequences` of `tokens_per_sequence` (`generate` does this at its
         first call, sized by that call)."""
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # else one core is kept for the scheduler
+        if not self.device.startswith("cuda"):
+            # vLLM kills its engine when one model step takes over 300 s (meant to catch a hung GPU); on a CPU
+            # shared with other jobs one step of 256 prefills took longer, and an experiment's eval died with
+            # EngineDeadError (2026-12-05)
+            os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "7200")
         from vllm import LLM
 
         dtype_bytes = 4 if self.dtype == "float32" else 2
