@@ -1,6 +1,7 @@
 """Choosing the generation backend (`generation_backend`) and the vLLM helpers that need no vLLM install."""
 
 import json
+import os
 
 import pytest
 
@@ -132,3 +133,32 @@ def test_lora_settings_pick_the_smallest_rank_vllm_serves():
     assert lora_settings(33)["max_lora_rank"] == 64
     with pytest.raises(ValueError, match="LoRA rank 600 is above the largest vLLM serves"):
         lora_settings(600)
+
+
+def test_vllm_on_cpu_waits_for_slow_model_steps(tiny_model_dir, monkeypatch):
+    """vLLM's 300 s per-step timeout (meant for hung GPUs) killed an eval on a shared 2-core CPU: on CPU ssb
+    raises it before vLLM starts, and a user's own setting wins. A stand-in `vllm` module records the call."""
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    from ssb.engine.vllm import VllmGenerator
+
+    started = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            started["timeout"] = os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS")
+            started["chunked"] = kwargs["enable_chunked_prefill"]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.0-test", LLM=LLM))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for preset, expected in ((None, "7200"), ("900", "900")):
+        if preset is None:
+            monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", raising=False)
+        else:
+            monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", preset)
+        gen = VllmGenerator(tiny_model_dir, tok, dtype="float32", device="cpu", kv_cache_gib=0.01)
+        gen.start(tokens_per_sequence=64, sequences=2)
+        assert started == {"timeout": expected, "chunked": False}
