@@ -312,7 +312,8 @@ class SlotModel:
                 self.gen.v[j][i, slot_t, :, offset_t] = v[batch_t, 0]
             q = torch.cat([q.view(r, kvh, g, hd), q.new_zeros(1, kvh, g, hd)])  # the query heads of each kv head
             # every part's output and log-sum-exp per sequence (index R collects the padding): [R+1, parts, ...]
-            # float32 whatever the KV dtype: merging through bf16 log-sum-exps would weigh the parts ~1% off
+            # float32 whatever the KV dtype: bf16 rounds log-sum-exps near 10 to steps of 1/16, which would weigh
+            # the parts up to 3% off
             o_all = q.new_zeros(r + 1, len(parts) + 1, kvh, g, hd, dtype=torch.float32)
             lse_all = q.new_full((r + 1, len(parts) + 1, kvh, g, 1), float("-inf"), dtype=torch.float32)
             for p, (j, hi, idx, fill, mask) in enumerate(parts):
