@@ -207,6 +207,27 @@ def test_dry_run_shows_the_plan_and_what_is_shared(capsys):
     assert "6 arms x 2 seeds" in plan and "k2: rollouts = the first 2 of 10 samples of k10" in plan
 
 
+def test_an_eval_set_that_cannot_load_fails_before_any_stage(tmp_path, monkeypatch):
+    """A GSM8K eval set without the Hub or a local copy: the error names the experiment file, the eval set and
+    SSB_DATA_DIR's expected file, before any run directory is written (it once came after an hour of stages)."""
+    import datasets
+
+    from ssb.data import DataError
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv("SSB_DATA_DIR", raising=False)
+    extra = "eval:\n  - {name: gsm8k, source: gsm8k, limit: 5}\n"
+    spec = _experiment(tmp_path, "unused-model", "  ssb: {kind: ssb}\n", extra=extra)
+    with pytest.raises(DataError) as e:
+        run_experiment(spec, tmp_path / "out", [0])
+    assert "exp.yaml: eval set 'gsm8k'" in str(e.value)
+    assert "SSB_DATA_DIR to a folder holding gsm8k_test.jsonl" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_spec_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("preset: quick\narms: {ssb: {kind: ppo}}\n")

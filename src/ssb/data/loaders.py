@@ -240,9 +240,14 @@ def _load_hub(name: str, subset: str | None, split: str, spec: DatasetSpec, fmt:
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except Exception as e:  # noqa: BLE001 - the Hub raises many kinds; all mean "could not load"
+        local = (
+            f"set SSB_DATA_DIR to a folder holding {BENCHMARKS[source][3]}_{split}.jsonl or "
+            if source in BENCHMARKS
+            else ""
+        )
         raise DataError(
             f"could not load Hub dataset {name!r} (config {subset!r}, split {split!r}): {e}. "
-            f"Without the Hub, pass a local copy (e.g. --data FILE.jsonl)"
+            f"Without the Hub, {local}pass a local copy (e.g. --data FILE.jsonl)"
         ) from None
     examples, lines = _convert(enumerate(ds, 1), f"{name}[{split}] row", spec, fmt, source)
     _check_unique_ids(examples, f"{name}[{split}] row", lines)

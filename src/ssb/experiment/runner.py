@@ -202,8 +202,21 @@ def run_seed(spec: ExperimentSpec, out: Path, seed: int) -> None:
             evaluate(dcfg, dcfg.model, None, difficulty_dir(out, ev.name))
 
 
+def check_eval_data(spec: ExperimentSpec) -> None:
+    """Load every eval set once before any work: a missing local copy or an unreachable Hub dataset fails now,
+    naming the set, not after an hour of training stages (as it did once, at the first GSM8K evaluation)."""
+    from ssb.data import DataError, load_examples
+
+    for ev in spec.eval:
+        try:
+            load_examples(ev.data)
+        except DataError as e:
+            raise DataError(f"{spec.source or spec.name}: eval set {ev.name!r}: {e}") from None
+
+
 def run_experiment(spec: ExperimentSpec, out: Path, seeds: list[int], *, results_iters: int | None = None) -> dict:
     """Run (or resume) the whole experiment; rewrite the results after every seed. Returns the results."""
+    check_eval_data(spec)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "experiment.yaml", dump_spec(spec, seeds))
     t0 = time.time()
