@@ -181,8 +181,8 @@ def resolve_dtype(dtype: str, device: str):
 
 
 # a CPU with AVX512-BF16 but no AMX decodes in bf16 only if its bf16 matmul measures at least this much faster
-# than fp32: AMD Zen 4 ran bf16 about 4x faster; an AMX machine capped to AVX512-BF16 (ONEDNN_MAX_CPU_ISA) ran it
-# 0.7x as fast (benchmarks/README.md, "Generation")
+# than fp32: a 2-core AMD EPYC ran bf16 matmuls 2.4x as fast; an AMX machine capped to AVX512-BF16
+# (ONEDNN_MAX_CPU_ISA) 0.69x (benchmarks/README.md, "Generation")
 BF16_MIN_SPEEDUP = 1.3
 
 
