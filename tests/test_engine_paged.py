@@ -288,3 +288,20 @@ def test_compaction_keeps_the_tokens(tok, monkeypatch):
         assert bool(compactions) == (share == 0.0)
     assert runs[0.0] == runs[2.0]
     assert len({len(t) for cs in runs[0.0] for t in cs}) > 3  # samples finish at different steps
+
+
+def test_compaction_is_off_where_pages_cannot_be_given_back(monkeypatch):
+    """Without madvise (not Linux) moving slots would free nothing: `compact` leaves the pool as it is."""
+    import ssb.engine.pools as pools_module
+
+    monkeypatch.setattr(pools_module, "CAN_GIVE_BACK_PAGES", False)
+    meter = pools_module.KVMeter()
+    pools = pools_module.SegmentPools(1, 4, (2, 1, 8), torch.float32, "cpu", meter)
+    pools.limit = 8
+    for owner in range(8):
+        pools.take(0, owner)
+    for owner in range(6):
+        pools.release(owner)
+    allocated, slots = meter.allocated, dict(pools.slots_of)
+    pools.compact()
+    assert pools.touched[0] == 8 and meter.allocated == allocated and pools.slots_of == slots

@@ -24,6 +24,7 @@ moment during a growth when the old and the new pool both exist.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 
@@ -34,14 +35,21 @@ LAZY_ON_CPU = True  # reserve-and-touch pools on CPU (the module docstring); tes
 # moved slots (1.5 MB per slot for SmolLM2-135M's 64-position segments), far less than a decode step reads
 COMPACT_FREE_SHARE = 1 / 8
 _MADV_DONTNEED = 4  # Linux: anonymous pages read back as zeros and stop counting as resident
+# elsewhere compaction would copy slots without giving memory back: `compact` does nothing there
+CAN_GIVE_BACK_PAGES = sys.platform.startswith("linux")
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _give_back_pages(x: torch.Tensor, lo: int, hi: int) -> bool:
     """Return to the OS the whole pages inside slots [lo, hi) of every layer of x [layers, slots, ...] (contiguous
-    CPU tensor). False where the OS call is not available (then nothing is returned)."""
-    if not sys.platform.startswith("linux") or hi <= lo:
+    CPU tensor). False where the OS call is not available or fails (then the pages stay)."""
+    if not CAN_GIVE_BACK_PAGES or hi <= lo:
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     page = mmap.PAGESIZE
     slot_bytes = x[0, 0].numel() * x.element_size()
     base = x.data_ptr()
@@ -156,8 +164,8 @@ class SegmentPools:
     def compact(self) -> None:
         """CPU pools: where more than COMPACT_FREE_SHARE of a pool's touched slots are free, move the owners above
         the live count into the free slots below it and give the pages above back (module docstring). Call
-        between steps: it changes owners' slots."""
-        if not self.lazy:
+        between steps: it changes owners' slots. Linux only (CAN_GIVE_BACK_PAGES)."""
+        if not self.lazy or not CAN_GIVE_BACK_PAGES:
             return
         for j in range(self.segments):
             live, top = self.live[j], self.touched[j]
