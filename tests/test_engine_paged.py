@@ -302,6 +302,6 @@ def test_compaction_is_off_where_pages_cannot_be_given_back(monkeypatch):
         pools.take(0, owner)
     for owner in range(6):
         pools.release(owner)
-    allocated, slots = meter.allocated, dict(pools.slots_of)
+    allocated, slots = meter.allocated, {o: list(s) for o, s in pools.slots_of.items()}
     pools.compact()
     assert pools.touched[0] == 8 and meter.allocated == allocated and pools.slots_of == slots
