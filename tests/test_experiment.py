@@ -183,6 +183,34 @@ def test_resume_after_a_kill_inside_a_stage(finished, tmp_path, monkeypatch):
         assert res["eval"]["q"]["arms"][arm]["per_seed"][0] == res0["eval"]["q"]["arms"][arm]["per_seed"][0]
 
 
+def test_grpo_arm_matches_the_ssb_arms_compute_seed_by_seed(tmp_path, answering_model_dir):
+    """A GRPO arm with grpo.match_compute=tokens takes its step count from the same seed's SSB arm (its own run
+    directory holds no SSB stages), and the results put every arm's compute beside the table."""
+    from ssb.compute import matched_grpo_steps, ssb_budget
+    from ssb.experiment.spec import arm_config
+
+    grpo_set = "[grpo.match_compute=tokens, grpo.batch_size=2, grpo.num_generations=2, grpo.max_completion_length=8]"
+    arms = f"  base: {{kind: base}}\n  ssb: {{kind: ssb}}\n  grpo: {{kind: grpo, set: {grpo_set}}}\n"
+    spec = _experiment(tmp_path, answering_model_dir, arms, seeds="[0]")
+    out = tmp_path / "out"
+    res = run_experiment(spec, out, [0])
+    ssb_run = RunDir(out / "seed-0" / "ssb")
+    steps, _ = matched_grpo_steps(arm_config(spec, "grpo", 0), ssb_run)
+    counts = _stage(out, 0, "grpo", "grpo")["counts"]
+    assert counts["max_steps"] == steps and counts["steps"] == steps
+    assert res["eval"]["q"]["arms"]["grpo"]["seeds_done"] == [0]
+    budget = ssb_budget(ssb_run, arm_config(spec, "ssb", 0).train.epochs)
+    assert res["compute"]["ssb"][0]["tokens"] == budget["tokens"] > 0
+    assert res["compute"]["grpo"][0]["tokens"] == 2 * counts["generated_tokens"]
+    table = (out / "results.md").read_text().split("## Compute per arm")[1]
+    assert "| ssb | 1 |" in table and "| 1.00x | 1.00x |" in table and "| grpo | 1 |" in table
+    # without an ssb arm there is no budget to match: refused when the spec loads, not after the stages
+    bad = tmp_path / "exp.yaml"
+    bad.write_text(bad.read_text().replace("  ssb: {kind: ssb}\n", ""))
+    with pytest.raises(ConfigError, match=r"arm 'grpo': grpo.match_compute=tokens .* no arm of kind ssb"):
+        load_spec(bad)
+
+
 def spec0_model(spec) -> str:
     from ssb.experiment.spec import base_config
 

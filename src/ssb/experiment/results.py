@@ -1,7 +1,8 @@
 """An experiment's results: per eval set, each arm's mean pass@1 over seeds with a 95% interval over seeds and
-problems, the per-seed rows, paired differences against base and against SSB, the yield funnel per seed, and
-figures. Written to OUT/results.md, OUT/results.json and OUT/*.png; reads only finished evaluations and manifests,
-so it can be rewritten at any time (after every seed, or by hand: `ssb experiment CONFIG --results-only`).
+problems, the per-seed rows, paired differences against base and against SSB, the yield funnel per seed, each
+arm's compute, and figures. Written to OUT/results.md, OUT/results.json and OUT/*.png; reads only finished
+evaluations and manifests, so it can be rewritten at any time (after every seed, or by hand:
+`ssb experiment CONFIG --results-only`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ssb.experiment.spec import ExperimentSpec, arm_runs, difficulty_dir, eval_dir
+from ssb.experiment.spec import ExperimentSpec, arm_runs, budget_arm, difficulty_dir, eval_dir
 from ssb.files import atomic_write_json, atomic_write_text, read_jsonl
 from ssb.metrics import Scores, crossed_bootstrap, paired_crossed_bootstrap
 from ssb.rundir import SAMPLES, SUMMARY
@@ -65,6 +66,57 @@ def funnel(out: Path, spec: ExperimentSpec, seeds: list[int]) -> dict[str, dict[
             }
             rows.setdefault(ar.arm, {})[seed] = row
     return rows
+
+
+def compute(out: Path, spec: ExperimentSpec, seeds: list[int]) -> dict[str, dict[int, dict]]:
+    """Per trained arm and seed: its compute budget as `ssb.compute` counts it (tokens generated, scored and
+    trained; stage seconds), so GRPO arms can be read against the SSB arm whose budget they match."""
+    from ssb.compute import rl_budget, ssb_budget
+
+    rows: dict[str, dict[int, dict]] = {}
+    for seed in seeds:
+        for ar in arm_runs(spec, out, seed):
+            if ar.kind == "base" or not ar.run.manifest_path.exists():
+                continue
+            b = rl_budget(ar.run, "grpo") if ar.kind == "grpo" else ssb_budget(ar.run, ar.cfg.train.epochs)
+            if b is not None:
+                keys = ("tokens", "generated_tokens", "trained_tokens", "seconds")
+                rows.setdefault(ar.arm, {})[seed] = {k: b[k] for k in keys}
+    return rows
+
+
+def _compute_lines(rows: dict[str, dict[int, dict]], spec: ExperimentSpec) -> list[str]:
+    if not rows:
+        return []
+    ref = budget_arm(spec)
+    mean = {
+        arm: {k: sum(r[k] for r in by.values()) / len(by) for k in next(iter(by.values()))} for arm, by in rows.items()
+    }
+    lines = [
+        "",
+        "## Compute per arm (mean over seeds)",
+        "",
+        "Tokens as `ssb.compute` counts them: generated (rollouts, teacher attempts; GRPO's completions), scored "
+        "by the teacher, and trained on; prompt tokens are not counted. Seconds: the stages' wall time, evaluation "
+        "left out. A stage an arm copied from another (same config and inputs) counts in full for both: it is what "
+        "the arm's method needs. GRPO arms with grpo.match_compute=tokens set their steps from "
+        f"{ref or 'the ssb arm'}'s tokens in the same seed (docs/quality.md).",
+        "",
+        f"| arm | seeds | tokens | generated | trained | seconds | tokens vs {ref} | seconds vs {ref} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, m in mean.items():
+        r = mean.get(ref)
+        vs = (
+            (f"{m['tokens'] / r['tokens']:.2f}x", f"{m['seconds'] / r['seconds']:.2f}x")
+            if r and r["tokens"]
+            else ("–", "–")
+        )
+        lines.append(
+            f"| {arm} | {len(rows[arm])} | {m['tokens']:,.0f} | {m['generated_tokens']:,.0f} | "
+            f"{m['trained_tokens']:,.0f} | {m['seconds']:,.0f} | {vs[0]} | {vs[1] if r and r['seconds'] else '–'} |"
+        )
+    return lines
 
 
 DIFFICULTY = ("never", "sometimes", "always")
@@ -170,6 +222,7 @@ def collect(spec: ExperimentSpec, out: Path, seeds: list[int], iters: int) -> di
                 "rows": by_difficulty(scores, base, bins, iters),
             }
     result["funnel"] = funnel(out, spec, seeds)
+    result["compute"] = compute(out, spec, seeds)
     return result
 
 
@@ -250,6 +303,7 @@ def render(res: dict, spec: ExperimentSpec) -> str:
                     f"{share} | {tp} | {r['pairs'] if r['pairs'] is not None else '–'} | "
                     f"{r['pairs_trained'] if r['pairs_trained'] is not None else '–'} |"
                 )
+    lines += _compute_lines(res.get("compute") or {}, spec)
     figs = [p for p in ("pass1.png", "differences.png", "funnel.png") if p in res.get("figures", [])]
     if figs:
         lines += ["", "## Figures", ""] + [f"![{p}]({p})" for p in figs]

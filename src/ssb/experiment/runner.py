@@ -38,6 +38,7 @@ from ssb.experiment.spec import (
     ArmRun,
     ExperimentSpec,
     arm_runs,
+    budget_arm,
     difficulty_config,
     difficulty_dir,
     dump_spec,
@@ -70,6 +71,8 @@ def describe_plan(spec: ExperimentSpec, out: Path, seeds: list[int]) -> str:
     first = arm_runs(spec, out, seeds[0])
     for ar in first:
         what = {"base": "evaluate only", "grpo": "grpo"}.get(ar.kind, " -> ".join(PIPELINE))
+        if ar.kind == "grpo" and ar.cfg.grpo.match_compute == "tokens":
+            what += f" (max_steps set to match {budget_arm(spec)}'s tokens in the same seed)"
         over = " ".join(spec.arms[ar.arm].set) or "(experiment config)"
         lines.append(f"  arm {ar.arm} [{ar.kind}]: {what}; overrides: {over}")
         if ar.kind == "base" and greedy(ar.cfg):
@@ -182,10 +185,19 @@ def run_seed(spec: ExperimentSpec, out: Path, seed: int) -> None:
             if (name == "curate" and not res.get("kept")) or (name == "teach" and not res.get("pairs")):
                 print(f"[experiment] seed {seed} / {ar.arm}: no training pairs; the arm has no model", flush=True)
                 empty.add(ar.arm)
+    budget_name = budget_arm(spec)
+    budget = next((ar.run for ar in arms if ar.arm == budget_name), None)
     for ar in arms:
-        if ar.kind == "grpo":
+        if ar.kind == "grpo":  # after the SSB arms: a compute-matched GRPO arm reads the seed's SSB budget
+            if ar.cfg.grpo.match_compute == "tokens" and budget_name in empty:
+                print(
+                    f"[experiment] seed {seed} / {ar.arm}: {budget_name} trained nothing, so there is no compute "
+                    "budget to match; the arm has no model",
+                    flush=True,
+                )
+                continue
             _banner(f"seed {seed} / {ar.arm}: grpo")
-            load("grpo")(ar.cfg, ar.run)
+            load("grpo")(ar.cfg, ar.run, budget_run=budget)
     for ev in spec.eval:
         for ar in arms:
             model = model_of(ar)

@@ -142,10 +142,22 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         spec.eval = _eval_sets(path, evals)
     for arm in arms:  # every arm's config must build: fail now, not after an hour of rollouts
         try:
-            arm_config(spec, arm, seeds[0])
+            cfg = arm_config(spec, arm, seeds[0])
         except ConfigError as e:
             raise _err(path, f"arm '{arm}': {e}") from None
+        if arms[arm].kind == "grpo" and cfg.grpo.match_compute == "tokens" and budget_arm(spec) is None:
+            raise _err(
+                path,
+                f"arm '{arm}': grpo.match_compute=tokens matches an SSB arm's compute of the same seed, and the "
+                "experiment has no arm of kind ssb",
+            )
     return spec
+
+
+def budget_arm(spec: ExperimentSpec) -> str | None:
+    """The arm whose SSB compute a GRPO arm with grpo.match_compute=tokens matches, seed by seed: the first arm of
+    kind ssb (None if there is none)."""
+    return next((arm for arm, a in spec.arms.items() if a.kind == "ssb"), None)
 
 
 def _str_list(path: Path, key: str, value) -> list[str]:

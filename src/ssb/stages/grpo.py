@@ -256,8 +256,11 @@ def dr_grpo_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, loss_type="dr_grpo", scale_rewards="none"))
 
 
-def grpo(cfg: Config, run: RunDir, force: bool = False, name: str = "grpo") -> dict:
-    """Train the RL baseline `name` ("grpo", or "dr_grpo" with `dr_grpo_config(cfg)`) into RUN/<name>."""
+def grpo(cfg: Config, run: RunDir, force: bool = False, name: str = "grpo", budget_run: RunDir | None = None) -> dict:
+    """Train the RL baseline `name` ("grpo", or "dr_grpo" with `dr_grpo_config(cfg)`) into RUN/<name>.
+
+    budget_run: with grpo.match_compute=tokens, the run directory whose SSB stages set the budget (default: `run`;
+    an experiment passes the same seed's SSB arm)."""
     out, ckpts, metrics, adapter = (
         run.rl_dir(name),
         run.rl_checkpoints(name),
@@ -270,7 +273,7 @@ def grpo(cfg: Config, run: RunDir, force: bool = False, name: str = "grpo") -> d
     if gc.match_compute == "tokens":
         from ssb.compute import matched_grpo_steps
 
-        steps, steps_note = matched_grpo_steps(cfg, run)
+        steps, steps_note = matched_grpo_steps(cfg, budget_run or run)
         gc = dataclasses.replace(gc, max_steps=steps)
         cfg = dataclasses.replace(cfg, grpo=gc)
     grpo_cfg = dataclasses.asdict(gc)
