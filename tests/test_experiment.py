@@ -137,6 +137,19 @@ def test_gain_split_by_the_base_models_difficulty(finished):
     assert "Gain over base by the base model's difficulty" in (out / "results.md").read_text()
 
 
+def test_compare_to_names_the_arms_others_are_paired_against(finished):
+    """Default: every arm against base and against ssb; with compare_to, against exactly the arms named."""
+    import dataclasses
+
+    from ssb.experiment.results import collect
+
+    spec, out, res = finished
+    assert {p["b"] for p in res["eval"]["q"]["paired"]} == {"base", "ssb"}
+    res = collect(dataclasses.replace(spec, compare_to=["k2"]), out, [0, 1], iters=200)
+    paired = {(p["a"], p["b"]) for p in res["eval"]["q"]["paired"]}
+    assert paired == {("base", "k2"), ("ssb", "k2"), ("sft", "k2")}
+
+
 def test_k_subsample_equals_a_direct_k_run(finished, tmp_path):
     """The first k of K samples are the samples a K=k run draws (temperature 0.8 on the tiny model)."""
     from ssb.stages.rollout import rollout
@@ -266,6 +279,9 @@ def test_spec_errors_name_the_key(tmp_path):
         load_spec(bad)
     bad.write_text("preset: quick\nseed: [0]\narms: {ssb: {}}\n")
     with pytest.raises(ConfigError, match=r"unknown key 'seed'"):
+        load_spec(bad)
+    bad.write_text("preset: quick\ncompare_to: [base]\narms: {ssb: {}}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: key 'compare_to': 'base' is not an arm"):
         load_spec(bad)
     for value in ("1", "-2", "many"):  # one sample cannot tell 'sometimes' apart
         bad.write_text(f"preset: quick\ndifficulty_samples: {value}\narms: {{ssb: {{}}}}\n")

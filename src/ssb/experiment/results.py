@@ -10,7 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ssb.experiment.spec import ExperimentSpec, arm_runs, budget_arm, difficulty_dir, eval_dir
+from ssb.experiment.spec import (
+    ExperimentSpec,
+    arm_runs,
+    budget_arm,
+    comparison_arms,
+    difficulty_dir,
+    eval_dir,
+    reference_arm,
+)
 from ssb.files import atomic_write_json, atomic_write_text, read_jsonl
 from ssb.metrics import Scores, crossed_bootstrap, paired_crossed_bootstrap
 from ssb.rundir import SAMPLES, SUMMARY
@@ -165,16 +173,9 @@ def by_difficulty(scores: dict[str, Scores], ref: str, bins: dict[str, str], ite
     return rows
 
 
-def _reference(spec: ExperimentSpec, kind: str) -> str | None:
-    """The arm named like `kind`, else the first arm of that kind."""
-    if kind in spec.arms:
-        return kind
-    return next((a for a, s in spec.arms.items() if s.kind == kind), None)
-
-
 def collect(spec: ExperimentSpec, out: Path, seeds: list[int], iters: int) -> dict:
     result: dict = {"name": spec.name, "seeds": seeds, "bootstrap_iters": iters, "eval": {}}
-    refs = [r for r in (_reference(spec, "base"), _reference(spec, "ssb")) if r]
+    refs = comparison_arms(spec)
     for ev in spec.eval:
         arms, scores = {}, {}
         for arm, a in spec.arms.items():
@@ -213,7 +214,7 @@ def collect(spec: ExperimentSpec, out: Path, seeds: list[int], iters: int) -> di
                 paired.append({"a": arm, "b": ref, **d})
         result["eval"][ev.name] = {"source": ev.data.source, "level": ev.data.level, "arms": arms, "paired": paired}
         diff_samples = difficulty_dir(out, ev.name) / SUMMARY
-        base = _reference(spec, "base")
+        base = reference_arm(spec, "base")
         if spec.difficulty_samples and diff_samples.exists() and base:
             bins = difficulty_bins(diff_samples.with_name(SAMPLES))
             result["eval"][ev.name]["difficulty"] = {

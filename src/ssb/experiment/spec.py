@@ -57,6 +57,11 @@ class ExperimentSpec:
     seeds: list[int] = opt([0, 1, 2], "Seeds; each sets the config's top-level `seed` (all sampling and training)")
     eval: list[EvalSetSpec] = opt([], "Eval sets (default: the base config's eval.data)")
     arms: dict[str, ArmSpec] = opt({}, "Arm name -> {kind, set}; at least one arm")
+    compare_to: list[str] = opt(
+        [],
+        "Arms every other arm is paired against in the results (default: the base arm and the SSB arm, i.e. the "
+        "arm named ssb, else the first arm of kind ssb)",
+    )
     bootstrap_iters: int = opt(10000, "Bootstrap resamples for every interval")
     difficulty_samples: int = opt(
         0,
@@ -123,6 +128,10 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         if kind not in KINDS:
             raise _err(path, f"key 'arms.{arm}.kind': must be one of {list(KINDS)}, got {kind!r}")
         arms[arm] = ArmSpec(kind=kind, set=_str_list(path, f"arms.{arm}.set", body.get("set", [])))
+    compare_to = _str_list(path, "compare_to", raw.get("compare_to", []))
+    for arm in compare_to:
+        if arm not in arms:
+            raise _err(path, f"key 'compare_to': {arm!r} is not an arm (arms: {', '.join(arms)})")
     spec = ExperimentSpec(
         name=name,
         preset=raw.get("preset"),
@@ -131,6 +140,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         seeds=seeds,
         eval=[],
         arms=arms,
+        compare_to=compare_to,
         bootstrap_iters=iters,
         difficulty_samples=difficulty,
         source=str(path),
@@ -154,10 +164,21 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     return spec
 
 
+def reference_arm(spec: ExperimentSpec, kind: str) -> str | None:
+    """The arm named like `kind`, else the first arm of that kind (None if there is none)."""
+    if kind in spec.arms:
+        return kind
+    return next((arm for arm, a in spec.arms.items() if a.kind == kind), None)
+
+
 def budget_arm(spec: ExperimentSpec) -> str | None:
-    """The arm whose SSB compute a GRPO arm with grpo.match_compute=tokens matches, seed by seed: the first arm of
-    kind ssb (None if there is none)."""
-    return next((arm for arm, a in spec.arms.items() if a.kind == "ssb"), None)
+    """The arm whose SSB compute a GRPO arm with grpo.match_compute=tokens matches, seed by seed."""
+    return reference_arm(spec, "ssb")
+
+
+def comparison_arms(spec: ExperimentSpec) -> list[str]:
+    """The arms every other arm is paired against: `compare_to`, else the base arm and the SSB arm."""
+    return spec.compare_to or [r for r in (reference_arm(spec, "base"), reference_arm(spec, "ssb")) if r]
 
 
 def _str_list(path: Path, key: str, value) -> list[str]:
