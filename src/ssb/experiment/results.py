@@ -113,16 +113,15 @@ def _compute_lines(rows: dict[str, dict[int, dict]], spec: ExperimentSpec) -> li
         f"| arm | seeds | tokens | generated | trained | seconds | tokens vs {ref} | seconds vs {ref} |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    r = mean.get(ref) or {}
+
+    def ratio(m: dict, key: str) -> str:
+        return f"{m[key] / r[key]:.2f}x" if r.get(key) else "–"
+
     for arm, m in mean.items():
-        r = mean.get(ref)
-        vs = (
-            (f"{m['tokens'] / r['tokens']:.2f}x", f"{m['seconds'] / r['seconds']:.2f}x")
-            if r and r["tokens"]
-            else ("–", "–")
-        )
         lines.append(
             f"| {arm} | {len(rows[arm])} | {m['tokens']:,.0f} | {m['generated_tokens']:,.0f} | "
-            f"{m['trained_tokens']:,.0f} | {m['seconds']:,.0f} | {vs[0]} | {vs[1] if r and r['seconds'] else '–'} |"
+            f"{m['trained_tokens']:,.0f} | {m['seconds']:,.0f} | {ratio(m, 'tokens')} | {ratio(m, 'seconds')} |"
         )
     return lines
 
