@@ -224,6 +224,20 @@ def test_grpo_arm_matches_the_ssb_arms_compute_seed_by_seed(tmp_path, answering_
         load_spec(bad)
 
 
+def test_funnel_counts_every_question_batch_of_a_pair_target(tmp_path):
+    """With teach.target_pairs the run's own directory holds only the first batch's rollouts: the experiment's
+    funnel adds the further batches (questions, mixed, rollouts correct weighted by questions)."""
+    from ssb.experiment.results import _over_batches
+
+    run = RunDir(tmp_path / "run").mkdir()
+    run.update_stage("rollout", status="done", counts={"questions": 4, "correct_share": 0.5})
+    for n, share in ((1, 0.25), (2, 0.0), (10, 0.25)):
+        run.batch_dir(n).mkdir().update_stage("rollout", status="done", counts={"questions": 4, "correct_share": share})
+    assert [b.root.name for b in run.batch_dirs()] == ["batch-1", "batch-2", "batch-10"]  # by number, not by text
+    row = _over_batches(run, {"questions": 16, "mixed": 6})
+    assert row == {"batches": 4, "rollout_correct_share": 0.25, "questions": 16, "mixed": 6, "mixed_share": 0.375}
+
+
 def spec0_model(spec) -> str:
     from ssb.experiment.spec import base_config
 

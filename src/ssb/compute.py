@@ -37,20 +37,14 @@ def _counts(stages: dict, name: str) -> dict:
     return (stages.get(name) or {}).get("counts") or {}
 
 
-def _batch_dirs(run: RunDir) -> list[RunDir]:
-    if not run.batches_dir.is_dir():
-        return []
-    return [RunDir(p) for p in sorted(run.batches_dir.glob("batch-*")) if p.is_dir()]
-
-
 def ssb_budget(run: RunDir, epochs: float) -> dict | None:
     """SSB's tokens and seconds in `run` (None until rollout, teach, logits and train have all finished)."""
     stages = run.read_manifest()["stages"]
     if any((stages.get(s) or {}).get("status") != "done" for s in ("rollout", "teach", "logits", "train")):
         return None
     rollout = _counts(stages, "rollout").get("tokens", 0)
-    rollout += sum(_counts(b.read_manifest()["stages"], "rollout").get("tokens", 0) for b in _batch_dirs(run))
-    teach = sum(a.get("num_tokens", 0) for b in [run, *_batch_dirs(run)] for a in read_jsonl(b.teach_attempts))
+    rollout += sum(_counts(b.read_manifest()["stages"], "rollout").get("tokens", 0) for b in run.batch_dirs())
+    teach = sum(a.get("num_tokens", 0) for b in [run, *run.batch_dirs()] for a in read_jsonl(b.teach_attempts))
     solution = _counts(stages, "train").get("solution_tokens", 0)
     trained = round(solution * epochs)
     logits = _counts(stages, "logits")

@@ -135,6 +135,13 @@ class RunDir:
         """Batch n (1-based after the run's own questions, batch 0) drawn to reach teach.target_pairs."""
         return RunDir(self.batches_dir / f"batch-{n}")
 
+    def batch_dirs(self) -> list[RunDir]:
+        """The further question batches that exist, in order (none without teach.target_pairs)."""
+        if not self.batches_dir.is_dir():
+            return []
+        found = [p for p in self.batches_dir.glob("batch-*") if p.is_dir() and p.name[6:].isdigit()]
+        return [RunDir(p) for p in sorted(found, key=lambda p: int(p.name[6:]))]
+
     def round_dir(self, n: int) -> RunDir:
         return RunDir(self.root / f"round-{n}")
 

@@ -21,7 +21,7 @@ from ssb.experiment.spec import (
 )
 from ssb.files import atomic_write_json, atomic_write_text, read_jsonl
 from ssb.metrics import Scores, crossed_bootstrap, paired_crossed_bootstrap
-from ssb.rundir import SAMPLES, SUMMARY
+from ssb.rundir import SAMPLES, SUMMARY, RunDir
 
 
 def _pts(x: float) -> str:
@@ -72,8 +72,29 @@ def funnel(out: Path, spec: ExperimentSpec, seeds: list[int]) -> dict[str, dict[
                 "pairs_trained": c["train"].get("pairs"),
                 "train_steps": c["train"].get("steps") or c["grpo"].get("steps"),
             }
+            if ar.run.batch_dirs():  # teach.target_pairs drew more batches: count every batch, not the first
+                row.update(_over_batches(ar.run, c["teach"].get("funnel") or {}))
             rows.setdefault(ar.arm, {})[seed] = row
     return rows
+
+
+def _over_batches(run: RunDir, teach_funnel: dict) -> dict:
+    """The funnel's question, mixed and rollout-correct counts over the run's own batch and every further one."""
+    rollouts = [
+        (b.read_manifest()["stages"].get("rollout") or {}).get("counts") or {} for b in [run, *run.batch_dirs()]
+    ]
+    done = [r for r in rollouts if r.get("questions") and r.get("correct_share") is not None]
+    questions = sum(r["questions"] for r in done)
+    out = {"batches": len(rollouts), "rollout_correct_share": None}
+    if questions:  # every batch has the same K, so weighting by questions weights by rollouts
+        out["rollout_correct_share"] = sum(r["questions"] * r["correct_share"] for r in done) / questions
+    if teach_funnel.get("questions"):
+        out.update(
+            questions=teach_funnel["questions"],
+            mixed=teach_funnel["mixed"],
+            mixed_share=teach_funnel["mixed"] / teach_funnel["questions"],
+        )
+    return out
 
 
 def compute(out: Path, spec: ExperimentSpec, seeds: list[int]) -> dict[str, dict[int, dict]]:
