@@ -388,8 +388,8 @@ def test_run_ends_with_one_sentence_per_comparison(tmp_path):
     assert lines[1].startswith("SFT vs base: +2.5 points, 95% CI [+0.0, +")  # never worse, so the interval starts at 0
     assert lines[2] == (
         "GRPO vs base: +0.0 points, 95% CI [+0.0, +0.0] (paired bootstrap over problems, resampled by calculation): "
-        "not distinguishable at this size; `ssb experiment` with a base arm and a grpo arm measures it over seeds "
-        "(docs/experiments.md)."
+        "not distinguishable at this size; `ssb experiment configs/experiments/baselines.yaml` measures it with 3 "
+        "seeds."
     )
 
 

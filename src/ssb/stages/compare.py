@@ -109,8 +109,10 @@ def compare(dirs: list[Path], *, iters: int = 10000, seed: int = 0) -> str:
 FOLLOW_UP = {
     "ssb": "configs/experiments/negative-context.yaml",
     "sft": "configs/experiments/hard-vs-soft.yaml",
+    "grpo": "configs/experiments/baselines.yaml",  # GRPO at SSB's compute
+    "dr_grpo": "configs/experiments/baselines.yaml",
 }
-LABELS = {"ssb": "SSB", "sft": "SFT", "grpo": "GRPO"}
+LABELS = {"ssb": "SSB", "sft": "SFT", "grpo": "GRPO", "dr_grpo": "Dr. GRPO"}
 
 
 def _scores_and_clusters(d: Path) -> tuple[dict[str, float], dict[str, str]]:
