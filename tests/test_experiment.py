@@ -148,6 +148,9 @@ def test_compare_to_names_the_arms_others_are_paired_against(finished):
     res = collect(dataclasses.replace(spec, compare_to=["k2"]), out, [0, 1], iters=200)
     paired = {(p["a"], p["b"]) for p in res["eval"]["q"]["paired"]}
     assert paired == {("base", "k2"), ("ssb", "k2"), ("sft", "k2")}
+    from ssb.experiment.spec import budget_arm
+
+    assert budget_arm(spec) == "ssb" and budget_arm(dataclasses.replace(spec, compare_to=["base", "k2"])) == "k2"
 
 
 def test_k_subsample_equals_a_direct_k_run(finished, tmp_path):

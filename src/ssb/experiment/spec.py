@@ -60,7 +60,8 @@ class ExperimentSpec:
     compare_to: list[str] = opt(
         [],
         "Arms every other arm is paired against in the results (default: the base arm and the SSB arm, i.e. the "
-        "arm named ssb, else the first arm of kind ssb)",
+        "arm named ssb, else the first arm of kind ssb); the first ssb arm named here is also the one whose compute "
+        "GRPO arms match (grpo.match_compute=tokens) and the compute table compares with",
     )
     bootstrap_iters: int = opt(10000, "Bootstrap resamples for every interval")
     difficulty_samples: int = opt(
@@ -172,8 +173,10 @@ def reference_arm(spec: ExperimentSpec, kind: str) -> str | None:
 
 
 def budget_arm(spec: ExperimentSpec) -> str | None:
-    """The arm whose SSB compute a GRPO arm with grpo.match_compute=tokens matches, seed by seed."""
-    return reference_arm(spec, "ssb")
+    """The SSB arm whose compute a GRPO arm with grpo.match_compute=tokens matches, seed by seed, and that the
+    compute table compares with: the first arm of kind ssb in `compare_to`, else the SSB reference arm."""
+    named = [arm for arm in spec.compare_to if spec.arms[arm].kind == "ssb"]
+    return named[0] if named else reference_arm(spec, "ssb")
 
 
 def comparison_arms(spec: ExperimentSpec) -> list[str]:
