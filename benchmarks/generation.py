@@ -163,6 +163,7 @@ def contender_engine(model, tok, prompts, k, params, batch_size) -> dict:
         else None,
         "rows": stats.get("rows"),
         "backend": engine.backend,
+        "attention": stats.get("attention"),
     }
 
 

@@ -7,9 +7,10 @@ followed by the fp32 model's own greedy answer. Over every answer position, agai
 the model cast to bf16 (what the generating stages decode with on CPUs whose bf16 matmuls beat fp32), the fp32 model
 under bf16 autocast (what training runs under), the generation engine's bf16 prefill at 4 cut points per text, and
 the engine's bf16 decode path teacher-forced along each answer (one step per token: paged caches, merged attention)
-with its bf16 KV cache and with a float32 one (`kv_dtype`). Reports mean KL(fp32 || variant) in
-nats per token and the share of positions whose most likely token agrees. Prints one final JSON line; writes
-benchmarks/results/precision.json.
+with its bf16 KV cache, with a float32 one (`kv_dtype`), and with its decode attention in torch ops instead of the
+fused CPU kernel (`engine_bf16_decode_torch_attention`; `settings.decode_attention` says which the others used).
+Reports mean KL(fp32 || variant) in nats per token and the share of positions whose most likely token agrees.
+Prints one final JSON line; writes benchmarks/results/precision.json.
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ def kl_and_agree(ref: torch.Tensor, other: torch.Tensor) -> tuple[list[float], l
     return kl.tolist(), (ref.argmax(-1) == other.argmax(-1)).tolist()
 
 
-def teacher_forced_decode(model, tok, prompt_messages, answer: list[int], kv_dtype) -> torch.Tensor:
+def teacher_forced_decode(model, tok, prompt_messages, answer: list[int], kv_dtype, kernel=True) -> torch.Tensor:
     """The engine's next-token logits over `answer` [n, V]: its prompt prefilled, then one decode step per answer
-    token fed (the path every generated token after the first takes: paged KV cache, merged attention)."""
+    token fed (the path every generated token after the first takes: paged KV cache, merged attention). kernel:
+    decode attention through the fused CPU kernel where it builds (the default), else torch ops."""
     text = tok.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=False)
     prompt = tok(text, add_special_tokens=False)["input_ids"]
     sm = SlotModel(model, len(prompt), len(answer), kv_dtype)
+    if not kernel:
+        sm.kernel = None
     sm.set_limits(1, 1)
     logits = [sm.prefill([prompt], [0])[0]]
     one = torch.tensor([[0]])
@@ -102,9 +106,15 @@ def main() -> None:
         sm.set_limits(1, len(prefixes))
         kl, agree = kl_and_agree(torch.stack(prefix_ref), sm.prefill(prefixes, list(range(len(prefixes)))))
         stats["engine_bf16_prefill"] = (kl, agree)
-        for name, kv_dtype in (("engine_bf16_decode_fp32_kv", torch.float32), ("engine_bf16_decode", None)):
+        variants = (
+            ("engine_bf16_decode_fp32_kv", torch.float32, True),
+            ("engine_bf16_decode", None, True),
+            ("engine_bf16_decode_torch_attention", None, False),
+        )
+        for name, kv_dtype, kernel in variants:
             for p, a, ref in zip(prompts, answers, refs):
-                kl, agree = kl_and_agree(ref, teacher_forced_decode(m16, tok, p, a[0].token_ids, kv_dtype))
+                logits = teacher_forced_decode(m16, tok, p, a[0].token_ids, kv_dtype, kernel)
+                kl, agree = kl_and_agree(ref, logits)
                 stats.setdefault(name, ([], []))[0].extend(kl)
                 stats[name][1].extend(agree)
     result = {
@@ -115,7 +125,13 @@ def main() -> None:
         }
         for name, (k, g) in stats.items()
     }
-    result["settings"] = {"model": path, "questions": args.questions, "tokens": args.tokens, "torch": torch.__version__}
+    result["settings"] = {
+        "model": path,
+        "questions": args.questions,
+        "tokens": args.tokens,
+        "torch": torch.__version__,
+        "decode_attention": "cpu-kernel" if SlotModel(m16, 1, 1).kernel is not None else "torch",
+    }
     save_result("precision", result)
     print(json.dumps(result))
 

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 import ssb.engine.cache as cache_module
-from ssb.engine import Engine, SamplingParams, tokenize_prompts
+from ssb.engine import Engine, SamplingParams, attention_kernel, tokenize_prompts
 from ssb.engine.progress import expected_remaining_tokens
 from ssb.engine.scheduler import MemoryBudgetError
 from ssb.testing import make_tiny_tokenizer
@@ -83,11 +83,17 @@ def hf_greedy(model, tok, messages, stop_ids):
     return out[0, ids.shape[1] :].tolist()
 
 
+@pytest.mark.parametrize("attention", ["kernel", "torch"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_paged_cache_matches_static_cache_and_hf_generate(layout, tok, monkeypatch):
+def test_paged_cache_matches_static_cache_and_hf_generate(layout, attention, tok, monkeypatch):
     """Segments of 4 positions, generated and prompt (each sequence spans up to 10 generation pools and its prompt
     up to 9 prompt pools, slots reused as sequences finish) give the same greedy tokens as one segment holding
-    every position (the static layout) and as HF generate; sampled tokens (3 samples sharing a prompt) agree too."""
+    every position (the static layout) and as HF generate; sampled tokens (3 samples sharing a prompt) agree too.
+    Both decode-attention paths: the fused CPU kernel (ssb.engine.attention_kernel) and torch ops."""
+    if attention == "torch":
+        monkeypatch.setattr(attention_kernel, "load", lambda: None)
+    elif attention_kernel.load() is None:
+        pytest.skip("the decode-attention kernel did not build here")
     model = tiny_model(layout, tok)
     greedy = SamplingParams(temperature=0, max_new_tokens=MAX_NEW)
     sampled = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=MAX_NEW, seed=3)

@@ -23,6 +23,9 @@ segment pool is attended to in place by the queries of its sequences (one batche
 contiguous keys), and the partial softmaxes (one per generated segment, one per prompt segment attended by all
 the prompt's samples at once: the "cascade" form) are merged exactly through their log-sum-exps. A finished
 sequence's KV is never copied: its slots are reused. Each part is padded only to its own fill (<= a segment).
+On CPU that torch path is replaced, where it builds, by a fused kernel (`ssb.engine.attention_kernel`) that reads
+the same segments in place with one online softmax per (sequence, kv head); `_torch_attend` stays for other
+devices, for shapes outside the kernel's limits and for CPUs without a compiler.
 
 Memory budget (`Engine(kv_budget_bytes=...)`, config key `generation_memory_mib`): the scheduler admits at most
 as many sequences as could all reach max_new_tokens within the budget (`worst_case_bytes_per_sequence`), so the
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import torch
 
+from ssb.engine import attention_kernel
 from ssb.engine.pools import KVMeter, SegmentPools
 
 SEGMENT = 64  # generated positions per cache segment (memory granularity and attention padding bound)
@@ -153,6 +157,8 @@ class SlotModel:
         prompt_segments = -(-max_prompt // self.prompt_segment)
         self.prompt = SegmentPools(prompt_segments, self.prompt_segment, shape, self.kv_dtype, self.device, self.meter)
         self.peak_used = 0
+        # decode attention: the fused kernel on CPU where it builds, else torch ops (ssb.engine.attention_kernel)
+        self.kernel = attention_kernel.for_model(self.device, self.heads, self.kv_heads, self.head_dim)
 
     def worst_case_bytes_per_sequence(self) -> int:
         """KV bytes one sequence can need: all its generated segments, all segments of a prompt of its own, and its
@@ -180,8 +186,9 @@ class SlotModel:
     # ------------------------------------------------------------------------------------------ forward
 
     def _forward(self, ids, positions, attend):
-        """ids/positions: [B, T]; attend(layer_idx, attn_module, q, k, v) -> [B, T, heads * hd].
-        Returns final-normed hidden states [B, T, D]."""
+        """ids/positions: [B, T]; attend(layer_idx, attn_module, q, k, v, cos, sin) -> [B, T, heads * hd], with q
+        and k before the rotary embedding (cos/sin: [B, T, hd]), all in the KV dtype. Returns final-normed hidden
+        states [B, T, D]."""
         h = self.embed(ids)
         kv = self.kv_dtype
         cos, sin = self.rotary(h.to(kv), positions)  # rotary computes in fp32 and casts to its input's dtype
@@ -194,17 +201,23 @@ class SlotModel:
             v = a.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
             if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
                 q, k = a.q_norm(q), a.k_norm(k)
-            o = attend(i, a, _rope(q.to(kv), cos, sin), _rope(k.to(kv), cos, sin), v.to(kv))
+            o = attend(i, a, q.to(kv), k.to(kv), v.to(kv), cos, sin)
             h = h + a.o_proj(o.to(h.dtype))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.norm(h)
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Run the prompts (right-padded into one batch) and store prompt i's KV under prompt slot slots[i], one
-        prompt-cache segment per PROMPT_SEGMENT positions it has.
+        """Run each prompt and store prompt i's KV under prompt slot slots[i], one prompt-cache segment per
+        PROMPT_SEGMENT positions it has. Returns the next-token logits at each prompt's last position: [P, V].
 
-        Returns the next-token logits at each prompt's last position: [P, V].
+        One prompt at a time, at its own length: no padding, and a prompt's KV does not depend on which prompts
+        were admitted with it (bf16 matmuls and attention on CPU round differently for different shapes: on the
+        tiny test model a short prompt's logits changed when it was prefilled padded beside longer prompts).
         """
+        return torch.cat([self._prefill([seq], [slot]) for seq, slot in zip(prompts, slots)])
+
+    def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """`prefill` of the prompts right-padded into one batch."""
         lengths = [len(seq) for seq in prompts]
         p, t, ps = len(prompts), max(lengths), self.prompt_segment
         ids = torch.zeros(p, t, dtype=torch.long, device=self.device)
@@ -221,7 +234,8 @@ class SlotModel:
             writes.append((j, *to_t, min(ps, t - j * ps)))
         group = self.heads // self.kv_heads
 
-        def attend(i, a, q, k, v):  # q: [P, T, H, hd], k/v: [P, T, KV, hd]
+        def attend(i, a, q, k, v, cos, sin):  # q: [P, T, H, hd], k/v: [P, T, KV, hd]
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [P, KV, T, hd]
             for j, batch_t, slot_t, width in writes:
                 lo = j * ps  # positions past a prompt's end are padding: masked in decode
@@ -259,8 +273,7 @@ class SlotModel:
         members: [S, n] indices into `rows` of each prompt slot [0, S)'s sequences, padded with R (none);
         member_of: [R] each sequence's flat index into members.view(-1); prompt_lens: [S] (0 for a free slot).
         """
-        r, (s, n) = len(rows), members.shape
-        kvh, g, hd, dev = self.kv_heads, self.heads // self.kv_heads, self.head_dim, self.device
+        r, n, dev = len(rows), members.shape[1], self.device
         self.gen.compact()  # between steps: the slots freed by the sequences that finished go back (pools.py)
         self.prompt.compact()
         entering: dict[int, list[int]] = {}  # segment -> rows writing its first position now
@@ -271,9 +284,57 @@ class SlotModel:
             self.gen.reserve(j, self.gen.live[j] + len(new_rows))  # one growth for all of them
             for row in new_rows:
                 self.gen.take(j, row)
-        index_of = {row: k for k, row in enumerate(rows)}
         used = sum(steps) + r + int(prompt_lens.sum())
         self.peak_used = max(self.peak_used, used * self.token_bytes)
+        if self.kernel is not None:
+            attend = self._kernel_attend(rows, steps, prompt_len, member_of // n)
+        else:
+            attend = self._torch_attend(rows, steps, members, member_of, prompt_lens)
+        ids = torch.tensor(tokens, device=dev)[:, None]
+        positions = (torch.tensor(prompt_len, device=dev) + torch.tensor(steps, device=dev))[:, None]
+        h = self._forward(ids, positions, attend)
+        return self.head(h[:, 0])
+
+    def _kernel_attend(self, rows, steps, prompt_len, slot_of):
+        """The decode `attend` of the fused kernel (ssb.engine.attention_kernel); slot_of: [R] prompt slots."""
+        r, kvh, g, hd = len(rows), self.kv_heads, self.heads // self.kv_heads, self.head_dim
+        gen_slot = torch.zeros(r, self.gen.segments, dtype=torch.long)
+        for k, row in enumerate(rows):
+            slots = self.gen.slots_of[row]
+            gen_slot[k, : len(slots)] = torch.tensor(slots)
+        prompt_slot = torch.zeros(r, self.prompt.segments, dtype=torch.long)
+        for k, p in enumerate(slot_of.tolist()):
+            slots = self.prompt.slots_of[p]
+            prompt_slot[k, : len(slots)] = torch.tensor(slots)
+        gen_len, prompt_len_t = torch.tensor(steps) + 1, torch.tensor(prompt_len)
+        order = torch.argsort(slot_of, stable=True)  # a prompt's samples together: its segments stay in cache
+        empty = torch.empty(0, dtype=self.kv_dtype)  # a segment no row reaches: never read
+
+        def pools(xs):
+            return [x if x is not None else empty for x in xs]
+
+        gen_k, gen_v, prompt_k, prompt_v = map(pools, (self.gen.k, self.gen.v, self.prompt.k, self.prompt.v))
+
+        def attend(i, a, q, k, v, cos, sin):  # q: [R, 1, H, hd], k/v: [R, 1, KV, hd], cos/sin: [R, 1, hd]
+            o = self.kernel.decode_attention(
+                q.reshape(r, kvh, g, hd).contiguous(),
+                k.reshape(r, kvh, hd).contiguous(),
+                v.reshape(r, kvh, hd).contiguous(),
+                cos.reshape(r, hd).contiguous(),
+                sin.reshape(r, hd).contiguous(),
+                gen_k, gen_v, gen_slot, gen_len,
+                prompt_k, prompt_v, prompt_slot, prompt_len_t,
+                order, i, a.scaling,
+            )  # fmt: skip
+            return o.view(r, 1, -1)
+
+        return attend
+
+    def _torch_attend(self, rows, steps, members, member_of, prompt_lens):
+        """The decode `attend` in torch ops: per cache part a batched attention, merged through log-sum-exps."""
+        r, (s, n) = len(rows), members.shape
+        index_of = {row: k for k, row in enumerate(rows)}
+        kvh, g, hd, dev = self.kv_heads, self.heads // self.kv_heads, self.head_dim, self.device
         # where each sequence writes this step's KV: (segment slots, offsets, batch indices) per segment
         writes: dict[int, tuple[list[int], list[int], list[int]]] = {}
         for k, (row, step) in enumerate(zip(rows, steps)):
@@ -306,7 +367,8 @@ class SlotModel:
             prompt_parts.append((j, hi, idx, fill, mask))
         gather = members.view(-1)
 
-        def attend(i, a, q, k, v):  # q: [R, 1, H, hd], k/v: [R, 1, KV, hd]
+        def attend(i, a, q, k, v, cos, sin):  # q: [R, 1, H, hd], k/v: [R, 1, KV, hd]
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             for j, slot_t, offset_t, batch_t in writes_t:
                 self.gen.k[j][i, slot_t, :, offset_t] = k[batch_t, 0]
                 self.gen.v[j][i, slot_t, :, offset_t] = v[batch_t, 0]
@@ -331,10 +393,7 @@ class SlotModel:
             o = (o_all[:r] * torch.exp(lse_all[:r] - lse)).sum(1)  # [R, KV, G, hd]
             return o.to(v.dtype).view(r, 1, -1)
 
-        ids = torch.tensor(tokens, device=dev)[:, None]
-        positions = (torch.tensor(prompt_len, device=dev) + torch.tensor(steps, device=dev))[:, None]
-        h = self._forward(ids, positions, attend)
-        return self.head(h[:, 0])
+        return attend
 
     def move_prompts(self, src: list[int], dst: list[int]) -> None:
         """Prompt slots src are renamed dst (free slots); their KV stays in place."""

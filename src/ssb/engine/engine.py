@@ -198,6 +198,7 @@ class Engine:
                 progress = scheduler.progress
                 memory = {"rows": scheduler.max_rows, "rows_limited_by_budget": scheduler.rows_limited_by_budget}
                 memory.update(scheduler.cache.kv_stats())
+                memory["attention"] = "cpu-kernel" if scheduler.cache.kernel is not None else "torch"
         self.last_stats = {
             "tokens": progress.generated,
             "seconds": round(time.perf_counter() - progress.start, 3),
@@ -218,6 +219,8 @@ class Engine:
                 f", KV cache peak {s['kv_bytes_allocated'] / 2**20:.0f} MiB allocated for "
                 f"{s['kv_bytes_used'] / 2**20:.0f} MiB in use"
             )
+        if "attention" in s:
+            line += f"; decode attention: {s['attention']}"
         if s["rows_limited_by_budget"]:
             line += f"; {s['rows']} sequences at once (the KV budget, {s['kv_budget_bytes'] / 2**20:.0f} MiB)"
         return line
