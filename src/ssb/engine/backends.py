@@ -24,7 +24,8 @@ from ssb.config import Config, ConfigError
 
 INSTALL_HINT = "scripts/install-vllm.sh (docs/vllm.md)"
 ENGINE_REPRODUCIBILITY = (
-    "per-sample streams from (seed, prompt ids, sample index): same samples for any batch size or resume point"
+    "per-sample streams from (seed, prompt ids, sample index): same samples for any batch size or resume point "
+    "(in bf16, up to matmul rounding, which can differ with the number of sequences decoded at once)"
 )
 
 

@@ -132,8 +132,9 @@ struct OnlineSoftmax {
   }
 
   // s[g][t] = q_g . k_t for the chunk's c keys: pairs of bf16 products summed in float32 (vdpbf16ps). Operands are
-  // loaded where used: a version keeping a key's vectors in a local __m512bh array came out of GCC 12 at -O3 with
-  // wrong scores (tests/test_attention_kernel.py caught it), as did one accumulating values into `acc` per key.
+  // loaded where used: built by GCC 12 at -O3, a version keeping a key's vectors in a local __m512bh array gave
+  // wrong scores, and one accumulating values into `acc` key by key did nothing (cause not established; the tests
+  // and attention_kernel.self_check catch such builds).
   void scores_bf16(const c10::BFloat16* k, int64_t c) {
     for (int64_t g = 0; g < group; ++g) {
       const c10::BFloat16* qg = qb + g * D;
