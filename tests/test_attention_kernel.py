@@ -67,6 +67,10 @@ def test_shapes_outside_the_kernel_and_the_environment_switch(monkeypatch):
     monkeypatch.setenv(attention_kernel.ENV, "0")
     try:
         assert attention_kernel.load() is None
+        monkeypatch.setenv(attention_kernel.ENV, "sometimes")
+        attention_kernel.load.cache_clear()
+        with pytest.raises(ValueError, match="SSB_ATTENTION_KERNEL='sometimes': use 0"):
+            attention_kernel.load()
     finally:
         attention_kernel.load.cache_clear()
 

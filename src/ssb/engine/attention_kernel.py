@@ -12,9 +12,9 @@ It is compiled once per machine with torch's C++ extension JIT (needs a C++ comp
 build tool is a dependency) into `$SSB_CACHE/kernels/<hash>` (default ~/.cache/ssb), the hash covering the
 source, compiler flags, torch and Python versions and the CPU's instruction sets (the build targets the CPU it
 runs on). Before use, each build is compared with a float64 brute-force reference on small random caches
-(`self_check`, a few milliseconds). If the build or the check fails (no compiler, Apple clang without OpenMP, a
-compiler that mis-builds the vector code, ...) the engine says so in one line and uses the torch path, which
-computes the same attention (tests/test_attention_kernel.py and tests/test_engine_paged.py run both).
+(`self_check`, about 7 ms, once per process). If the build or the check fails (no compiler, Apple clang without
+OpenMP, a compiler that mis-builds the vector code, ...) the engine says so in one line and uses the torch path,
+which computes the same attention (tests/test_attention_kernel.py and tests/test_engine_paged.py run both).
 `SSB_ATTENTION_KERNEL=0` forces the torch path; `=1` makes a failed build an error instead of a fallback.
 
 Results do not depend on the thread count or on which other sequences are in the batch: each (sequence, kv
@@ -37,6 +37,7 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 # vectorise without changing results beyond float rounding (no finite-math assumptions: -inf is used)
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 ENV = "SSB_ATTENTION_KERNEL"
+OFF, ON = ("0", "off", "false", "no"), ("1", "on", "true", "yes")
 
 
 def _cpu_signature() -> str:
@@ -76,8 +77,11 @@ def _ninja_on_path() -> None:
 def load():
     """The compiled module, or None (the torch path) with the reason printed once. Raises when SSB_ATTENTION_KERNEL=1
     and the build fails."""
-    want = os.environ.get(ENV, "auto").strip().lower()
-    if want in ("0", "off", "false", "no"):
+    raw = os.environ.get(ENV, "auto")
+    want = raw.strip().lower()
+    if want not in (*OFF, *ON, "auto", ""):
+        raise ValueError(f"{ENV}={raw!r}: use 0 (torch attention), 1 (the kernel, or an error) or auto (the default)")
+    if want in OFF:
         return None
     try:
         from torch.utils import cpp_extension
@@ -100,7 +104,7 @@ def load():
             raise RuntimeError(f"the built kernel fails its self-check ({wrong})")
         return module
     except Exception as exc:  # noqa: BLE001 - any build failure means the torch path
-        if want in ("1", "on", "true", "yes"):
+        if want in ON:
             raise RuntimeError(f"{ENV}=1 but the decode-attention kernel did not build: {exc}") from exc
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         print(f"[generation] decode-attention kernel unavailable ({reason[:200]}); using the torch path", flush=True)

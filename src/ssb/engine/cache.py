@@ -214,47 +214,34 @@ class SlotModel:
         were admitted with it (bf16 matmuls and attention on CPU round differently for different shapes: on the
         tiny test model a short prompt's logits changed when it was prefilled padded beside longer prompts).
         """
-        return torch.cat([self._prefill([seq], [slot]) for seq, slot in zip(prompts, slots)])
+        return torch.cat([self._prefill_one(seq, slot) for seq, slot in zip(prompts, slots)])
 
-    def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """`prefill` of the prompts right-padded into one batch."""
-        lengths = [len(seq) for seq in prompts]
-        p, t, ps = len(prompts), max(lengths), self.prompt_segment
-        ids = torch.zeros(p, t, dtype=torch.long, device=self.device)
-        for i, seq in enumerate(prompts):
-            ids[i, : len(seq)] = torch.tensor(seq, device=self.device)
-        for slot in slots:
-            self.prompt.release(slot)  # a reused slot starts empty
-        # per segment: the prompts reaching it (batch indices), their pool slots, and the positions to copy
-        writes = []
-        for j in range(-(-t // ps)):
-            batch = [k for k, n in enumerate(lengths) if n > j * ps]
-            pool_slots = [self.prompt.take(j, slots[k]) for k in batch]
-            to_t = (torch.tensor(x, device=self.device) for x in (batch, pool_slots))
-            writes.append((j, *to_t, min(ps, t - j * ps)))
+    def _prefill_one(self, seq: list[int], slot: int) -> torch.Tensor:
+        """`prefill` of one prompt into prompt slot `slot`; returns its next-token logits [1, V]."""
+        t, ps = len(seq), self.prompt_segment
+        self.prompt.release(slot)  # a reused slot starts empty
+        # per segment: its pool slot for this prompt and the positions to copy
+        writes = [(j, self.prompt.take(j, slot), min(ps, t - j * ps)) for j in range(-(-t // ps))]
         group = self.heads // self.kv_heads
 
-        def attend(i, a, q, k, v, cos, sin):  # q: [P, T, H, hd], k/v: [P, T, KV, hd]
+        def attend(i, a, q, k, v, cos, sin):  # q: [1, T, H, hd], k/v: [1, T, KV, hd]
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [P, KV, T, hd]
-            for j, batch_t, slot_t, width in writes:
-                lo = j * ps  # positions past a prompt's end are padding: masked in decode
-                self.prompt.k[j][i, slot_t, :, :width] = k[batch_t, :, lo : lo + width]
-                self.prompt.v[j][i, slot_t, :, :width] = v[batch_t, :, lo : lo + width]
-            # causal attention; padding only follows a prompt, so its real positions never see it
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [1, KV, T, hd]
+            for j, pool_slot, width in writes:
+                self.prompt.k[j][i, pool_slot, :, :width] = k[0, :, j * ps : j * ps + width]
+                self.prompt.v[j][i, pool_slot, :, :width] = v[0, :, j * ps : j * ps + width]
             o = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2),
                 k.repeat_interleave(group, 1),
                 v.repeat_interleave(group, 1),
                 is_causal=True,
                 scale=a.scaling,
-            )  # [P, H, T, hd]
-            return o.transpose(1, 2).reshape(p, t, -1)
+            )  # [1, H, T, hd]
+            return o.transpose(1, 2).reshape(1, t, -1)
 
-        positions = torch.arange(t, device=self.device)[None].expand(p, t)
-        h = self._forward(ids, positions, attend)
-        last = torch.tensor(lengths, device=self.device) - 1
-        return self.head(h[torch.arange(p, device=self.device), last])
+        ids = torch.tensor([seq], device=self.device)
+        h = self._forward(ids, torch.arange(t, device=self.device)[None], attend)
+        return self.head(h[:, -1])
 
     def decode(
         self,
@@ -298,14 +285,12 @@ class SlotModel:
     def _kernel_attend(self, rows, steps, prompt_len, slot_of):
         """The decode `attend` of the fused kernel (ssb.engine.attention_kernel); slot_of: [R] prompt slots."""
         r, kvh, g, hd = len(rows), self.kv_heads, self.heads // self.kv_heads, self.head_dim
-        gen_slot = torch.zeros(r, self.gen.segments, dtype=torch.long)
-        for k, row in enumerate(rows):
-            slots = self.gen.slots_of[row]
-            gen_slot[k, : len(slots)] = torch.tensor(slots)
-        prompt_slot = torch.zeros(r, self.prompt.segments, dtype=torch.long)
-        for k, p in enumerate(slot_of.tolist()):
-            slots = self.prompt.slots_of[p]
-            prompt_slot[k, : len(slots)] = torch.tensor(slots)
+
+        def table(slot_lists, width):  # [R, width]: each row's slot per segment, 0 past its own (never read)
+            return torch.tensor([s + [0] * (width - len(s)) for s in slot_lists], dtype=torch.long)
+
+        gen_slot = table([self.gen.slots_of[row] for row in rows], self.gen.segments)
+        prompt_slot = table([self.prompt.slots_of[p] for p in slot_of.tolist()], self.prompt.segments)
         gen_len, prompt_len_t = torch.tensor(steps) + 1, torch.tensor(prompt_len)
         order = torch.argsort(slot_of, stable=True)  # a prompt's samples together: its segments stay in cache
         empty = torch.empty(0, dtype=self.kv_dtype)  # a segment no row reaches: never read

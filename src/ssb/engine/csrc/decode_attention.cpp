@@ -226,7 +226,7 @@ void check_pool(const at::Tensor& pool, const at::Tensor& q, int64_t kv_heads, i
 }
 
 template <typename T>
-const T* segment_ptr(const at::Tensor& pool, int64_t layer, int64_t slot, int64_t head) {
+T* segment_ptr(const at::Tensor& pool, int64_t layer, int64_t slot, int64_t head) {
   const int64_t slots = pool.size(1), heads = pool.size(2), length = pool.size(3), dim = pool.size(4);
   return pool.data_ptr<T>() + ((layer * slots + slot) * heads + head) * length * dim;
 }
@@ -256,8 +256,8 @@ void run(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, 
       const int64_t step = glen[r] - 1, j = step / glength, off = step % glength;
       const int64_t slot = gslot[r * gsegs + j];
       for (int64_t h = 0; h < kv_heads; ++h) {
-        T* kd = const_cast<T*>(segment_ptr<T>(gen_k[j], layer, slot, h)) + off * dim;
-        T* vd = const_cast<T*>(segment_ptr<T>(gen_v[j], layer, slot, h)) + off * dim;
+        T* kd = segment_ptr<T>(gen_k[j], layer, slot, h) + off * dim;
+        T* vd = segment_ptr<T>(gen_v[j], layer, slot, h) + off * dim;
         rotate(k_new.data_ptr<T>() + (r * kv_heads + h) * dim, cp + r * dim, sp + r * dim, rotated, dim, 1.f);
         for (int64_t d = 0; d < dim; ++d) kd[d] = static_cast<T>(rotated[d]);
         std::memcpy(vd, v_new.data_ptr<T>() + (r * kv_heads + h) * dim, dim * sizeof(T));
