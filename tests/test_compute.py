@@ -1,11 +1,18 @@
 """Compute accounting (ssb.compute): SSB's and the RL baselines' budgets from a handmade manifest, the matched
-GRPO step count, and the Dr. GRPO baseline trained by `grpo.match_compute: tokens` into RUN/dr_grpo."""
+GRPO step count, the Dr. GRPO baseline trained by `grpo.match_compute: tokens` into RUN/dr_grpo, and the CPU
+seconds a stage records (ssb.cputime)."""
+
+import subprocess
+import sys
+import time
 
 import pytest
 
 from ssb.compute import budget_lines, matched_grpo_steps, rl_budget, ssb_budget
 from ssb.config import ConfigError, load_config
+from ssb.cputime import CPUTime
 from ssb.files import write_jsonl
+from ssb.lifecycle import stage
 from ssb.rundir import RunDir
 
 
@@ -18,7 +25,7 @@ def _ssb_run(root) -> RunDir:
         ("logits", 5.0, {"mode": "offline", "tokens": 300}),
         ("train", 30.0, {"solution_tokens": 300}),
     ):
-        run.update_stage(name, status="done", seconds=seconds, counts=counts)
+        run.update_stage(name, status="done", seconds=seconds, cpu_seconds=seconds / 2, counts=counts)
     write_jsonl(run.teach_attempts, [{"num_tokens": 200}, {"num_tokens": 150}])
     batch = run.batch_dir(1).mkdir()  # a further question batch (teach.target_pairs)
     batch.update_stage("rollout", status="done", seconds=50.0, counts={"tokens": 1000})
@@ -32,14 +39,20 @@ def test_ssb_and_grpo_budgets(tmp_path):
     assert (b["rollout_tokens"], b["teach_tokens"], b["generated_tokens"]) == (5000, 400, 5400)
     assert (b["forward_tokens"], b["trained_tokens"]) == (300, 900)
     assert b["tokens"] == 5400 + 300 + 900 and b["seconds"] == 176.0  # the batch's time is inside teach's
+    assert b["cpu_seconds"] == 88.0
     assert rl_budget(run, "grpo") is None and budget_lines(run, 3)[0].startswith("[compute] SSB: 6,600 tokens")
     run.update_stage("grpo", status="done", seconds=88.0, counts={"generated_tokens": 1650, "steps": 4})
     g = rl_budget(run, "grpo")
-    assert (g["tokens"], g["seconds"]) == (3300, 88.0)
+    assert (g["tokens"], g["seconds"], g["cpu_seconds"]) == (3300, 88.0, None)
     lines = budget_lines(run, 3)
-    assert lines[1] == (
-        "[compute] GRPO: 3,300 tokens (generated 1,650, trained 1,650; 4 steps), 88 s: 0.50x SSB's tokens, "
-        "0.50x its seconds"
+    assert lines[0].endswith("CPU 88 s")
+    assert lines[1] == (  # a stage recorded before CPU seconds were: no CPU ratio rather than a wrong one
+        "[compute] GRPO: 3,300 tokens (generated 1,650, trained 1,650; 4 steps), 88 s, CPU not recorded: 0.50x "
+        "SSB's tokens, 0.50x its seconds"
+    )
+    run.update_stage("grpo", cpu_seconds=132.0)
+    assert budget_lines(run, 3)[1].endswith(
+        "88 s, CPU 132 s: 0.50x SSB's tokens, 0.50x its seconds, 1.50x its CPU seconds"
     )
     run.update_stage("logits", counts={"mode": "online"})  # the teacher scores every trained token
     assert ssb_budget(run, epochs=3)["forward_tokens"] == 900
@@ -92,3 +105,42 @@ def test_dr_grpo_is_a_known_baseline_and_others_are_not():
     assert load_config(None, ["baselines=[sft,grpo,dr_grpo]"]).baselines == ["sft", "grpo", "dr_grpo"]
     with pytest.raises(ConfigError, match="unknown baseline 'dapo'"):
         load_config(None, ["baselines=[dapo]"])
+
+
+_SPIN = (
+    "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
+    "print('spun', flush=True)\ntime.sleep({sleep})"
+)
+
+
+def test_cpu_time_counts_subprocesses_live_or_reaped_and_not_idle_time():
+    with CPUTime() as idle:
+        time.sleep(0.5)
+    assert idle.seconds < 0.2  # wall time is not CPU time
+    with CPUTime() as live:  # a worker still running when the block ends (a vLLM engine, the verifier pool)
+        child = subprocess.Popen([sys.executable, "-c", _SPIN.format(s=0.6, sleep=30)], stdout=subprocess.PIPE)
+        assert child.stdout.readline() == b"spun\n"
+    child.kill()
+    child.wait()
+    assert 0.6 <= live.seconds < 5
+    with CPUTime() as reaped:  # a subprocess that exits inside the block
+        subprocess.run([sys.executable, "-c", _SPIN.format(s=0.6, sleep=0)], check=True, capture_output=True)
+    assert 0.6 <= reaped.seconds < 5
+
+
+def test_stage_records_cpu_seconds_and_adds_an_interrupted_attempts_time(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(RuntimeError):
+        with stage(run, "s", ("x",), inputs=[], outputs=[]):
+            t = time.process_time()
+            while time.process_time() - t < 0.3:
+                pass
+            raise RuntimeError("interrupted")
+    failed = run.stage_entry("s")
+    assert failed["status"] == "failed" and failed["cpu_seconds"] >= 0.3
+    with stage(run, "s", ("x",), inputs=[], outputs=[]) as st:
+        assert st.resumed
+        time.sleep(0.2)
+    done = run.stage_entry("s")
+    assert done["seconds"] >= failed["seconds"] + 0.2  # the resumed attempt kept the first attempt's records
+    assert failed["cpu_seconds"] <= done["cpu_seconds"] < failed["cpu_seconds"] + 0.2

@@ -218,8 +218,9 @@ def test_grpo_arm_matches_the_ssb_arms_compute_seed_by_seed(tmp_path, answering_
     budget = ssb_budget(ssb_run, arm_config(spec, "ssb", 0).train.epochs)
     assert res["compute"]["ssb"][0]["tokens"] == budget["tokens"] > 0
     assert res["compute"]["grpo"][0]["tokens"] == 2 * counts["generated_tokens"]
+    assert res["compute"]["ssb"][0]["cpu_seconds"] > 0 and res["compute"]["grpo"][0]["cpu_seconds"] > 0
     table = (out / "results.md").read_text().split("## Compute per arm")[1]
-    assert "| ssb | 1 |" in table and "| 1.00x | 1.00x |" in table and "| grpo | 1 |" in table
+    assert "| ssb | 1 |" in table and "| 1.00x | 1.00x | 1.00x |" in table and "| grpo | 1 |" in table
     # without an ssb arm there is no budget to match: refused when the spec loads, not after the stages
     bad = tmp_path / "exp.yaml"
     bad.write_text(bad.read_text().replace("  ssb: {kind: ssb}\n", ""))

@@ -316,4 +316,7 @@ def test_grpo_under_two_processes_counts_every_ranks_completions(tmp_path, tiny_
     assert entry["world_size"] == 2 and entry["counts"]["steps"] == 2
     # 2 ranks x 2 steps x 2 questions x 2 completions of at most 8 tokens
     assert entry["counts"]["completions"] == 16 and 16 <= entry["counts"]["generated_tokens"] <= 128
+    # both ranks did work and the stage's CPU seconds are their sum
+    ranks = entry["rank_cpu_seconds"]
+    assert len(ranks) == 2 and min(ranks) > 0 and entry["cpu_seconds"] == pytest.approx(sum(ranks), abs=0.02)
     assert (run.grpo_adapter / "adapter_config.json").exists()

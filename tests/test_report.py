@@ -44,6 +44,7 @@ def _full_run(root) -> tuple[RunDir, dict]:
         "rollout",
         status="done",
         seconds=61.5,
+        cpu_seconds=110.0,
         counts={
             "questions": 20,
             "rollouts": 80,
@@ -194,10 +195,10 @@ def test_report_of_a_full_run(tmp_path):
         cell = f"{100 * s['pass@1']:.1f}% [{100 * ci['low']:.1f}–{100 * ci['high']:.1f}]"
         assert f"<td>{tag}</td><td>arith</td><td>1</td><td>10</td><td>{cell}</td>" in text
     assert "30.0% [" in text and "70.0% [" in text and "<td>10.0%</td>" in text  # base: 1 of 10 truncated
-    # stage times and generated tokens (teach: 9 attempts x 111 tokens)
-    assert "<td>rollout</td><td>done</td><td>61.5 s</td><td>12345</td>" in text
-    assert "<td>teach</td><td>done</td><td>30.0 s</td><td>999</td>" in text
-    assert "<td>grpo</td><td>done</td><td>4.2 min</td><td>4321</td>" in text
+    # stage wall and CPU times (none recorded: a dash) and generated tokens (teach: 9 attempts x 111 tokens)
+    assert "<td>rollout</td><td>done</td><td>61.5 s</td><td>110.0 s</td><td>12345</td>" in text
+    assert "<td>teach</td><td>done</td><td>30.0 s</td><td>-</td><td>999</td>" in text
+    assert "<td>grpo</td><td>done</td><td>4.2 min</td><td>-</td><td>4321</td>" in text
     assert "GRPO baseline: 4 steps, 64 completions, mean reward 0.1 at the first logged step and 0.4" in text
     # examples: escaped question, hint's wrong answer, teacher solution; nothing unescaped
     assert html.escape(QUESTION) in text and "<script>" not in text
@@ -210,7 +211,7 @@ def test_report_of_a_full_run(tmp_path):
     assert "![SSB training dynamics](training.png)" in md
     assert "| run1 | 20 | 5 | 4 | 2 | 9 | 7 | 45.0% | 77.8% |" in md
     assert QUESTION in md  # verbatim inside a fenced block
-    assert "| run1 | curate | done | 0.2 s | - |" in md
+    assert "| run1 | curate | done | 0.2 s | - | - |" in md
 
 
 def test_report_of_unfinished_runs(tmp_path):
@@ -267,7 +268,10 @@ def test_report_shows_completion_length_per_arm_quality_shares_and_compute(tmp_p
     assert "<tr><td>run1</td><td>base</td><td>-</td><td>-</td><td>100</td></tr>" in text
     # compute: 12,345 rollout + 999 teach + 900 teacher forward + 900 x 3 epochs trained; GRPO 2 x 4,321
     assert "run1: SSB: 16,944 tokens (generated 13,344 = rollout 12,345 + teach 999" in text
-    assert "run1: GRPO: 8,642 tokens (generated 4,321, trained 4,321; 4 steps), 250 s: 0.51x SSB&#x27;s tokens" in text
+    assert (
+        "run1: GRPO: 8,642 tokens (generated 4,321, trained 4,321; 4 steps), 250 s, CPU not recorded: "
+        "0.51x SSB&#x27;s tokens" in text
+    )
     # quality shares: measured by the step checker on the samples ('... 1' has no steps, none loops)
     assert "<td>10.0%</td><td>0.0%</td><td>0.0%</td><td>0.0%</td></tr>" in text
     # a summary from before the step checker: '-' in those columns

@@ -10,8 +10,12 @@ counted on either side:
     GRPO  generated = completion tokens sampled
           trained   = the same tokens (each completion takes one gradient step: TRL's num_iterations = 1)
 
-Seconds are the manifest's wall seconds of the stages (SSB: rollout, curate, teach, logits, train; GRPO: its own
-stage), which on a machine running nothing else is the run's compute time; evaluation is left out on both sides.
+Seconds are the manifest's seconds of the stages (SSB: rollout, curate, teach, logits, train, whose teach stage
+includes any further question batches; GRPO: its own stage), evaluation left out on both sides, twice: wall
+seconds, and CPU seconds of the stage's processes and their subprocesses (`ssb.cputime`; summed over the ranks of
+a multi-process stage). Wall seconds also count whatever else the machine did meanwhile and any time the run sat
+paused; CPU seconds do not, so they are the ones to compare on a shared machine. Run directories written before
+CPU seconds were recorded have none (None here, a dash in the tables).
 
 `grpo.match_compute: tokens` sets GRPO's max_steps from SSB's token total before GRPO starts (`matched_grpo_steps`):
 a GRPO step samples batch_size x grad_accum x num_generations completions and trains on them, and at the start a
@@ -50,6 +54,7 @@ def ssb_budget(run: RunDir, epochs: float) -> dict | None:
     logits = _counts(stages, "logits")
     forward = trained if logits.get("mode") == "online" else logits.get("tokens", 0)
     seconds = {s: (stages.get(s) or {}).get("seconds") or 0.0 for s in SSB_STAGES}
+    cpu = [(stages.get(s) or {}).get("cpu_seconds") for s in SSB_STAGES]
     return {
         "generated_tokens": rollout + teach,
         "rollout_tokens": rollout,
@@ -59,6 +64,7 @@ def ssb_budget(run: RunDir, epochs: float) -> dict | None:
         "tokens": rollout + teach + forward + trained,
         "seconds": round(sum(seconds.values()), 2),
         "stage_seconds": seconds,
+        "cpu_seconds": None if None in cpu else round(sum(cpu), 2),
     }
 
 
@@ -73,6 +79,7 @@ def rl_budget(run: RunDir, name: str = "grpo") -> dict | None:
         "trained_tokens": generated,
         "tokens": 2 * generated,
         "seconds": entry.get("seconds") or 0.0,
+        "cpu_seconds": entry.get("cpu_seconds"),
         "steps": entry.get("counts", {}).get("steps"),
     }
 
@@ -109,7 +116,7 @@ def budget_lines(run: RunDir, epochs: float) -> list[str]:
         f"{ssb['rollout_tokens']:,} + teach {ssb['teach_tokens']:,}; teacher forward {ssb['forward_tokens']:,}; "
         f"trained {ssb['trained_tokens']:,}), {ssb['seconds']:,.0f} s ("
         + ", ".join(f"{s} {sec[s]:.0f}" for s in SSB_STAGES)
-        + ")"
+        + f"), CPU {_cpu(ssb)}"
     ]
     for name, label in RL_LABELS.items():
         rl = rl_budget(run, name)
@@ -117,9 +124,22 @@ def budget_lines(run: RunDir, epochs: float) -> list[str]:
             continue
         ratio_t = rl["tokens"] / ssb["tokens"] if ssb["tokens"] else float("nan")
         ratio_s = rl["seconds"] / ssb["seconds"] if ssb["seconds"] else float("nan")
+        ratio_c = cpu_ratio(rl, ssb)
         lines.append(
             f"[compute] {label}: {rl['tokens']:,} tokens (generated {rl['generated_tokens']:,}, trained "
-            f"{rl['trained_tokens']:,}; {rl['steps']} steps), {rl['seconds']:,.0f} s: {ratio_t:.2f}x SSB's tokens, "
-            f"{ratio_s:.2f}x its seconds"
+            f"{rl['trained_tokens']:,}; {rl['steps']} steps), {rl['seconds']:,.0f} s, CPU {_cpu(rl)}: "
+            f"{ratio_t:.2f}x SSB's tokens, {ratio_s:.2f}x its seconds"
+            + (f", {ratio_c:.2f}x its CPU seconds" if ratio_c is not None else "")
         )
     return lines
+
+
+def cpu_ratio(a: dict, b: dict) -> float | None:
+    """a's CPU seconds over b's (None when either run directory predates CPU seconds or b spent none)."""
+    if a.get("cpu_seconds") is None or not b.get("cpu_seconds"):
+        return None
+    return a["cpu_seconds"] / b["cpu_seconds"]
+
+
+def _cpu(budget: dict) -> str:
+    return "not recorded" if budget.get("cpu_seconds") is None else f"{budget['cpu_seconds']:,.0f} s"

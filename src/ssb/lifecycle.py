@@ -25,12 +25,13 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ssb import parallel
 from ssb.config import config_hash
+from ssb.cputime import CPUTime
 from ssb.files import atomic_write_json, directory_lock, file_digest
 from ssb.memory import PeakRSS
 from ssb.rundir import RunDir, move_aside
@@ -66,6 +67,7 @@ class Stage:
     counts: dict
     resumed: bool
     checked: Any = None  # what the stage's `check` returned (its validated inputs)
+    other_ranks_cpu_seconds: list[float] = field(default_factory=list)  # ranks 1.. of a stage split over ranks
 
     def say(self, line: str) -> None:
         if parallel.current().is_main:  # one voice: the ranks of a data-parallel stage would repeat each other
@@ -105,8 +107,9 @@ def stage(
                 raise ValueError(f"stage {name}: rank 0 stopped: {finished['error']}")
             yield None
             return
-        yield Stage(name=name, counts={}, resumed=decision["resumed"], checked=check() if check else None)
-        parallel.barrier()
+        with CPUTime() as cpu:
+            yield Stage(name=name, counts={}, resumed=decision["resumed"], checked=check() if check else None)
+        parallel.all_gather(cpu.seconds)  # every rank's share is written; rank 0 adds up the CPU time
         parallel.broadcast()
         return
     outcome: dict = {}
@@ -124,8 +127,8 @@ def stage(
             except BaseException as e:
                 outcome = {"error": f"{type(e).__name__}: {e}"}
                 raise
-            if st is not None and every_rank:
-                parallel.barrier()  # every rank's share is written before the stage counts as done
+            if st is not None and every_rank:  # every rank's share is written before the stage counts as done
+                st.other_ranks_cpu_seconds = parallel.all_gather(0.0)[1:]
     finally:
         if not outcome.get("told"):
             parallel.broadcast({"error": outcome["error"]} if "error" in outcome else {"done": True})
@@ -187,6 +190,9 @@ def _stage_locked(
             if p.exists():
                 move_aside(p)
     _run_pending(_BEFORE_WORK.get())
+    # an interrupted attempt's time counts toward the stage (its records are kept, not redone); an attempt
+    # killed outright never recorded its time, so the totals are lower bounds after a kill
+    prior = (entry.get("seconds") or 0.0, entry.get("cpu_seconds") or 0.0) if resumed else (0.0, 0.0)
     t0 = time.time()
     run.update_stage(
         name,
@@ -199,27 +205,36 @@ def _stage_locked(
     )
     st = Stage(name=name, counts={}, resumed=resumed, checked=checked)
     rss = PeakRSS()  # this stage's own peak resident memory, also when `ssb run` runs stages in one process
+    cpu = CPUTime()
+
+    def spent() -> dict:
+        ranks = [cpu.seconds, *st.other_ranks_cpu_seconds]
+        out = {"seconds": round(prior[0] + time.time() - t0, 2), "cpu_seconds": round(prior[1] + sum(ranks), 2)}
+        if len(ranks) > 1:  # this attempt's share of each rank, to see how evenly the work was split
+            out["rank_cpu_seconds"] = [round(c, 2) for c in ranks]
+        return out
+
     try:
-        with rss:
+        with rss, cpu:
             yield st
     except BaseException as e:
         run.update_stage(
             name,
             status="failed",
             error=f"{type(e).__name__}: {e}"[:500],
-            seconds=round(time.time() - t0, 2),
             counts=st.counts,
             peak_rss_bytes=rss.peak_bytes,
+            **spent(),
         )
         raise
     run.update_stage(
         name,
         status="done",
         ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        seconds=round(time.time() - t0, 2),
         counts=st.counts,
         error=None,
         peak_rss_bytes=rss.peak_bytes,
+        **spent(),
     )
     if run.share is not None:
         _index_path(run.share, name, chash, ihash).parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +259,7 @@ def record_done(run: RunDir, name: str, config_parts: tuple, inputs: list[Path],
         started=now,
         ended=now,
         seconds=0.0,
+        cpu_seconds=0.0,
         config_hash=chash,
         inputs_hash=ihash,
         counts=counts,

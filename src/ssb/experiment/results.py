@@ -99,7 +99,7 @@ def _over_batches(run: RunDir, teach_funnel: dict) -> dict:
 
 def compute(out: Path, spec: ExperimentSpec, seeds: list[int]) -> dict[str, dict[int, dict]]:
     """Per trained arm and seed: its compute budget as `ssb.compute` counts it (tokens generated, scored and
-    trained; stage seconds), so GRPO arms can be read against the SSB arm whose budget they match."""
+    trained; stage wall and CPU seconds), so GRPO arms can be read against the SSB arm whose budget they match."""
     from ssb.compute import rl_budget, ssb_budget
 
     rows: dict[str, dict[int, dict]] = {}
@@ -109,7 +109,7 @@ def compute(out: Path, spec: ExperimentSpec, seeds: list[int]) -> dict[str, dict
                 continue
             b = rl_budget(ar.run, "grpo") if ar.kind == "grpo" else ssb_budget(ar.run, ar.cfg.train.epochs)
             if b is not None:
-                keys = ("tokens", "generated_tokens", "trained_tokens", "seconds")
+                keys = ("tokens", "generated_tokens", "trained_tokens", "seconds", "cpu_seconds")
                 rows.setdefault(ar.arm, {})[seed] = {k: b[k] for k in keys}
     return rows
 
@@ -118,31 +118,34 @@ def _compute_lines(rows: dict[str, dict[int, dict]], spec: ExperimentSpec) -> li
     if not rows:
         return []
     ref = budget_arm(spec)
-    mean = {
-        arm: {k: sum(r[k] for r in by.values()) / len(by) for k in next(iter(by.values()))} for arm, by in rows.items()
-    }
+    mean = {arm: {k: _mean_of(by, k) for k in next(iter(by.values()))} for arm, by in rows.items()}
     lines = [
         "",
         "## Compute per arm (mean over seeds)",
         "",
         "Tokens as `ssb.compute` counts them: generated (rollouts, teacher attempts; GRPO's completions), scored "
         "by the teacher, and trained on; prompt tokens are not counted. Seconds: the stages' wall time, evaluation "
-        "left out. A stage an arm copied from another (same config and inputs) counts in full for both: it is what "
-        "the arm's method needs. GRPO arms with grpo.match_compute=tokens set their steps from "
+        "left out; it also counts anything else the machine did meanwhile and any pause. CPU seconds: the stages' "
+        "processes and subprocesses, summed over ranks, which a busy or paused machine does not inflate (a dash: "
+        "the run predates them). A stage an arm copied from another (same config and inputs) counts in full for "
+        "both: it is what the arm's method needs. GRPO arms with grpo.match_compute=tokens set their steps from "
         f"{ref or 'the ssb arm'}'s tokens in the same seed (docs/quality.md).",
         "",
-        f"| arm | seeds | tokens | generated | trained | seconds | tokens vs {ref} | seconds vs {ref} |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| arm | seeds | tokens | generated | trained | seconds | CPU seconds | tokens vs {ref} | seconds vs {ref} "
+        f"| CPU seconds vs {ref} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     r = mean.get(ref) or {}
 
     def ratio(m: dict, key: str) -> str:
-        return f"{m[key] / r[key]:.2f}x" if r.get(key) else "–"
+        return f"{m[key] / r[key]:.2f}x" if r.get(key) and m.get(key) is not None else "–"
 
     for arm, m in mean.items():
+        cpu = "–" if m["cpu_seconds"] is None else f"{m['cpu_seconds']:,.0f}"
         lines.append(
             f"| {arm} | {len(rows[arm])} | {m['tokens']:,.0f} | {m['generated_tokens']:,.0f} | "
-            f"{m['trained_tokens']:,.0f} | {m['seconds']:,.0f} | {ratio(m, 'tokens')} | {ratio(m, 'seconds')} |"
+            f"{m['trained_tokens']:,.0f} | {m['seconds']:,.0f} | {cpu} | {ratio(m, 'tokens')} | "
+            f"{ratio(m, 'seconds')} | {ratio(m, 'cpu_seconds')} |"
         )
     return lines
 

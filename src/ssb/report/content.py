@@ -229,7 +229,7 @@ def _gib(x) -> str:
 
 
 def _time_blocks(runs: list[dict]) -> list:
-    blocks: list = [("h2", "Wall time, generated tokens and peak memory per stage")]
+    blocks: list = [("h2", "Wall time, CPU time, generated tokens and peak memory per stage")]
     rows = []
     for r in runs:
         names = [s for s in STAGE_ORDER if s in r["stages"]] + sorted(set(r["stages"]) - set(STAGE_ORDER))
@@ -237,17 +237,18 @@ def _time_blocks(runs: list[dict]) -> list:
             e, tok = r["stages"][s], _tokens(r, s)
             tok = "-" if tok is None else str(tok)
             rows.append(
-                [r["label"], s, e.get("status", "?"), _secs(e.get("seconds")), tok, _gib(e.get("peak_rss_bytes"))]
+                [r["label"], s, e.get("status", "?"), _secs(e.get("seconds")), _secs(e.get("cpu_seconds")), tok]
+                + [_gib(e.get("peak_rss_bytes"))]
             )
         for e in r["evals"]:
             gen = round(e["mean_tokens"] * e["n"] * e["problems"])
             stage = f"eval {e['tag']}/{e['benchmark']}"
-            rows.append([r["label"], stage, "done", _secs(e["seconds"]), str(gen), _gib(e.get("peak_rss_bytes"))])
+            rows.append([r["label"], stage, "done", _secs(e["seconds"]), "-", str(gen), _gib(e.get("peak_rss_bytes"))])
         if not names and not r["evals"]:
-            rows.append([r["label"], "(no stage)", NOT_RUN, "-", "-", "-"])
+            rows.append([r["label"], "(no stage)", NOT_RUN, "-", "-", "-", "-"])
         for line in budget_lines(RunDir(r["root"]), r["epochs"]):
             blocks.append(("p", f"{r['label']}: {line.removeprefix('[compute] ')}"))
-    header = ["run", "stage", "status", "wall time", "generated tokens", "peak memory (RSS)"]
+    header = ["run", "stage", "status", "wall time", "CPU time", "generated tokens", "peak memory (RSS)"]
     blocks.insert(1, ("table", header, rows))
     return blocks
 

@@ -95,7 +95,7 @@ _NUMERIC_COUNTS = (
 def _check_stages(stages: dict, path: Path) -> dict:
     """Stage entries as the report uses them: numbers where it computes, text where it prints."""
     for name, entry in stages.items():
-        for key in ("seconds",):
+        for key in ("seconds", "cpu_seconds"):
             if entry.get(key) is not None:
                 need(entry, str(path), key, float, label=f"stages.{name}.{key}")
         counts = entry.get("counts") or {}

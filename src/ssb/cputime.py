@@ -1,0 +1,64 @@
+"""CPU seconds spent by a block of work in this process and every process it started (a stage's compute).
+
+Wall seconds count what else the machine was doing (another job, a paused process); CPU seconds count the work:
+user + system time of this process's threads, of its children that have exited (the kernel adds a reaped child's
+time, and its own reaped children's, to the parent), and of descendants still running (a vLLM engine process, the
+verifier workers), read from /proc on Linux. Reading the whole tree at both ends and subtracting counts each
+descendant once, whether it exits during the block or not. A process that exits without being waited for by its
+parent is lost; ssb's subprocesses are all waited for. Off Linux only this process and its reaped children count.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _descendants_seconds(root: int) -> float:
+    """utime + stime + cutime + cstime of every live descendant of `root` (Linux; 0 elsewhere)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # the process exited while we looked
+            continue
+        pid = int(entry.name)
+        parent[pid] = int(fields[1])
+        ticks[pid] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        total += ticks[pid]
+        todo.extend(children.get(pid, []))
+    return total / tick
+
+
+def process_tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process, its reaped children and its live descendants."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system + _descendants_seconds(os.getpid())
+
+
+class CPUTime:
+    """with CPUTime() as c: ...  then c.seconds is the CPU time the block took (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def __enter__(self) -> CPUTime:
+        self._start = process_tree_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = max(0.0, process_tree_cpu_seconds() - self._start)
