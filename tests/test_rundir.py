@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -102,3 +103,46 @@ def test_a_second_process_waits_for_the_stage_then_skips_it(tmp_path):
         "already done with the same config and inputs; skipping (--force reruns it)\nsecond: skipped"
     )
     assert out.read_text() == "x"
+
+
+_PARENT = """
+import subprocess, sys, time
+from ssb.lifecycle import stop_subprocesses_on_sigterm
+stop_subprocesses_on_sigterm()
+# a child that ignores SIGTERM (as vLLM's engine does during its start-up), with a child of its own
+code = "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+code += "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); print(g.pid, flush=True); "
+code += "time.sleep(600)"
+child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+print(child.pid, child.stdout.readline().strip(), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds subprocesses through /proc")
+def test_sigterm_stops_every_subprocess_even_one_ignoring_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PARENT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGTERM and "2 subprocess(es) stopped" in proc.stderr.read()
+    assert time.time() - t0 < 30
+    time.sleep(0.5)  # the grandchild, orphaned by its parent's death, is reaped by init
+    assert [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)] == []
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

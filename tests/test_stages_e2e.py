@@ -89,6 +89,30 @@ def test_killed_rollout_resumes_without_duplicates(tmp_path, tiny_model_dir):
     assert RunDir(run).stage_entry("rollout")["status"] == "done"
 
 
+def test_sigterm_mid_stage_ends_the_process_and_the_stage_resumes(tmp_path, tiny_model_dir):
+    """`kill PID` (SIGTERM) mid-rollout ends ssb as SIGTERM would, saying so, and the rerun resumes (that its
+    subprocesses are stopped first: test_rundir)."""
+    data = _data(tmp_path, n=40)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ssb", "rollout", "--run-dir", str(run)] + _sets(
+        tiny_model_dir, data, **{"rollout.batch_size": 2, "rollout.max_new_tokens": 24}
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    path = RunDir(run).rollouts
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_jsonl(path, repair=False)) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert "terminated (SIGTERM)" in err and "rerun the same command to resume" in err
+    assert 3 <= len(read_jsonl(path)) < 40
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "resuming" in done.stdout, done.stderr[-2000:]
+    assert sorted(r["id"] for r in read_jsonl(path)) == sorted(f"q{i}" for i in range(40))
+
+
 def test_teach_keeps_only_verified_solutions(tmp_path, tiny_model_dir):
     """Curated records are written by hand; golds are set to what the (deterministic, seeded) teacher will
     answer for half the questions, so exactly those become pairs."""

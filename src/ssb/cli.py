@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ssb import parallel
 from ssb.config import Config, ConfigError, describe, load_config, preset_names, preset_path, read_yaml, save_config
-from ssb.lifecycle import before_work
+from ssb.lifecycle import before_work, interrupted, stop_subprocesses_on_sigterm
 from ssb.models import ModelError
 from ssb.rundir import RunDir
 from ssb.stages import VERBS, load
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # peft and TRL still call transformers' renamed gradient_checkpointing_* methods; nothing for a user to do
     warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing\w*` is deprecated", FutureWarning)
+    stop_subprocesses_on_sigterm()
     parser = build_parser()
     if not argv:
         parser.print_help()
@@ -129,11 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, ModelError) as e:  # bad input: files, data, models, devices; each names its place
         print(f"ssb {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            f"\nssb {args.verb}: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr
-        )
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C
+        return interrupted(args.verb)
 
 
 def _single_process(verb: str, argv: list[str]) -> int:
@@ -153,7 +151,10 @@ def _single_process(verb: str, argv: list[str]) -> int:
         return 2
     if not w.is_main:
         return 0
-    return load(verb)(argv)
+    try:
+        return load(verb)(argv)
+    except KeyboardInterrupt:  # a verb without its own message for it
+        return interrupted(verb)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -14,14 +14,13 @@ import os
 from pathlib import Path
 
 
-def _descendants_seconds(root: int) -> float:
-    """utime + stime + cutime + cstime of every live descendant of `root` (Linux; 0 elsewhere)."""
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, utime + stime + cutime + cstime in clock ticks, state) of every process (Linux /proc;
+    empty elsewhere)."""
     proc = Path("/proc")
+    table: dict[int, tuple[int, int, str]] = {}
     if not (proc / "self" / "stat").exists():
-        return 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    parent: dict[int, int] = {}
-    ticks: dict[int, int] = {}
+        return table
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -29,18 +28,28 @@ def _descendants_seconds(root: int) -> float:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):  # the process exited while we looked
             continue
-        pid = int(entry.name)
-        parent[pid] = int(fields[1])
-        ticks[pid] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        table[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]), fields[0])
+    return table
+
+
+def descendants(root: int, table: dict[int, tuple[int, int, str]] | None = None) -> list[int]:
+    """The live processes below `root` (children, their children, ...), parents before their children."""
+    table = _process_table() if table is None else table
     children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
+    for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    total, todo = 0, list(children.get(root, []))
+    out, todo = [], list(children.get(root, []))
     while todo:
-        pid = todo.pop()
-        total += ticks[pid]
+        pid = todo.pop(0)
+        out.append(pid)
         todo.extend(children.get(pid, []))
-    return total / tick
+    return out
+
+
+def _descendants_seconds(root: int) -> float:
+    """CPU seconds (own and reaped children's) of every live descendant of `root` (Linux; 0 elsewhere)."""
+    table = _process_table()
+    return sum(table[pid][1] for pid in descendants(root, table)) / os.sysconf("SC_CLK_TCK")
 
 
 def process_tree_cpu_seconds() -> float:

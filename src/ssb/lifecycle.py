@@ -22,6 +22,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -37,6 +40,53 @@ from ssb.memory import PeakRSS
 from ssb.rundir import RunDir, move_aside
 
 _BEFORE_WORK: ContextVar[list | None] = ContextVar("ssb_before_work", default=None)
+
+
+def _stop_subprocesses_and_exit(signum: int, frame: Any) -> None:
+    """On SIGTERM, stop the processes this one started, then end as SIGTERM would. Without this a vLLM engine
+    (and its worker) outlived a killed ssb process, holding its memory (on a GPU, the GPU's). The stage is not
+    unwound by an exception raised here: one raised inside vLLM's start-up deadlocked the start-up handshake.
+    What was written is kept as after any kill (`ssb.files`: a torn last line is dropped on resume)."""
+    from ssb.cputime import descendants
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    pids = descendants(os.getpid())
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + 5  # vLLM's engine shuts down on SIGTERM once it is up; during start-up it does not
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in [p for p in pids if _alive(p)]:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    print(
+        f"\nssb: terminated (SIGTERM); {len(pids)} subprocess(es) stopped; finished work is saved, rerun the same "
+        "command to resume",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped by its parent, counts as stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_subprocesses_on_sigterm() -> None:
+    """Install the SIGTERM handler above (from the main thread of the CLI's process; elsewhere it cannot be)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_subprocesses_and_exit)
+
+
+def interrupted(verb: str) -> int:
+    """Say that `ssb VERB` stopped on Ctrl-C (KeyboardInterrupt); the exit status a shell reports for it."""
+    print(f"\nssb {verb}: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
+    return 130
 
 
 @contextlib.contextmanager

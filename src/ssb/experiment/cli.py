@@ -54,9 +54,8 @@ def experiment_main(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"ssb experiment: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "\nssb experiment: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr
-        )
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C
+        from ssb.lifecycle import interrupted
+
+        return interrupted("experiment")
     return 0
