@@ -406,3 +406,26 @@ def test_a_small_difference_is_not_distinguishable(tmp_path):
     assert line.startswith("SSB vs base: +10.0 points, 95% CI [-")
     assert "(paired bootstrap over problems, resampled by problem): not distinguishable at this size; " in line
     assert line.endswith("`ssb experiment configs/experiments/negative-context.yaml` measures it with 3 seeds.")
+
+
+def test_compute_table_with_cpu_seconds_from_some_seeds_only(tmp_path, tiny_model_dir):
+    """Run directories from before CPU seconds were recorded: the CPU mean is over the seeds that have them (named),
+    and the ratio to the ssb arm over the seeds both arms have."""
+    from ssb.experiment.results import _compute_lines
+
+    spec = _experiment(tmp_path, tiny_model_dir, "  base: {kind: base}\n  ssb: {kind: ssb}\n  grpo: {kind: grpo}\n")
+
+    def row(tokens, seconds, cpu):
+        halves = {"generated_tokens": tokens / 2, "trained_tokens": tokens / 4}
+        return {"tokens": tokens, **halves, "seconds": seconds, "cpu_seconds": cpu}
+
+    rows = {
+        "ssb": {0: row(1000, 100, None), 1: row(1000, 300, 200), 2: row(1000, 100, 100)},
+        "grpo": {0: row(900, 5000, None), 1: row(900, 600, 300), 2: row(900, 400, None)},
+    }
+    lines = _compute_lines(rows, spec)
+    assert "| ssb | 3 | 1,000 | 500 | 250 | 167 | 150 (seeds 1, 2) | 1.00x | 1.00x | 1.00x |" in lines
+    # grpo's CPU seconds: seed 1 only (300), against ssb's seed 1 (200)
+    assert "| grpo | 3 | 900 | 450 | 225 | 2,000 | 300 (seed 1) | 0.90x | 12.00x | 1.50x |" in lines
+    rows["grpo"] = {s: row(900, 400, 100) for s in (0, 1, 2)}
+    assert "| grpo | 3 | 900 | 450 | 225 | 400 | 100 | 0.90x | 2.40x | 0.67x |" in _compute_lines(rows, spec)

@@ -126,8 +126,9 @@ def _compute_lines(rows: dict[str, dict[int, dict]], spec: ExperimentSpec) -> li
         "Tokens as `ssb.compute` counts them: generated (rollouts, teacher attempts; GRPO's completions), scored "
         "by the teacher, and trained on; prompt tokens are not counted. Seconds: the stages' wall time, evaluation "
         "left out; it also counts anything else the machine did meanwhile and any pause. CPU seconds: the stages' "
-        "processes and subprocesses, summed over ranks, which a busy or paused machine does not inflate (a dash: "
-        "the run predates them). A stage an arm copied from another (same config and inputs) counts in full for "
+        "processes and subprocesses, summed over ranks, which a busy or paused machine does not inflate (mean over "
+        "the seeds that recorded them, named when not all did; ratios over the seeds both arms recorded; a dash: "
+        "none). A stage an arm copied from another (same config and inputs) counts in full for "
         "both: it is what the arm's method needs. GRPO arms with grpo.match_compute=tokens set their steps from "
         f"{ref or 'the ssb arm'}'s tokens in the same seed (docs/quality.md).",
         "",
@@ -140,12 +141,22 @@ def _compute_lines(rows: dict[str, dict[int, dict]], spec: ExperimentSpec) -> li
     def ratio(m: dict, key: str) -> str:
         return f"{m[key] / r[key]:.2f}x" if r.get(key) and m.get(key) is not None else "–"
 
+    def cpu(arm: str, seeds: list[int]) -> float | None:
+        values = [rows[arm][s]["cpu_seconds"] for s in seeds if rows[arm].get(s, {}).get("cpu_seconds") is not None]
+        return sum(values) / len(values) if values else None
+
     for arm, m in mean.items():
-        cpu = "–" if m["cpu_seconds"] is None else f"{m['cpu_seconds']:,.0f}"
+        recorded = [s for s, row in rows[arm].items() if row.get("cpu_seconds") is not None]
+        cell = "–" if not recorded else f"{cpu(arm, recorded):,.0f}"
+        if recorded and len(recorded) < len(rows[arm]):  # a run directory from before CPU seconds were recorded
+            cell += f" (seed{'s' if len(recorded) > 1 else ''} {', '.join(map(str, recorded))})"
+        common = [s for s in recorded if s in rows.get(ref, {}) and rows[ref][s].get("cpu_seconds") is not None]
+        base = cpu(ref, common) if ref in rows else None
+        cpu_ratio = f"{cpu(arm, common) / base:.2f}x" if common and base else "–"
         lines.append(
             f"| {arm} | {len(rows[arm])} | {m['tokens']:,.0f} | {m['generated_tokens']:,.0f} | "
-            f"{m['trained_tokens']:,.0f} | {m['seconds']:,.0f} | {cpu} | {ratio(m, 'tokens')} | "
-            f"{ratio(m, 'seconds')} | {ratio(m, 'cpu_seconds')} |"
+            f"{m['trained_tokens']:,.0f} | {m['seconds']:,.0f} | {cell} | {ratio(m, 'tokens')} | "
+            f"{ratio(m, 'seconds')} | {cpu_ratio} |"
         )
     return lines
 
