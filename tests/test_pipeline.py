@@ -9,7 +9,11 @@ from ssb.files import read_jsonl
 from ssb.rundir import RunDir
 
 
-def test_ssb_run_end_to_end_and_rerun_skips(tmp_path, answering_model_dir, capsys):
+def test_ssb_run_end_to_end_and_rerun_skips(tmp_path, answering_model_dir, capsys, monkeypatch):
+    import ssb.engine.backends as backends
+
+    made, make = [], backends.make_generator
+    monkeypatch.setattr(backends, "make_generator", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
     data = tmp_path / "q.jsonl"
     data.write_text(
         "".join(
@@ -50,6 +54,9 @@ baselines: [sft, grpo, dr_grpo]
         assert summary["pass@1"] == pytest.approx(sum(s["correct"] for s in samples) / 8)
         assert f"| {run.eval_dir(tag, 'q')} |" in table  # every model is a row of the final comparison
     assert "[compute] SSB: " in out and "[compute] GRPO: " in out and "[compute] Dr. GRPO: " in out
+    # every generator a stage opened (rollout, teach, 5 evals) was closed when it finished (a vLLM engine left
+    # to the garbage collector outlived its stage)
+    assert len(made) >= 7 and all(g.model is None for g in made)
     # A rerun skips every finished stage.
     assert main(["run", "--config", str(cfg), "--run-dir", str(run.root)]) == 0
     again = capsys.readouterr().out

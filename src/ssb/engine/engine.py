@@ -208,6 +208,12 @@ class Engine:
         }
         return results
 
+    def close(self) -> None:
+        """Drop the engine's references to the model (its KV pools live only inside `generate`): nothing runs
+        outside this process, so this only lets the weights go once the caller drops them too. Stages close
+        every generator when done (`ssb.engine.vllm.VllmGenerator.close` stops processes)."""
+        self.model = self.lm = None
+
     def summary(self) -> str:
         """The last call in one line: tokens, rate, and KV memory (for a stage's log)."""
         s = self.last_stats

@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 from ssb import parallel
@@ -265,7 +265,8 @@ def _generate(cfg: Config, model: str, todo: list[Example], samples_path: Path, 
     mode = "greedy" if ec.temperature == 0 else f"T={ec.temperature}, top-k {ec.top_k}, top-p {ec.top_p}"
     print(f"[eval] {model}: {len(todo)} problems x {ec.n} samples ({mode}, max {ec.max_new_tokens} tokens)", flush=True)
     t0 = time.time()
-    with Verifier() as verifier, JsonlWriter(samples_path) as writer:
+    # closed when done: a vLLM engine left to the garbage collector outlived the evaluation, memory and all
+    with closing(engine), Verifier() as verifier, JsonlWriter(samples_path) as writer:
 
         def save(i: int, comps) -> None:
             ex = todo[i]

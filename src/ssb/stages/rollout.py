@@ -8,6 +8,7 @@ dropped and its question redone). The local data file is one of the stage's inpu
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import closing
 
 from ssb import parallel
 from ssb.config import Config
@@ -84,7 +85,8 @@ def _generate(cfg: Config, run: RunDir, questions: list[dict], out_path, st) -> 
         seed=cfg.seed,
     )
     prompts = [student_messages(q["question"], rc.system_prompt) for q in todo]
-    with Verifier() as verifier, JsonlWriter(out_path) as out:
+    # closed when done: a vLLM engine left to the garbage collector outlived the stage, memory and all
+    with closing(engine), Verifier() as verifier, JsonlWriter(out_path) as out:
 
         def save(i: int, comps) -> None:
             q = todo[i]

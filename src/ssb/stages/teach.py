@@ -18,6 +18,7 @@ warning naming it, and counted.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 from ssb import parallel
@@ -125,7 +126,12 @@ def _teach_share(cfg: Config, run: RunDir, curated: list[dict], pairs_out: Path,
         )
     curated = [c for c in curated if c["id"] in mine]
     engine = None
-    with Verifier() as verifier, JsonlWriter(log_out) as log, JsonlWriter(pairs_out) as pairs:
+    with (
+        ExitStack() as open_engine,
+        Verifier() as verifier,
+        JsonlWriter(log_out) as log,
+        JsonlWriter(pairs_out) as pairs,
+    ):
         logged = {(a["id"], a["attempt"]) for a in attempts}
         for p in pairs_done:  # a kill between the pair and its log line: log it now
             if (p["id"], p.get("attempt", 0)) not in logged:
@@ -141,6 +147,7 @@ def _teach_share(cfg: Config, run: RunDir, curated: list[dict], pairs_out: Path,
                 continue
             if engine is None:
                 engine = make_generator(cfg, batch_size=tc.batch_size, manifest=(run, "teach"), log=st.say)
+                open_engine.enter_context(closing(engine))  # closed when done (a vLLM engine holds memory)
             st.say(f"[teach] attempt {round_ + 1}/{tc.attempts}: {len(todo)} questions (T={tc.temperature})")
             params = SamplingParams(
                 temperature=tc.temperature,
