@@ -274,3 +274,41 @@ def test_ssb_grpo_runs_with_vllm_generating(tmp_path, model_dir):
     assert entry["status"] == "done" and entry["counts"]["steps"] == 2 and entry["counts"]["completions"] == 8
     assert entry["generation"]["backend"].startswith("vllm-")
     assert (run.grpo_adapter / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("when", ["[vllm] starting", "init engine"])
+def test_sigterm_leaves_no_vllm_process_behind(tmp_path, model_dir, when):
+    """`kill PID` while vLLM starts up and once it generates: before ssb stopped its subprocesses on SIGTERM, the
+    engine and its worker outlived the killed ssb in both cases (2026-12-05)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ssb.cputime import descendants
+
+    data = tmp_path / "q.jsonl"
+    write_jsonl(data, [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(200)])
+    sets = _sets(model_dir, data, "vllm", **{"rollout.temperature": 0.8, "rollout.max_new_tokens": 200})
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ssb", "rollout", "--run-dir", str(tmp_path / "run")] + sets,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.time() + 300
+    while when not in log.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    started = descendants(proc.pid)
+    assert started and proc.poll() is None, log.read_text()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+    time.sleep(1)
+    left = [p for p in started if os.path.exists(f"/proc/{p}")]
+    for p in left:  # not to leave them to the rest of the suite
+        os.kill(p, signal.SIGKILL)
+    assert left == [] and "terminated (SIGTERM)" in log.read_text()
