@@ -137,7 +137,7 @@ def test_stage_records_cpu_seconds_and_adds_an_interrupted_attempts_time(tmp_pat
                 pass
             raise RuntimeError("interrupted")
     failed = run.stage_entry("s")
-    assert failed["status"] == "failed" and failed["cpu_seconds"] >= 0.3
+    assert failed["status"] == "failed" and failed["cpu_seconds"] >= 0.25  # clock ticks: 0.3 s read as 0.29
     with stage(run, "s", ("x",), inputs=[], outputs=[]) as st:
         assert st.resumed
         time.sleep(0.2)

@@ -241,6 +241,10 @@ def test_correctness_counting_through_verifier(tiny, bench, tmp_path, monkeypatc
                 texts = answers[msgs[-1]["content"]]
                 callback(i, [gen.Completion(t, [1, 2], 2, "stop") for t in texts[:n]])
 
+        def close(self):
+            closed.append(True)
+
+    closed = []
     monkeypatch.setattr(gen, "Engine", ScriptedEngine)
     cfg = _cfg(n=2)
     s = evaluate(cfg, str(tiny), None, tmp_path / "eval", data_file=str(bench))
@@ -252,7 +256,7 @@ def test_correctness_counting_through_verifier(tiny, bench, tmp_path, monkeypatc
     assert s["pass@k"]["2"] == pytest.approx(3 / 5)
     assert s["maj@n"] == pytest.approx(2 / 5)  # a (7), d (tie 4/3 -> 4); b's tie goes to the wrong 5
     assert s["verdicts"]["unparsed"] == 2 and s["verdicts"]["correct"] == 4
-    assert s["backend"] == "scripted"
+    assert s["backend"] == "scripted" and closed == [True]  # the evaluation closed its generator
 
 
 def test_eval_from_args_applies_options(tmp_path, monkeypatch):
