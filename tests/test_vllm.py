@@ -286,7 +286,7 @@ def test_sigterm_leaves_no_vllm_process_behind(tmp_path, model_dir, when):
     import sys
     import time
 
-    from ssb.cputime import descendants
+    from ssb.cputime import descendants, running
 
     data = tmp_path / "q.jsonl"
     write_jsonl(data, [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(200)])
@@ -308,15 +308,7 @@ def test_sigterm_leaves_no_vllm_process_behind(tmp_path, model_dir, when):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == -signal.SIGTERM
     time.sleep(1)
-    left = [p for p in started if _running(p)]
+    left = [p for p in started if running(p)]
     for p in left:  # not to leave them to the rest of the suite
         os.kill(p, signal.SIGKILL)
     assert left == [] and "terminated (SIGTERM)" in log.read_text()
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a dead process whose new parent has not reaped it yet)."""
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

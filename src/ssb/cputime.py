@@ -6,6 +6,8 @@ time, and its own reaped children's, to the parent), and of descendants still ru
 verifier workers), read from /proc on Linux. Reading the whole tree at both ends and subtracting counts each
 descendant once, whether it exits during the block or not. A process that exits without being waited for by its
 parent is lost; ssb's subprocesses are all waited for. Off Linux only this process and its reaped children count.
+
+The same /proc reading finds the processes to stop on SIGTERM (`descendants`, `running`; `ssb.lifecycle`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import os
 from pathlib import Path
 
 
-def _process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, utime + stime + cutime + cstime in clock ticks, state) of every process (Linux /proc;
-    empty elsewhere)."""
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, utime + stime + cutime + cstime in clock ticks) of every process (Linux /proc; empty
+    elsewhere)."""
     proc = Path("/proc")
-    table: dict[int, tuple[int, int, str]] = {}
+    table: dict[int, tuple[int, int]] = {}
     if not (proc / "self" / "stat").exists():
         return table
     for entry in proc.iterdir():
@@ -28,15 +30,15 @@ def _process_table() -> dict[int, tuple[int, int, str]]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):  # the process exited while we looked
             continue
-        table[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]), fields[0])
+        table[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]))
     return table
 
 
-def descendants(root: int, table: dict[int, tuple[int, int, str]] | None = None) -> list[int]:
-    """The live processes below `root` (children, their children, ...), parents before their children."""
+def descendants(root: int, table: dict[int, tuple[int, int]] | None = None) -> list[int]:
+    """The processes below `root` (children, their children, ...), parents before their children."""
     table = _process_table() if table is None else table
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
+    for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     out, todo = [], list(children.get(root, []))
     while todo:
@@ -44,6 +46,14 @@ def descendants(root: int, table: dict[int, tuple[int, int, str]] | None = None)
         out.append(pid)
         todo.extend(children.get(pid, []))
     return out
+
+
+def running(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped by its parent, counts as stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _descendants_seconds(root: int) -> float:

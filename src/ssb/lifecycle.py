@@ -3,8 +3,11 @@
 `stage(run, name, config_parts, inputs, outputs)` wraps a stage's work (`ssb.stages`). It skips a stage that
 finished with the same config and input hashes, resumes one that was interrupted, and moves the outputs of a
 stale one aside (`ssb.rundir.move_aside`) before running it again; it holds a lock on the run directory while it
-decides and works, so two processes never write one stage at once, and records the outcome (counts, times, hashes,
-peak RSS, world size) in RUN/manifest.json (`ssb.rundir.RunDir`).
+decides and works, so two processes never write one stage at once, and records the outcome (counts, wall and CPU
+seconds, hashes, peak RSS, world size) in RUN/manifest.json (`ssb.rundir.RunDir`).
+
+The CLI's process also stops its subprocesses (a vLLM engine, verifier workers) when it gets SIGTERM
+(`stop_subprocesses_on_sigterm`), so none outlives a killed run.
 
 Sharing between run directories (`ssb experiment`): a `RunDir(root, share=INDEX_DIR)` registers each stage it
 finishes in INDEX_DIR under the stage's config and input hashes, the same two hashes `stage` checks before
@@ -34,7 +37,7 @@ from typing import Any
 
 from ssb import parallel
 from ssb.config import config_hash
-from ssb.cputime import CPUTime
+from ssb.cputime import CPUTime, descendants, running
 from ssb.files import atomic_write_json, directory_lock, file_digest
 from ssb.memory import PeakRSS
 from ssb.rundir import RunDir, move_aside
@@ -47,17 +50,15 @@ def _stop_subprocesses_and_exit(signum: int, frame: Any) -> None:
     (and its worker) outlived a killed ssb process, holding its memory (on a GPU, the GPU's). The stage is not
     unwound by an exception raised here: one raised inside vLLM's start-up deadlocked the start-up handshake.
     What was written is kept as after any kill (`ssb.files`: a torn last line is dropped on resume)."""
-    from ssb.cputime import descendants
-
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     pids = descendants(os.getpid())
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.time() + 5  # vLLM's engine shuts down on SIGTERM once it is up; during start-up it does not
-    while time.time() < deadline and any(_alive(p) for p in pids):
+    while time.time() < deadline and any(running(p) for p in pids):
         time.sleep(0.1)
-    for pid in [p for p in pids if _alive(p)]:
+    for pid in [p for p in pids if running(p)]:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     print(
@@ -67,14 +68,6 @@ def _stop_subprocesses_and_exit(signum: int, frame: Any) -> None:
         flush=True,
     )
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, dead but not yet reaped by its parent, counts as stopped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def stop_subprocesses_on_sigterm() -> None:
