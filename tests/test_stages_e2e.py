@@ -90,8 +90,8 @@ def test_killed_rollout_resumes_without_duplicates(tmp_path, tiny_model_dir):
 
 
 def test_sigterm_mid_stage_ends_the_process_and_the_stage_resumes(tmp_path, tiny_model_dir):
-    """`kill PID` (SIGTERM) mid-rollout ends ssb as SIGTERM would, saying so, and the rerun resumes (that its
-    subprocesses are stopped first: test_rundir)."""
+    """`kill PID` (SIGTERM) mid-rollout ends ssb as SIGTERM would, saying so and recording the stage's time, and
+    the rerun resumes (that its subprocesses are stopped first: test_rundir)."""
     data = _data(tmp_path, n=40)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ssb", "rollout", "--run-dir", str(run)] + _sets(
@@ -107,10 +107,14 @@ def test_sigterm_mid_stage_ends_the_process_and_the_stage_resumes(tmp_path, tiny
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM
     assert "terminated (SIGTERM)" in err and "rerun the same command to resume" in err
+    killed = RunDir(run).stage_entry("rollout")  # the time it spent is recorded, and counted again on resume
+    assert killed["status"] == "failed" and killed["error"] == "terminated (SIGTERM)"
+    assert killed["seconds"] > 0 and killed["cpu_seconds"] > 0
     assert 3 <= len(read_jsonl(path)) < 40
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "resuming" in done.stdout, done.stderr[-2000:]
     assert sorted(r["id"] for r in read_jsonl(path)) == sorted(f"q{i}" for i in range(40))
+    assert RunDir(run).stage_entry("rollout")["cpu_seconds"] > killed["cpu_seconds"]
 
 
 def test_teach_keeps_only_verified_solutions(tmp_path, tiny_model_dir):

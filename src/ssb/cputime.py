@@ -72,12 +72,16 @@ class CPUTime:
     """with CPUTime() as c: ...  then c.seconds is the CPU time the block took (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self.seconds, self.done = 0.0, False
         self._start = 0.0
 
     def __enter__(self) -> CPUTime:
         self._start = process_tree_cpu_seconds()
         return self
 
+    def so_far(self) -> float:
+        """The CPU time since the block started (inside it)."""
+        return max(0.0, process_tree_cpu_seconds() - self._start)
+
     def __exit__(self, *exc: object) -> None:
-        self.seconds = max(0.0, process_tree_cpu_seconds() - self._start)
+        self.seconds, self.done = self.so_far(), True

@@ -43,14 +43,21 @@ from ssb.memory import PeakRSS
 from ssb.rundir import RunDir, move_aside
 
 _BEFORE_WORK: ContextVar[list | None] = ContextVar("ssb_before_work", default=None)
+# the stages this process is running, with a function giving the time each has spent so far: on SIGTERM their
+# manifest entries record that time (the process then dies, so its own manifest write can never follow)
+_RUNNING: dict[tuple[str, str], tuple[RunDir, Callable[[], dict]]] = {}
 
 
 def _stop_subprocesses_and_exit(signum: int, frame: Any) -> None:
     """On SIGTERM, stop the processes this one started, then end as SIGTERM would. Without this a vLLM engine
     (and its worker) outlived a killed ssb process, holding its memory (on a GPU, the GPU's). The stage is not
     unwound by an exception raised here: one raised inside vLLM's start-up deadlocked the start-up handshake.
-    What was written is kept as after any kill (`ssb.files`: a torn last line is dropped on resume)."""
+    What was written is kept as after any kill (`ssb.files`: a torn last line is dropped on resume); the running
+    stage is recorded as failed with the time it spent, which its resumption adds to its own."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for (_, name), (run, spent) in list(_RUNNING.items()):
+        with contextlib.suppress(Exception):  # nothing may keep the process from stopping
+            run.update_stage(name, status="failed", error="terminated (SIGTERM)", **spent())
     pids = descendants(os.getpid())
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -233,8 +240,8 @@ def _stage_locked(
             if p.exists():
                 move_aside(p)
     _run_pending(_BEFORE_WORK.get())
-    # an interrupted attempt's time counts toward the stage (its records are kept, not redone); an attempt
-    # killed outright never recorded its time, so the totals are lower bounds after a kill
+    # an interrupted attempt's time counts toward the stage (its records are kept, not redone); one killed by
+    # SIGKILL never recorded its time, so the totals are lower bounds after such a kill
     prior = (entry.get("seconds") or 0.0, entry.get("cpu_seconds") or 0.0) if resumed else (0.0, 0.0)
     t0 = time.time()
     run.update_stage(
@@ -251,12 +258,13 @@ def _stage_locked(
     cpu = CPUTime()
 
     def spent() -> dict:
-        ranks = [cpu.seconds, *st.other_ranks_cpu_seconds]
+        ranks = [cpu.seconds if cpu.done else cpu.so_far(), *st.other_ranks_cpu_seconds]
         out = {"seconds": round(prior[0] + time.time() - t0, 2), "cpu_seconds": round(prior[1] + sum(ranks), 2)}
         if len(ranks) > 1:  # this attempt's share of each rank, to see how evenly the work was split
             out["rank_cpu_seconds"] = [round(c, 2) for c in ranks]
         return out
 
+    _RUNNING[(str(run.root), name)] = (run, spent)
     try:
         with rss, cpu:
             yield st
@@ -270,6 +278,8 @@ def _stage_locked(
             **spent(),
         )
         raise
+    finally:
+        _RUNNING.pop((str(run.root), name), None)
     run.update_stage(
         name,
         status="done",
