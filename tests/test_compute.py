@@ -122,10 +122,10 @@ def test_cpu_time_counts_subprocesses_live_or_reaped_and_not_idle_time():
         assert child.stdout.readline() == b"spun\n"
     child.kill()
     child.wait()
-    assert 0.6 <= live.seconds < 5
+    assert 0.55 <= live.seconds < 5  # /proc counts whole clock ticks: a 0.6 s spin can read 0.59
     with CPUTime() as reaped:  # a subprocess that exits inside the block
         subprocess.run([sys.executable, "-c", _SPIN.format(s=0.6, sleep=0)], check=True, capture_output=True)
-    assert 0.6 <= reaped.seconds < 5
+    assert 0.55 <= reaped.seconds < 5
 
 
 def test_stage_records_cpu_seconds_and_adds_an_interrupted_attempts_time(tmp_path):
