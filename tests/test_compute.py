@@ -1,6 +1,6 @@
 """Compute accounting (ssb.compute): SSB's and the RL baselines' budgets from a handmade manifest, the matched
 GRPO step count, the Dr. GRPO baseline trained by `grpo.match_compute: tokens` into RUN/dr_grpo, and the CPU
-seconds a stage records (ssb.cputime)."""
+seconds a stage records (ssb.processes)."""
 
 import subprocess
 import sys
@@ -10,9 +10,9 @@ import pytest
 
 from ssb.compute import budget_lines, matched_grpo_steps, rl_budget, ssb_budget
 from ssb.config import ConfigError, load_config
-from ssb.cputime import CPUTime
 from ssb.files import write_jsonl
 from ssb.lifecycle import stage
+from ssb.processes import CPUTime
 from ssb.rundir import RunDir
 
 

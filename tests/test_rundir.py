@@ -126,7 +126,7 @@ def test_sigterm_stops_every_subprocess_even_one_ignoring_it(tmp_path):
     import subprocess
     import time
 
-    from ssb.cputime import running
+    from ssb.processes import running
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(

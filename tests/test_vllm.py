@@ -286,7 +286,7 @@ def test_sigterm_leaves_no_vllm_process_behind(tmp_path, model_dir, when):
     import sys
     import time
 
-    from ssb.cputime import descendants, running
+    from ssb.processes import descendants, running
 
     data = tmp_path / "q.jsonl"
     write_jsonl(data, [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(200)])

@@ -12,7 +12,7 @@ counted on either side:
 
 Seconds are the manifest's seconds of the stages (SSB: rollout, curate, teach, logits, train, whose teach stage
 includes any further question batches; GRPO: its own stage), evaluation left out on both sides, twice: wall
-seconds, and CPU seconds of the stage's processes and their subprocesses (`ssb.cputime`; summed over the ranks of
+seconds, and CPU seconds of the stage's processes and their subprocesses (`ssb.processes`; summed over the ranks of
 a multi-process stage). Wall seconds also count whatever else the machine did meanwhile and any time the run sat
 paused; CPU seconds do not, so they are the ones to compare on a shared machine. Run directories written before
 CPU seconds were recorded have none (None here, a dash in the tables).

@@ -37,9 +37,9 @@ from typing import Any
 
 from ssb import parallel
 from ssb.config import config_hash
-from ssb.cputime import CPUTime, descendants, running
 from ssb.files import atomic_write_json, directory_lock, file_digest
 from ssb.memory import PeakRSS
+from ssb.processes import CPUTime, descendants, running
 from ssb.rundir import RunDir, move_aside
 
 _BEFORE_WORK: ContextVar[list | None] = ContextVar("ssb_before_work", default=None)

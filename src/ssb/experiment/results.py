@@ -118,7 +118,9 @@ def _compute_lines(rows: dict[str, dict[int, dict]], spec: ExperimentSpec) -> li
     if not rows:
         return []
     ref = budget_arm(spec)
-    mean = {arm: {k: _mean_of(by, k) for k in next(iter(by.values()))} for arm, by in rows.items()}
+    # CPU seconds are averaged below over the seeds that recorded them, not here
+    keys = ("tokens", "generated_tokens", "trained_tokens", "seconds")
+    mean = {arm: {k: _mean_of(by, k) for k in keys} for arm, by in rows.items()}
     lines = [
         "",
         "## Compute per arm (mean over seeds)",

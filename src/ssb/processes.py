@@ -1,4 +1,5 @@
-"""CPU seconds spent by a block of work in this process and every process it started (a stage's compute).
+"""This process and the processes it started: the CPU seconds a block of work spent in them (a stage's compute),
+and which of them run (to stop them on SIGTERM, `ssb.lifecycle`).
 
 Wall seconds count what else the machine was doing (another job, a paused process); CPU seconds count the work:
 user + system time of this process's threads, of its children that have exited (the kernel adds a reaped child's
@@ -6,8 +7,6 @@ time, and its own reaped children's, to the parent), and of descendants still ru
 verifier workers), read from /proc on Linux. Reading the whole tree at both ends and subtracting counts each
 descendant once, whether it exits during the block or not. A process that exits without being waited for by its
 parent is lost; ssb's subprocesses are all waited for. Off Linux only this process and its reaped children count.
-
-The same /proc reading finds the processes to stop on SIGTERM (`descendants`, `running`; `ssb.lifecycle`).
 """
 
 from __future__ import annotations
