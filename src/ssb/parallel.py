@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import faulthandler
 import hashlib
 import os
 from dataclasses import dataclass
@@ -100,16 +101,30 @@ def init() -> World:
     _GROUP = dist.new_group(backend="gloo", timeout=timeout)
     _JOINED = w
     atexit.register(_leave)
+    # a rank that aborts or crashes (see `_leave`) prints every thread's Python stack to stderr, so the launcher's
+    # log says where it was
+    faulthandler.enable()
     return w
 
 
 def _leave() -> None:
-    """Leave the process group at exit. Left to interpreter teardown, a rank sometimes died with "terminate
-    called without an active exception" (SIGABRT) after finishing its work (seen once in the default suite)."""
+    """Leave the process group at exit, and let go of it while the interpreter is whole.
+
+    A rank sometimes died after finishing its work with "terminate called without an active exception"
+    (SIGABRT; twice in the default suite, 2026-12-02 and 2026-12-04), also after `destroy_process_group` had
+    run here. The likely mechanism (pytorch/pytorch#179291): gloo's worker threads still hold work objects whose
+    tensors reference Python objects; when the last reference goes during interpreter teardown, a thread asks
+    for the GIL, and a thread refused it then ends in std::terminate. So the references this module holds go too,
+    and the garbage collector runs now, so the groups are freed (and their threads joined) before teardown."""
+    global _GROUP, _JOINED
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    _GROUP = _JOINED = None
+    gc.collect()
 
 
 def barrier() -> None:
