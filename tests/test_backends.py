@@ -87,6 +87,34 @@ def test_make_generator_without_vllm_uses_the_engine_and_records_it(tiny_model_d
         make_generator(cfg, batch_size=4)
 
 
+def test_reusing_generators_lends_one_open_generator_and_closes_it_at_the_end(tiny_model_dir, tmp_path, capsys):
+    """Inside the block a request like the previous one (same model and settings, a batch no larger) gets the open
+    generator, at the asked batch size, and each stage's manifest still names it; closing the lent one leaves it
+    open; a different request closes it first; the block's end closes the last; outside, nothing is kept."""
+    from ssb.engine.backends import reusing_generators
+    from ssb.rundir import RunDir
+
+    cfg = load_config(None, [f"model={tiny_model_dir}", "device=cpu", "generation_backend=engine"])
+    run = RunDir(tmp_path / "run").mkdir()
+    with reusing_generators():
+        first = make_generator(cfg, batch_size=8, progress=False, manifest=(run, "rollout"))
+        first.close()
+        second = make_generator(cfg, batch_size=4, progress=False, manifest=(run, "teach"))
+        assert second._gen is first._gen and first._gen.model is not None and second.batch_size == 4
+        assert "kept open from the previous stage" in capsys.readouterr().out
+        assert run.stage_entry("teach")["generation"]["backend"] == first.backend
+        back = make_generator(cfg, batch_size=8, progress=False)
+        assert back._gen is first._gen and back.batch_size == 8
+        bigger = make_generator(cfg, batch_size=16, progress=False)  # more sequences than it was made for
+        assert bigger._gen is not first._gen and first._gen.model is None
+        other = load_config(None, [f"model={tiny_model_dir}", "device=cpu", "generation_dtype=bfloat16"])
+        changed = make_generator(other, batch_size=4, progress=False)
+        assert changed._gen is not bigger._gen and bigger._gen.model is None
+    assert changed._gen.model is None
+    plain = make_generator(cfg, batch_size=4, progress=False)
+    assert not hasattr(plain, "_gen")
+
+
 def test_kv_budget_follows_the_workload_and_the_memory():
     cfg = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "num_hidden_layers": 30}
     per_token = kv_bytes_per_token(cfg, 2)

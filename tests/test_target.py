@@ -106,3 +106,37 @@ def test_funnel_line_names_the_shortfall():
         "NOT REACHED with 2 batches: no further training questions (raise teach.max_batches or teach.attempts, or "
         "data.train.limit)"
     )
+
+
+def test_further_batches_keep_one_generator_open_and_draw_the_same_records(tmp_path, answering_model_dir, monkeypatch):
+    """The batches of a pair target share one generator for their rollouts and teaching (vLLM took about 20 s a
+    start), closed when the stage ends, and give the records that a fresh generator per stage gives."""
+    import contextlib
+
+    import ssb.engine.backends as backends
+    from ssb.engine.engine import Engine
+
+    made = []
+    real_init = Engine.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "__init__", counted)
+    cfg = _config(tmp_path, answering_model_dir, **{"teach.target_pairs": 6, "teach.max_batches": 8})
+
+    def records(run: RunDir, n: int) -> list:
+        dirs = [run] + [run.batch_dir(i) for i in range(1, n)]
+        return [read_jsonl(path) for b in dirs for path in (b.rollouts, b.teach_attempts, b.pairs)]
+
+    shared = RunDir(tmp_path / "shared").mkdir()
+    n = _stages(cfg, shared)["batches"]
+    assert n >= 2 and len(made) == 3  # the run's own rollout and teach, then one for every further batch
+    assert all(e.model is None for e in made)  # all closed
+    made.clear()
+    monkeypatch.setattr(backends, "reusing_generators", contextlib.nullcontext)
+    fresh = RunDir(tmp_path / "fresh").mkdir()
+    assert _stages(cfg, fresh)["batches"] == n
+    assert len(made) == 2 * n
+    assert records(shared, n) == records(fresh, n)

@@ -6,6 +6,7 @@ Run: SSB_VLLM_VENV=.venv-vllm; $SSB_VLLM_VENV/bin/python -m pytest -m vllm tests
 """
 
 import json
+import shutil
 
 import pytest
 
@@ -149,6 +150,41 @@ def test_generator_contract_stop_handling_and_seeds(model_dir):
         assert sorted(calls) == list(range(len(prompts)))
     finally:
         gen.close()
+
+
+def test_a_call_longer_than_the_running_engine_restarts_it(tmp_path, model_dir, capsys):
+    """A generator kept open across stages (`reusing_generators`: a pair target's rollouts, then teach's longer
+    hinted prompts) restarts vLLM when a call needs more tokens per sequence than the engine was started for, and
+    generates what a fresh generator does."""
+    from transformers import AutoTokenizer
+
+    from ssb.engine import SamplingParams
+    from ssb.engine.engine import tokenize_prompts
+    from ssb.engine.vllm import VllmGenerator
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    tok = AutoTokenizer.from_pretrained(model)
+    short = [[{"role": "user", "content": "What is 1 + 1?"}]]
+    long = [[{"role": "user", "content": "1 + " * 1200 + "1 = ?"}]]
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    gen = VllmGenerator(model, tok, dtype="float32", batch_size=8, kv_cache_gib=0.25, progress=False)
+    try:
+        gen.generate(short, 1, greedy)
+        assert gen.max_len == 2048
+        need = len(tokenize_prompts(tok, long)[0]) + 8
+        assert need > 2048
+        got = gen.generate(long, 1, greedy)
+        assert "[vllm] restarting" in capsys.readouterr().out and gen.max_len >= need
+    finally:
+        gen.close()
+    fresh = VllmGenerator(model, tok, dtype="float32", batch_size=8, kv_cache_gib=0.25, progress=False)
+    try:
+        assert [c.token_ids for c in got[0]] == [c.token_ids for c in fresh.generate(long, 1, greedy)[0]]
+    finally:
+        fresh.close()
 
 
 def test_gguf_flagged_model_loads_through_a_view(tmp_path, model_dir):

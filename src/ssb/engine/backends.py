@@ -12,11 +12,13 @@ being trained, whose weights change every step, so it keeps the engine (docs/vll
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from ssb import parallel
@@ -120,6 +122,15 @@ def make_generator(
     from ssb.models import adapter_info, generation_dtype, load_from_config, resolve, resolve_device
 
     spec = model or cfg.model
+    key = (spec, progress, lora_rank, *(getattr(cfg, name) for name in GENERATOR_SETTINGS))
+    if _REUSE is not None and _REUSE.get("key") == key and batch_size <= _REUSE["batch_size"]:
+        gen, why = _REUSE["generator"], _REUSE["why"]
+        gen.batch_size = batch_size  # the engine batches by it; a running vLLM engine keeps its start-up maximum
+        print(f"[generation] {gen.backend}: {why} (kept open from the previous stage)", flush=True)
+        _record(manifest, gen, why)
+        return _Borrowed(gen)
+    if _REUSE is not None and _REUSE.get("generator") is not None:  # one open generator at a time (memory)
+        _REUSE.pop("generator").close()
     device = resolve_device(cfg.device)
     info = adapter_info(Path(spec)) if Path(spec).exists() else None
     base_dir = Path(resolve(info["base"] if info else spec))
@@ -157,12 +168,71 @@ def make_generator(
             trust_remote_code=cfg.trust_remote_code,
             lora_rank=lora_rank,
         )
-    if manifest is not None and parallel.current().is_main:  # one writer of the manifest
+    _record(manifest, gen, why)
+    if _REUSE is not None:
+        _REUSE.update(key=key, generator=gen, why=why, batch_size=batch_size)
+        return _Borrowed(gen)
+    return gen
+
+
+def _record(manifest, gen, why: str) -> None:
+    """The backend, why it was chosen and its reproducibility, in the stage's manifest entry (rank 0 writes)."""
+    if manifest is not None and parallel.current().is_main:
         run, stage_name = manifest
         run.update_stage(
             stage_name, generation={"backend": gen.backend, "why": why, "reproducibility": gen.reproducibility}
         )
-    return gen
+
+
+# the Config fields a generator is built from (besides the model and make_generator's arguments)
+GENERATOR_SETTINGS = (
+    "device",
+    "dtype",
+    "generation_dtype",
+    "generation_memory_mib",
+    "generation_backend",
+    "vllm_kv_cache_gib",
+    "vllm_tensor_parallel",
+    "trust_remote_code",
+)
+_REUSE: dict | None = None  # inside `reusing_generators`: the open generator, the key it was made for, and why
+
+
+@contextlib.contextmanager
+def reusing_generators() -> Iterator[None]:
+    """Within this block a stage that asks `make_generator` for the generator the previous stage asked for (same
+    model and settings, a batch size no larger than the one it was made with) gets that one, still open, instead
+    of a new one; the stages' own `close` leaves it open, and it is closed at the end of the block or when a stage
+    asks for a different one (at most one is open: each holds the model and a KV cache).
+
+    Why: a pair target's batches alternate rollout and teach, and vLLM took about 20 s to start each time on a
+    2-core CPU (of about 150 s per batch); a large model on a GPU takes longer. What is drawn does not depend on
+    it: both backends seed each request from (seed, prompt ids), not from the engine's state (in bf16 up to
+    matmul rounding, which can differ with the sequences run at once)."""
+    global _REUSE
+    if _REUSE is not None:  # nested: the outer block owns it
+        yield
+        return
+    _REUSE = {}
+    try:
+        yield
+    finally:
+        gen, _REUSE = _REUSE.get("generator"), None
+        if gen is not None:
+            gen.close()
+
+
+class _Borrowed:
+    """A generator lent to one stage inside `reusing_generators`: everything but `close` goes to the generator."""
+
+    def __init__(self, gen):
+        self._gen = gen
+
+    def __getattr__(self, name: str):
+        return getattr(self._gen, name)
+
+    def close(self) -> None:
+        """Left open for the next stage; `reusing_generators` closes it."""
 
 
 def merged_model_dir(cfg: Config, spec: str, root: Path) -> Path:

@@ -171,7 +171,7 @@ class VllmGenerator:
         if not self.stop_ids:
             raise ValueError("tokenizer and model define no eos token: generation could never stop early")
         self.llm = None
-        self.kv_cache_bytes = 0
+        self.kv_cache_bytes = self.max_len = 0
         self.lora_rank = lora_rank
         self._lora_ids: dict[str, int] = {}
 
@@ -190,6 +190,7 @@ class VllmGenerator:
         # room for later calls with somewhat longer prompts (teach's rounds, eval resumes) without a restart
         max_len = self.config.get("max_position_embeddings") or tokens_per_sequence
         max_len = min(max_len, max(tokens_per_sequence, 2048))
+        self.max_len = max_len
         if self.kv_cache_gib > 0:
             self.kv_cache_bytes = int(self.kv_cache_gib * GIB)
         else:
@@ -242,8 +243,13 @@ class VllmGenerator:
             return results
         n_run = 1 if params.temperature == 0 else n  # greedy samples are identical, as in the engine
         lora = self._lora_request(adapter)
+        need = max(map(len, ids)) + params.max_new_tokens
+        longest = self.config.get("max_position_embeddings") or need
+        if self.llm is not None and self.max_len < min(need, longest):  # e.g. teach's hinted prompts after rollouts
+            print(f"[vllm] restarting: this call needs {need} tokens per sequence, above {self.max_len}", flush=True)
+            self._stop()
         if self.llm is None:  # sized by the first call (teach's later rounds have fewer prompts)
-            self.start(max(map(len, ids)) + params.max_new_tokens, len(ids) * n_run)
+            self.start(need, len(ids) * n_run)
         engine = self.llm.llm_engine
         for i, p in enumerate(ids):
             sp = VllmParams(
@@ -308,13 +314,17 @@ class VllmGenerator:
             text=text, token_ids=token_ids, num_tokens=len(token_ids), finish_reason="stop" if stop else "length"
         )
 
-    def close(self) -> None:
-        """Stop vLLM's engine processes and remove the scratch directories."""
+    def _stop(self) -> None:
+        """Stop vLLM's engine processes (the next call starts them again)."""
         if self.llm is not None:
             shutdown = getattr(self.llm.llm_engine.engine_core, "shutdown", None)
             if shutdown is not None:
                 shutdown()
             self.llm = None
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes and remove the scratch directories."""
+        self._stop()
         for d in self.cleanup:
             shutil.rmtree(d, ignore_errors=True)
 

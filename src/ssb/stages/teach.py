@@ -32,6 +32,7 @@ from ssb.shards import rank_output
 
 
 def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
+    from ssb.engine.backends import reusing_generators
     from ssb.stages.target import draw_batches, funnel, funnel_line
 
     tc = cfg.teach
@@ -55,7 +56,8 @@ def teach(cfg: Config, run: RunDir, force: bool = False) -> dict:
         skipped = teach_questions(cfg, run, st.checked, st)
         batches, target_counts = [run], {}
         if tc.target_pairs is not None:
-            more, target_counts = draw_batches(cfg, run, teach)
+            with reusing_generators():  # one engine for every batch's rollout and teach, not two starts a batch
+                more, target_counts = draw_batches(cfg, run, teach)
             batches += more
         attempts = [a for b in batches for a in read_checked(b.teach_attempts, check_attempt)]
         first = [a for a in attempts if a["attempt"] == 0]
