@@ -111,11 +111,12 @@ def _leave() -> None:
     """Leave the process group at exit, and let go of it while the interpreter is whole.
 
     A rank sometimes died after finishing its work with "terminate called without an active exception"
-    (SIGABRT; twice in the default suite, 2026-12-02 and 2026-12-04), also after `destroy_process_group` had
-    run here. The likely mechanism (pytorch/pytorch#179291): gloo's worker threads still hold work objects whose
-    tensors reference Python objects; when the last reference goes during interpreter teardown, a thread asks
-    for the GIL, and a thread refused it then ends in std::terminate. So the references this module holds go too,
-    and the garbage collector runs now, so the groups are freed (and their threads joined) before teardown."""
+    (SIGABRT; twice in the default suite, in sessions of 2026-12-02 and 2026-12-05), the second time after
+    `destroy_process_group` had run here. A likely mechanism (pytorch/pytorch#179291, not confirmed here): gloo's
+    worker threads still hold work objects whose tensors reference Python objects; when the last reference goes
+    during interpreter teardown, a thread asks for the GIL, and one refused it ends in std::terminate. So this
+    module's own references go too, and the garbage collector runs now, so the groups are freed (and their
+    threads joined) before teardown."""
     global _GROUP, _JOINED
     import gc
 
