@@ -190,3 +190,39 @@ def test_vllm_on_cpu_waits_for_slow_model_steps(tiny_model_dir, monkeypatch):
         gen = VllmGenerator(tiny_model_dir, tok, dtype="float32", device="cpu", kv_cache_gib=0.01)
         gen.start(tokens_per_sequence=64, sequences=2)
         assert started == {"timeout": expected, "chunked": False}
+
+
+def test_vllm_tokenizerless_warmup_traceback_is_hidden_and_other_warmup_failures_show(
+    tiny_model_dir, monkeypatch, caplog
+):
+    """vLLM 0.32 warms up a chat template it cannot render without a tokenizer and logs a traceback at every
+    start (8 starts, 8 tracebacks in one experiment log): ssb drops that record, not other warmup failures. A stand-in
+    `vllm` module logs both the way vLLM's renderer does."""
+    import logging
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    from ssb.engine.vllm import VllmGenerator
+
+    class LLM:
+        def __init__(self, **kwargs):
+            renderer_log = logging.getLogger("vllm.renderers.base")
+            for error in (
+                ValueError("Tokenizer not available when `skip_tokenizer_init=True`"),
+                RuntimeError("template syntax error"),
+            ):
+                try:
+                    raise error
+                except Exception:
+                    renderer_log.warning("Chat template warmup failed", exc_info=True)
+            renderer_log.warning("unrelated warning")
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.0-test", LLM=LLM))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    gen = VllmGenerator(tiny_model_dir, tok, dtype="float32", device="cpu", kv_cache_gib=0.01)
+    with caplog.at_level(logging.WARNING, logger="vllm.renderers.base"):
+        gen.start(tokens_per_sequence=64, sequences=2)
+    shown = [(r.getMessage(), type(r.exc_info[1]).__name__ if r.exc_info else None) for r in caplog.records]
+    assert shown == [("Chat template warmup failed", "RuntimeError"), ("unrelated warning", None)]

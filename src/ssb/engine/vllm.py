@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -35,6 +36,20 @@ from ssb.engine.sampling import SamplingParams
 from ssb.engine.scheduler import Completion
 
 GIB = 1 << 30
+
+
+class TokenizerlessWarmupFilter(logging.Filter):
+    """Drops vLLM's "Chat template warmup failed" warning when its cause is `skip_tokenizer_init`: vLLM 0.32's
+    renderer warms a chat template up even when it was given no tokenizer (ssb tokenises prompts itself), and the
+    traceback it logs at every engine start reads like a failure. Any other warmup failure still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        tokenizerless = isinstance(error, ValueError) and "skip_tokenizer_init" in str(error)
+        return not (tokenizerless and record.getMessage().startswith("Chat template warmup failed"))
+
+
+WARMUP_FILTER = TokenizerlessWarmupFilter()
 
 
 def request_seed(seed: int, prompt_ids: list[int]) -> int:
@@ -186,6 +201,7 @@ class VllmGenerator:
             os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "7200")
         from vllm import LLM
 
+        logging.getLogger("vllm.renderers.base").addFilter(WARMUP_FILTER)  # once: a filter is added only once
         dtype_bytes = 4 if self.dtype == "float32" else 2
         # room for later calls with somewhat longer prompts (teach's rounds, eval resumes) without a restart
         max_len = self.config.get("max_position_embeddings") or tokens_per_sequence
