@@ -196,8 +196,8 @@ def test_vllm_tokenizerless_warmup_traceback_is_hidden_and_other_warmup_failures
     tiny_model_dir, monkeypatch, caplog
 ):
     """vLLM 0.32 warms up a chat template it cannot render without a tokenizer and logs a traceback at every
-    start (8 starts, 8 tracebacks in one experiment log): ssb drops that record, not other warmup failures. A stand-in
-    `vllm` module logs both the way vLLM's renderer does."""
+    start (8 starts, 8 tracebacks in one experiment's log): ssb drops that record, not other warmup failures. A
+    stand-in `vllm` module logs both the way vLLM's renderer does."""
     import logging
     import sys
     import types

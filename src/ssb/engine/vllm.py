@@ -201,7 +201,7 @@ class VllmGenerator:
             os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "7200")
         from vllm import LLM
 
-        logging.getLogger("vllm.renderers.base").addFilter(WARMUP_FILTER)  # once: a filter is added only once
+        logging.getLogger("vllm.renderers.base").addFilter(WARMUP_FILTER)  # a second add is a no-op
         dtype_bytes = 4 if self.dtype == "float32" else 2
         # room for later calls with somewhat longer prompts (teach's rounds, eval resumes) without a restart
         max_len = self.config.get("max_position_embeddings") or tokens_per_sequence
