@@ -107,3 +107,35 @@ def test_a_miscompiled_kernel_is_refused_and_the_torch_path_used(monkeypatch, ca
             attention_kernel.load()
     finally:
         attention_kernel.load.cache_clear()
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_one(tmp_path, monkeypatch):
+    """torch's build lock is a file that a killed build leaves behind, and the next build waited on it forever
+    (a test run and `ssb run` hung for over an hour): the build now runs under an OS lock that dies with its
+    holder, and under it a leftover `lock` file is removed. A stand-in build records what it found."""
+    import fcntl
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("SSB_CACHE", str(tmp_path))
+    directory = attention_kernel.build_dir()
+    directory.mkdir(parents=True)
+    (directory / "lock").touch()  # what a build killed midway leaves
+    seen = {}
+
+    def build(**kwargs):
+        seen["stale lock"] = (directory / "lock").exists()
+        with open(directory / "ssb-build.lock") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process would wait here
+        seen["build dir"] = kwargs["build_directory"]
+        return _Broken()
+
+    monkeypatch.setattr(cpp_extension, "load", build)
+    attention_kernel.load.cache_clear()
+    try:
+        assert attention_kernel.load() is None  # the stand-in fails its self-check: the torch path
+    finally:
+        attention_kernel.load.cache_clear()
+    assert seen == {"stale lock": False, "build dir": str(directory)}
+    with open(directory / "ssb-build.lock") as after:
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released once the build is over

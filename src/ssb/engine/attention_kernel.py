@@ -23,6 +23,7 @@ head) is computed by one thread in a fixed order.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -73,6 +74,26 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
+@contextlib.contextmanager
+def build_lock(directory: Path):
+    """Serialises kernel builds in `directory` across processes with an OS lock that is released when its holder
+    dies. torch's own build lock is a `lock` file it creates and deletes; a process killed mid-build leaves it
+    behind and every later build waits for it forever (2026-12-06: a test run and `ssb run` hung on one for over an
+    hour). Holding this lock, no other ssb process is building here, so a `lock` file found is stale: removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    with open(directory / "ssb-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @functools.cache
 def load():
     """The compiled module, or None (the torch path) with the reason printed once. Raises when SSB_ATTENTION_KERNEL=1
@@ -91,14 +112,15 @@ def load():
         directory.mkdir(parents=True, exist_ok=True)
         if not (directory / "decode_attention.so").exists():
             print("[generation] compiling the decode-attention kernel (once per machine, about a minute)", flush=True)
-        module = cpp_extension.load(
-            name="decode_attention",
-            sources=[str(SOURCE)],
-            extra_cflags=CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            verbose=False,
-        )
+        with build_lock(directory):
+            module = cpp_extension.load(
+                name="decode_attention",
+                sources=[str(SOURCE)],
+                extra_cflags=CFLAGS,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
+                verbose=False,
+            )
         wrong = self_check(module)
         if wrong:
             raise RuntimeError(f"the built kernel fails its self-check ({wrong})")
