@@ -111,7 +111,7 @@ def test_a_miscompiled_kernel_is_refused_and_the_torch_path_used(monkeypatch, ca
 
 def test_a_build_killed_midway_does_not_hang_the_next_one(tmp_path, monkeypatch):
     """torch's build lock is a file that a killed build leaves behind, and the next build waited on it forever
-    (a test run and `ssb run` hung for over an hour): the build now runs under an OS lock that dies with its
+    (a test run hung for over an hour, `ssb run` for 20 minutes): the build now runs under an OS lock that dies with its
     holder, and under it a leftover `lock` file is removed. A stand-in build records what it found."""
     import fcntl
 

@@ -78,8 +78,9 @@ def _ninja_on_path() -> None:
 def build_lock(directory: Path):
     """Serialises kernel builds in `directory` across processes with an OS lock that is released when its holder
     dies. torch's own build lock is a `lock` file it creates and deletes; a process killed mid-build leaves it
-    behind and every later build waits for it forever (2026-12-06: a test run and `ssb run` hung on one for over an
-    hour). Holding this lock, no other ssb process is building here, so a `lock` file found is stale: removed."""
+    behind and every later build waits for it forever (2026-12-06: a test run hung on one for over an hour, `ssb
+    run` for 20 minutes). Holding this lock, no other ssb process is building here, so a `lock` file found is
+    stale: removed."""
     try:
         import fcntl
     except ImportError:  # not POSIX: torch's lock alone
